@@ -1,0 +1,62 @@
+"""Device detection: `npu` (Ascend, torch_npu + CANN), `cuda`, or `cpu`.
+
+torch_npu is imported only when `npu` is asked for or detected: installed without CANN it breaks
+`import torch` itself, so CPU environments never install it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+DEVICES = ("cpu", "cuda", "npu")
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested device is not present on this machine."""
+
+
+def npu_available() -> bool:
+    """True when torch_npu imports and sees at least one NPU."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    try:
+        import torch_npu  # noqa: F401
+    except Exception:  # missing CANN libraries (libhccl.so, ...)
+        return False
+    return torch.npu.is_available()
+
+
+def detect_device() -> str:
+    """The best device here: `npu`, then `cuda`, then `cpu` (`NPUGRAPH_DEVICE` overrides)."""
+    forced = os.environ.get("NPUGRAPH_DEVICE")
+    if forced:
+        return resolve_device(forced)
+    if npu_available():
+        return "npu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def resolve_device(name: str) -> str:
+    """Check that `name` is a known device that is present, or raise `DeviceUnavailable`."""
+    if name not in DEVICES:
+        raise DeviceUnavailable(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+    if name == "npu" and not npu_available():
+        raise DeviceUnavailable(
+            "device 'npu' is not available: torch_npu with CANN and an Ascend NPU are required "
+            "(install with `pip install .[ascend]` on an Ascend host)"
+        )
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable("device 'cuda' is not available: no CUDA GPU visible to torch")
+    return name
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued work on `device` (a no-op on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elif device == "npu":
+        torch.npu.synchronize()

@@ -1,0 +1,31 @@
+"""The per-step batch handed to the model, named as in SGLang's ForwardBatch."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"  # prefill: every prompt token of each request
+    DECODE = "decode"  # one new token per request
+
+
+@dataclass
+class ForwardBatch:
+    """Inputs of one forward. Tensors live on the device; `seq_lens_cpu` is the host copy.
+
+    For DECODE there is one token per request; for EXTEND `extend_seq_lens` gives each request's
+    number of new tokens, packed in order in `input_ids`.
+    """
+
+    forward_mode: ForwardMode
+    batch_size: int
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    out_cache_loc: torch.Tensor  # [num_tokens] KV slot each token writes
+    seq_lens: torch.Tensor  # [batch_size] KV length after this step, device side
+    seq_lens_cpu: list[int]  # the same lengths on the host (FIA's actual_seq_lengths_kv)
+    block_tables: torch.Tensor  # [batch_size, max_blocks_per_seq] int32
+    extend_seq_lens: list[int] | None = None

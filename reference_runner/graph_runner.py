@@ -1,0 +1,151 @@
+"""Graph runners: capture the decode step once per batch size, replay it with padded batches.
+
+Shaped like SGLang's `CudaGraphRunner` / `NPUGraphRunner`: static buffers sized `max_bs` shared by
+every captured size, graphs captured largest first into one memory pool, and a replay that pads
+the batch to the next captured size, refreshes every static input, replays and copies the real
+rows of the output out before anything can replay again.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from reference_runner.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.graphs import DeviceGraph, get_graph_backend
+
+
+def get_capture_bs(max_bs: int, graph_bs: list[int] | None = None) -> list[int]:
+    """Batch sizes to capture: `[1, 2, 4, 8] + range(16, max_bs + 1, 8)` (plus `max_bs`), or `graph_bs`."""
+    if graph_bs is not None:
+        sizes = sorted(set(graph_bs))
+        if not sizes or sizes[0] < 1 or sizes[-1] > max_bs:
+            raise ValueError(f"graph_bs {graph_bs} must be non-empty batch sizes in 1..max_bs={max_bs}")
+        return sizes
+    sizes = [bs for bs in [1, 2, 4, 8, *range(16, max_bs + 1, 8)] if bs <= max_bs]
+    return sizes if sizes[-1] == max_bs else [*sizes, max_bs]
+
+
+@dataclass
+class GraphStats:
+    """How decode steps ran: replayed graphs, eager steps, and why each eager step fell back."""
+
+    graph_steps: int = 0
+    eager_steps: int = 0
+    fallback_reasons: Counter = field(default_factory=Counter)
+    bucket_hits: Counter = field(default_factory=Counter)  # captured size -> replays
+
+
+class GraphRunner:
+    """Captures `model_runner.forward_eager` for each size in `capture_bs` and replays it."""
+
+    seq_len_fill_value = 1  # padded rows attend to the dummy slot only
+    num_warmup = 2
+
+    def __init__(self, model_runner, max_bs: int, graph_bs: list[int] | None = None) -> None:
+        self.model_runner = model_runner
+        self.device = model_runner.device
+        self.backend = get_graph_backend(self.device)
+        self.capture_bs = get_capture_bs(max_bs, graph_bs)
+        self.max_bs = self.capture_bs[-1]
+        self.stats = GraphStats()
+        max_blocks = model_runner.kv_cache.max_blocks_per_seq
+        with torch.device(self.device):
+            self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64)
+            self.positions = torch.zeros(self.max_bs, dtype=torch.int64)
+            self.out_cache_loc = torch.zeros(self.max_bs, dtype=model_runner.kv_cache.slot_dtype)
+            self.seq_lens = torch.full((self.max_bs,), self.seq_len_fill_value, dtype=torch.int32)
+            self.block_tables = torch.zeros(self.max_bs, max_blocks, dtype=torch.int32)
+        self.graphs: dict[int, DeviceGraph] = {}
+        self.output_buffers: dict[int, torch.Tensor] = {}
+        self.capture()
+
+    def fallback_reason(self, forward_batch: ForwardBatch) -> str | None:
+        """Why this batch cannot replay a graph, or None when it can."""
+        if forward_batch.forward_mode is not ForwardMode.DECODE:
+            return "not a decode batch"
+        if forward_batch.batch_size > self.max_bs:
+            return f"batch size {forward_batch.batch_size} above max_bs {self.max_bs}"
+        return None
+
+    def can_run(self, forward_batch: ForwardBatch) -> bool:
+        return self.fallback_reason(forward_batch) is None
+
+    def record_fallback(self, forward_batch: ForwardBatch) -> None:
+        self.stats.eager_steps += 1
+        self.stats.fallback_reasons[self.fallback_reason(forward_batch) or "graphs disabled"] += 1
+
+    def capture(self) -> None:
+        pool = self.backend.graph_pool_handle()
+        for bs in reversed(self.capture_bs):  # largest first: smaller graphs reuse its pool memory
+            forward_batch = self.static_batch(bs, [self.seq_len_fill_value] * bs)
+            for _ in range(self.num_warmup):
+                self.model_runner.forward_eager(forward_batch)
+            graph = self.backend.new_graph()
+            with self.backend.capture(graph, pool):
+                output = self.model_runner.forward_eager(forward_batch)
+            self.graphs[bs], self.output_buffers[bs] = graph, output
+            pool = graph.pool()
+
+    def static_batch(self, bs: int, seq_lens_cpu: list[int]) -> ForwardBatch:
+        """A decode batch made of views of the static buffers: what the graphs were captured on."""
+        return ForwardBatch(
+            forward_mode=ForwardMode.DECODE,
+            batch_size=bs,
+            input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs],
+            out_cache_loc=self.out_cache_loc[:bs],
+            seq_lens=self.seq_lens[:bs],
+            seq_lens_cpu=seq_lens_cpu,
+            block_tables=self.block_tables[:bs],
+        )
+
+    def replay(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Run the decode batch in the graph of the next captured size; returns caller-owned logits."""
+        raw_bs = forward_batch.batch_size
+        bs = self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]
+        self.prepare_static_inputs(forward_batch, bs)
+        seq_lens_cpu = forward_batch.seq_lens_cpu + [self.seq_len_fill_value] * (bs - raw_bs)
+        self.replay_graph(bs, seq_lens_cpu)
+        self.stats.graph_steps += 1
+        self.stats.bucket_hits[bs] += 1
+        # The pool is shared: the next replay of any size may overwrite this buffer.
+        return self.output_buffers[bs][:raw_bs].clone()
+
+    def prepare_static_inputs(self, forward_batch: ForwardBatch, bs: int) -> None:
+        raw_bs = forward_batch.batch_size
+        if bs != raw_bs:  # padded rows write the dummy slot 0 and read no live block
+            self.input_ids[raw_bs:bs].zero_()
+            self.positions[raw_bs:bs].zero_()
+            self.out_cache_loc[raw_bs:bs].zero_()
+            self.seq_lens[raw_bs:bs].fill_(self.seq_len_fill_value)
+            self.block_tables[raw_bs:bs].zero_()
+        self.input_ids[:raw_bs].copy_(forward_batch.input_ids)
+        self.positions[:raw_bs].copy_(forward_batch.positions)
+        self.out_cache_loc[:raw_bs].copy_(forward_batch.out_cache_loc)
+        self.seq_lens[:raw_bs].copy_(forward_batch.seq_lens)
+        self.block_tables[:raw_bs].copy_(forward_batch.block_tables)
+
+    def replay_graph(self, bs: int, seq_lens_cpu: list[int]) -> None:
+        """CUDA graphs read the device-side `seq_lens`; nothing on the host to refresh."""
+        self.graphs[bs].replay()
+
+
+class NPUGraphRunner(GraphRunner):
+    """NPUGraph replay: host `actual_seq_lengths_kv` were frozen at capture, so refresh them first."""
+
+    seq_len_fill_value = 0  # as SGLang on Ascend: FIA skips rows of length 0
+
+    def replay_graph(self, bs: int, seq_lens_cpu: list[int]) -> None:
+        graph = self.graphs[bs]
+        # update() lands before replay() is queued, so it can never race this replay or the last.
+        graph.update(cpu_update_input=[{"actual_seq_lengths_kv": seq_lens_cpu}])
+        graph.replay()
+
+
+def make_graph_runner(model_runner, max_bs: int, graph_bs: list[int] | None = None) -> GraphRunner:
+    """`NPUGraphRunner` where attention reads host lengths (npu, and SimNPUGraph on cpu), else `GraphRunner`."""
+    runner_cls = NPUGraphRunner if get_graph_backend(model_runner.device).updates_host_lists else GraphRunner
+    return runner_cls(model_runner, max_bs, graph_bs)
