@@ -1,0 +1,182 @@
+"""Deterministic tiny Hugging Face checkpoints, built locally and never downloaded.
+
+A builtin name (`llama`, `qwen2`, `qwen2_moe`, `mixtral`, `llama_kv1`) is built from a small config
+with seeded weights and saved with `save_pretrained`; any local checkpoint directory works the same
+way. Builds are cached under `<cache_dir>/<name>-<config hash>` and published with an atomic rename,
+so ranks and processes that race on the same checkpoint all end up reading one complete directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MixtralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen2MoeConfig,
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint name or directory that cannot be used."""
+
+
+# Every size divides by tp=2 and tp=4: attention heads, KV heads (except llama_kv1, whose single KV
+# head is replicated across TP ranks), vocab and all intermediates.
+_DENSE: dict[str, Any] = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    vocab_size=512,
+    max_position_embeddings=1024,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+BUILTIN_MODELS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
+    "llama": (LlamaConfig, {**_DENSE, "tie_word_embeddings": False}),
+    "llama_kv1": (LlamaConfig, {**_DENSE, "num_key_value_heads": 1, "tie_word_embeddings": False}),
+    # Qwen2 always has q/k/v biases; tied embeddings as in the small Qwen2 checkpoints.
+    "qwen2": (Qwen2Config, {**_DENSE, "tie_word_embeddings": True}),
+    # Shaped like Qwen1.5-MoE: shared expert behind a sigmoid gate, top-k weights not renormalised.
+    "qwen2_moe": (
+        Qwen2MoeConfig,
+        {
+            **_DENSE,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 128,
+            "norm_topk_prob": False,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "tie_word_embeddings": False,
+        },
+    ),
+    # Mixtral's experts are sized by `intermediate_size`.
+    "mixtral": (
+        MixtralConfig,
+        {
+            **_DENSE,
+            "intermediate_size": 64,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "tie_word_embeddings": False,
+        },
+    ),
+}
+
+SEED = 0
+INIT_STD = 0.25  # every linear layer, bias and router
+VOCAB_INIT_STD = 0.5  # embedding and LM head
+NORM_WEIGHT_STD = 0.1  # norm weights are 1 + N(0, this)
+
+
+def tiny_config(name: str, **overrides: Any) -> PretrainedConfig:
+    """The small config of builtin model `name`, with `overrides` applied to its fields."""
+    if name not in BUILTIN_MODELS:
+        raise CheckpointError(f"unknown model {name!r}; builtin models: {', '.join(BUILTIN_MODELS)}")
+    config_class, fields = BUILTIN_MODELS[name]
+    return config_class(**{**fields, **overrides})
+
+
+def default_cache_dir() -> Path:
+    """`$NPUGRAPH_CACHE`, else `~/.cache/npugraph-harness`."""
+    return Path(os.environ.get("NPUGRAPH_CACHE", Path.home() / ".cache" / "npugraph-harness"))
+
+
+def ensure_checkpoint(name_or_path: str | Path, cache_dir: Path | None = None, **overrides: Any) -> Path:
+    """The directory of a usable checkpoint: a builtin name is built (or reused), a directory is validated.
+
+    A `str` equal to a builtin name means that model; a `Path`, or any other string, means a directory.
+    """
+    if isinstance(name_or_path, str) and name_or_path in BUILTIN_MODELS:
+        return _build_cached(name_or_path, cache_dir or default_cache_dir(), overrides)
+    if overrides:
+        raise CheckpointError(f"config overrides apply to builtin models only, not to {name_or_path!r}")
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{str(name_or_path)!r} is neither a checkpoint directory nor a builtin model "
+            f"({', '.join(BUILTIN_MODELS)})"
+        )
+    missing = [what for what, present in [
+        ("config.json", (path / "config.json").is_file()),
+        ("*.safetensors", any(path.glob("*.safetensors"))),
+    ] if not present]
+    if missing:
+        raise CheckpointError(f"checkpoint directory {path} lacks {' and '.join(missing)}")
+    return path
+
+
+def _build_cached(name: str, cache_dir: Path, overrides: dict[str, Any]) -> Path:
+    config = tiny_config(name, **overrides)
+    target = cache_dir / f"{name}-{_fingerprint(config)}"
+    if target.is_dir():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+    try:
+        build_model(config).save_pretrained(staging, safe_serialization=True)
+        os.rename(staging, target)  # atomic; fails if another process published first
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _fingerprint(config: PretrainedConfig) -> str:
+    """Short hash of everything that decides the weights: the config and the initialisation."""
+    fields = config.to_dict()
+    fields.pop("transformers_version", None)  # the same weights under any transformers release
+    recipe = {
+        "config": fields,
+        "seed": SEED,
+        "init_std": INIT_STD,
+        "vocab_init_std": VOCAB_INIT_STD,
+        "norm_weight_std": NORM_WEIGHT_STD,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def build_model(config: PretrainedConfig) -> torch.nn.Module:
+    """A float32 CPU model for `config` with seeded weights that make greedy decoding decisive.
+
+    HF's init (std 0.02) leaves a tiny model with near-uniform logits: at two thirds of greedy steps
+    the top-2 margin is below 0.05, so a correct engine would part from the oracle by float noise
+    alone and every comparison would end in a tie; generations also collapse into repeated tokens.
+    Linear weights at std 0.25 and embedding/LM head at std 0.5 give logits with std of a few units:
+    measured over 8 prompts x 64 greedy steps per builtin model, the median margin is about 0.9,
+    3-4% of steps are below 0.05 (at most 1% below 0.01), generations keep 49+ distinct tokens
+    out of 64, and editing the first of 40 prompt tokens changes the output within a few steps
+    (distant context matters, so KV-cache bugs show). A smaller linear std lets tied embeddings
+    (qwen2) echo the input token forever. Biases and norm weights are random rather than 0 and 1,
+    so a loader that drops them is caught.
+    """
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.copy_(1.0 + NORM_WEIGHT_STD * torch.randn_like(param))
+        elif "embed_tokens" in name or "lm_head" in name:
+            param.normal_(0.0, VOCAB_INIT_STD)
+        else:
+            param.normal_(0.0, INIT_STD)
+    return model.eval()

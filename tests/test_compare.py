@@ -1,0 +1,153 @@
+"""Verdicts of the token-by-token comparison on hand-built generations."""
+import pytest
+import torch
+
+from harness.compare import Tolerance, Verdict, compare_generation, compare_generations, summarize
+from reference_runner.records import Generation
+
+TOL = Tolerance(logprob_atol=0.01, tie_margin=0.1)
+
+
+def gen(*steps: list[tuple[int, float]], rid: str = "r0") -> Generation:
+    """A greedy generation whose step i chose the best token of top-k list `steps[i]`."""
+    generation = Generation(rid)
+    for top in steps:
+        generation.append(top[0][0], top, in_graph=False)
+    return generation
+
+
+def test_identical_generations_match():
+    ref = gen([(5, -0.5), (6, -1.5)], [(7, -0.25), (8, -2.0)])
+    verdict = compare_generation(ref, gen(*ref.top_logprobs), tolerance=TOL)
+    assert verdict == Verdict("r0", "match", "all 2 tokens match; largest logprob difference 0")
+    assert verdict.passed
+
+
+def test_logprob_difference_within_tolerance_matches_and_is_reported():
+    ref = gen([(5, -0.5), (6, -1.5)])
+    verdict = compare_generation(ref, gen([(5, -0.5), (6, -1.5078125)]), tolerance=TOL)
+    assert (verdict.status, verdict.max_logprob_diff) == ("match", 0.0078125)
+
+
+def test_logprob_drift_on_identical_tokens_is_a_mismatch_at_the_first_step_beyond_tolerance():
+    ref = gen([(5, -0.5), (6, -1.5)], [(7, -0.25), (8, -2.0)], [(9, -0.25), (8, -2.0)])
+    test = gen([(5, -0.5), (6, -1.5)], [(7, -0.25), (8, -2.03125)], [(9, -0.25), (8, -2.5)])
+    verdict = compare_generation(ref, test, tolerance=TOL)
+    assert (verdict.status, verdict.step, verdict.max_logprob_diff) == ("mismatch", 1, 0.03125)
+    assert verdict.reason == "step 1: same token 7, but logprobs drifted by 0.0312 > 0.01"
+
+
+def test_drift_counts_only_tokens_ranked_by_both_sides():
+    ref = gen([(5, -0.5), (6, -1.5)])
+    test = gen([(5, -0.5), (9, -1.0)])  # 6 and 9 each appear on one side only
+    assert compare_generation(ref, test, tolerance=TOL).status == "match"
+
+
+def test_near_tie_with_cross_ranked_tokens_is_a_tie():
+    ref = gen([(5, -0.5), (6, -1.5)], [(7, -0.70), (8, -0.75)])
+    test = gen([(5, -0.5), (6, -1.5)], [(8, -0.72), (7, -0.73)])
+    verdict = compare_generation(ref, test, tolerance=TOL)
+    assert verdict == Verdict(
+        "r0", "tie",
+        "step 1: reference chose 7 (-0.7000), test chose 8 (-0.7200); the reference top-2 margin 0.05 is below "
+        "the tie margin 0.1 and each token is in the other's top-k: a near-tie, comparison stops here",
+        step=1, ref_token=7, test_token=8, ref_logprob=-0.70, test_logprob=-0.72, margin=pytest.approx(0.05),
+    )
+    assert verdict.passed
+
+
+def test_comparison_stops_at_a_tie():
+    ref = gen([(7, -0.70), (8, -0.75)], [(1, -0.1), (2, -5.0)])
+    test = gen([(8, -0.72), (7, -0.73)], [(3, -0.1), (4, -5.0)])  # decisively different after the tie
+    assert compare_generation(ref, test, tolerance=TOL).status == "tie"
+
+
+def test_divergence_with_a_large_margin_is_a_mismatch():
+    ref = gen([(7, -0.1), (8, -3.0)])
+    test = gen([(8, -0.1), (7, -3.0)])
+    verdict = compare_generation(ref, test, tolerance=TOL)
+    assert (verdict.status, verdict.step, verdict.ref_token, verdict.test_token) == ("mismatch", 0, 7, 8)
+    assert (verdict.ref_logprob, verdict.test_logprob, verdict.margin) == (-0.1, -0.1, pytest.approx(2.9))
+    assert verdict.reason.endswith("margin 2.9 is at least the tie margin 0.1: a decisive divergence")
+    assert not verdict.passed
+
+
+def test_divergence_with_a_small_margin_is_a_mismatch_when_a_token_is_unranked_by_the_other_side():
+    ref = gen([(7, -0.70), (8, -0.75)])
+    test = gen([(9, -0.2), (7, -3.0)])  # test's token 9 is not in the reference's top-k
+    verdict = compare_generation(ref, test, tolerance=TOL)
+    assert verdict.status == "mismatch"
+    assert verdict.reason.endswith("below the tie margin 0.1, but test token 9 is not in the reference's top-k")
+
+
+def test_different_lengths_are_a_mismatch():
+    ref = gen([(5, -0.5), (6, -1.5)], [(7, -0.25), (8, -2.0)])
+    verdict = compare_generation(ref, gen([(5, -0.5), (6, -1.5)]), tolerance=TOL)
+    assert (verdict.status, verdict.reason) == ("mismatch", "test produced 1 tokens, reference 2")
+
+
+def test_a_tie_does_not_excuse_a_wrong_length():
+    ref = gen([(7, -0.70), (8, -0.75)], [(1, -0.1), (2, -5.0)])
+    test = gen([(8, -0.72), (7, -0.73)])
+    assert compare_generation(ref, test, tolerance=TOL).status == "mismatch"
+
+
+def test_a_token_that_is_not_its_own_top1_is_an_inconsistent_record():
+    ref = gen([(5, -0.5), (6, -1.5)])
+    test = Generation("r0", output_ids=[6], top_logprobs=[[(5, -0.5), (6, -1.5)]], graph_steps=[True])
+    verdict = compare_generation(ref, test, tolerance=TOL)
+    assert (verdict.status, verdict.step) == ("mismatch", 0)
+    assert verdict.reason.startswith("step 0: test token 6 is not its own top-1 (5 at -0.5000)")
+
+
+def test_an_exact_tie_for_first_place_may_be_listed_in_either_order():
+    ref = gen([(5, -0.75), (6, -0.75)])
+    test = Generation("r0", output_ids=[5], top_logprobs=[[(6, -0.75), (5, -0.75)]], graph_steps=[False])
+    assert compare_generation(ref, test, tolerance=TOL).status == "match"
+
+
+def test_a_rejected_request_is_a_mismatch_naming_the_error():
+    test = Generation("r0", error="prompt longer than max_context 64")
+    verdict = compare_generation(gen([(5, -0.5), (6, -1.5)]), test, tolerance=TOL)
+    assert verdict == Verdict("r0", "mismatch", "test rejected the request: prompt longer than max_context 64")
+
+
+def test_generations_are_paired_by_rid():
+    ref = [gen([(5, -0.5), (6, -1.5)], rid="a"), gen([(7, -0.5), (8, -1.5)], rid="b")]
+    test = [gen([(7, -0.5), (8, -1.5)], rid="b"), gen([(5, -0.5), (6, -1.5)], rid="a")]
+    verdicts = compare_generations(ref, test, TOL)
+    assert [(v.rid, v.status) for v in verdicts] == [("a", "match"), ("b", "match")]
+
+
+def test_a_request_missing_on_either_side_is_a_mismatch():
+    ref = [gen([(5, -0.5), (6, -1.5)], rid="a")]
+    test = [gen([(5, -0.5), (6, -1.5)], rid="b")]
+    verdicts = compare_generations(ref, test, TOL)
+    assert [(v.rid, v.status, v.reason) for v in verdicts] == [
+        ("a", "mismatch", "expected one generation per side, found no test generations"),
+        ("b", "mismatch", "expected one generation per side, found no reference generations"),
+    ]
+
+
+def test_a_request_answered_twice_is_a_mismatch():
+    ref = [gen([(5, -0.5), (6, -1.5)], rid="a")]
+    verdicts = compare_generations(ref, ref * 2, TOL)
+    assert [(v.status, v.reason) for v in verdicts] == [
+        ("mismatch", "expected one generation per side, found 2 test generations"),
+    ]
+
+
+def test_summarize_counts_every_status():
+    verdicts = [Verdict("a", "match", ""), Verdict("b", "tie", ""), Verdict("c", "match", "")]
+    assert summarize(verdicts) == {"match": 2, "tie": 1, "mismatch": 0}
+
+
+def test_tolerances_per_dtype():
+    assert Tolerance.for_dtype(torch.float32) == Tolerance(logprob_atol=1e-3, tie_margin=1e-2)
+    assert Tolerance.for_dtype(torch.float16) == Tolerance(logprob_atol=0.07, tie_margin=0.1)
+    assert Tolerance.for_dtype(torch.bfloat16) == Tolerance(logprob_atol=0.5, tie_margin=0.3)
+
+
+def test_a_dtype_without_a_tolerance_is_refused():
+    with pytest.raises(ValueError, match="no tolerance for torch.int8"):
+        Tolerance.for_dtype(torch.int8)
