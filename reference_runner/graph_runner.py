@@ -35,7 +35,6 @@ class GraphStats:
     graph_steps: int = 0
     eager_steps: int = 0
     fallback_reasons: Counter = field(default_factory=Counter)
-    bucket_hits: Counter = field(default_factory=Counter)  # captured size -> replays
 
 
 class GraphRunner:
@@ -50,7 +49,7 @@ class GraphRunner:
         self.backend = get_graph_backend(self.device)
         self.capture_bs = get_capture_bs(max_bs, graph_bs)
         self.max_bs = self.capture_bs[-1]
-        self.stats = GraphStats()
+        self.bucket_hits: Counter = Counter()  # captured size -> replays
         max_blocks = model_runner.kv_cache.max_blocks_per_seq
         with torch.device(self.device):
             self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64)
@@ -62,6 +61,10 @@ class GraphRunner:
         self.output_buffers: dict[int, torch.Tensor] = {}
         self.capture()
 
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of the captured graphs' memory; filled in by the memory-reuse work."""
+        return {}
+
     def fallback_reason(self, forward_batch: ForwardBatch) -> str | None:
         """Why this batch cannot replay a graph, or None when it can."""
         if forward_batch.forward_mode is not ForwardMode.DECODE:
@@ -72,10 +75,6 @@ class GraphRunner:
 
     def can_run(self, forward_batch: ForwardBatch) -> bool:
         return self.fallback_reason(forward_batch) is None
-
-    def record_fallback(self, forward_batch: ForwardBatch) -> None:
-        self.stats.eager_steps += 1
-        self.stats.fallback_reasons[self.fallback_reason(forward_batch) or "graphs disabled"] += 1
 
     def capture(self) -> None:
         pool = self.backend.graph_pool_handle()
@@ -109,8 +108,7 @@ class GraphRunner:
         self.prepare_static_inputs(forward_batch, bs)
         seq_lens_cpu = forward_batch.seq_lens_cpu + [self.seq_len_fill_value] * (bs - raw_bs)
         self.replay_graph(bs, seq_lens_cpu)
-        self.stats.graph_steps += 1
-        self.stats.bucket_hits[bs] += 1
+        self.bucket_hits[bs] += 1
         # The pool is shared: the next replay of any size may overwrite this buffer.
         return self.output_buffers[bs][:raw_bs].clone()
 

@@ -1,0 +1,99 @@
+"""Run scenarios on a target and judge each one: token verdicts plus the graph-mode sanity rules."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from harness.checkpoints import ensure_checkpoint
+from harness.compare import Tolerance, Verdict, compare_generations, summarize
+from harness.oracle import oracle_generate
+from harness.scenarios import Scenario
+from harness.targets import Target, TargetRun
+from harness.workloads import make_requests
+from reference_runner.records import Generation, Request
+
+
+@dataclass
+class ScenarioResult:
+    """The verdicts of one scenario and why it failed, if it did."""
+
+    scenario: Scenario
+    verdicts: list[Verdict]
+    run: TargetRun
+    seconds: float
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def first_divergence(self) -> Verdict | None:
+        diverged = [v for v in self.verdicts if v.step is not None]
+        return min(diverged, key=lambda v: v.step) if diverged else None
+
+    def as_dict(self) -> dict:
+        first = self.first_divergence
+        return {
+            **self.scenario.as_dict(),
+            "passed": self.passed,
+            "failures": self.failures,
+            "verdicts": summarize(self.verdicts),
+            "graph_steps": self.run.graph_steps,
+            "counts_graph_steps": self.run.counts_graph_steps,
+            "eager_steps": self.run.eager_steps,
+            "fallback_reasons": self.run.fallback_reasons,
+            "graph_memory": self.run.graph_memory,
+            "first_divergence": None if first is None else first.__dict__ | {"passed": first.passed},
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRun) -> list[str]:
+    """Failed verdicts, and a graph scenario in which no step replayed a graph (silent fallback), where
+    the target counts graph steps at all."""
+    failures = [f"{v.rid}: {v.reason}" for v in verdicts if not v.passed]
+    if scenario.mode != "eager" and run.counts_graph_steps and run.graph_steps == 0:
+        failures.append(f"no decode step replayed a graph in mode {scenario.mode!r} (silent eager fallback)")
+    return failures
+
+
+class Judge:
+    """Runs scenarios on one target, caching reference runs shared by several scenarios."""
+
+    def __init__(self, target: Target, progress: Callable[[str], None] = lambda line: None) -> None:
+        self.target = target
+        self.progress = progress
+        self._references: dict[tuple, list[Generation]] = {}
+
+    def run(self, scenario: Scenario) -> ScenarioResult:
+        start = time.perf_counter()
+        checkpoint = ensure_checkpoint(scenario.model)
+        requests = make_requests(scenario.workload, _vocab_size(checkpoint), scenario.max_new_tokens, scenario.seed)
+        reference = self.reference(scenario, checkpoint, requests)
+        self.progress(f"{scenario.name}: running {scenario.mode} on {self.target.name}")
+        run = self.target.run(scenario, scenario.mode, checkpoint, requests)
+        verdicts = compare_generations(reference, run.generations, Tolerance.for_dtype(getattr(torch, scenario.dtype)))
+        failures = scenario_failures(scenario, verdicts, run)
+        return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures)
+
+    def reference(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> list[Generation]:
+        key = (scenario.reference, str(checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed,
+               scenario.dtype, scenario.block_size, scenario.max_context)
+        if key not in self._references:
+            self.progress(f"{scenario.name}: reference {scenario.reference}")
+            if scenario.reference == "oracle":
+                self._references[key] = oracle_generate(checkpoint, requests, dtype=getattr(torch, scenario.dtype))
+            else:
+                eager = Scenario(**{**scenario.__dict__, "mode": "eager", "tp": 1, "dp": 1})
+                self._references[key] = self.target.run(eager, "eager", checkpoint, requests).generations
+        return self._references[key]
+
+
+def _vocab_size(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "config.json").read_text())["vocab_size"]

@@ -1,0 +1,54 @@
+"""Readable check reports: a console table, a JSON document and JUnit XML."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from harness.judge import ScenarioResult
+
+
+def table(results: list[ScenarioResult]) -> str:
+    """One line per scenario: verdict counts, graph/eager steps, and the first failure if any."""
+    header = f"{'scenario':<44} {'result':<6} {'match':>5} {'tie':>4} {'mism':>4} {'graph':>6} {'eager':>6} {'secs':>6}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        counts = r.as_dict()["verdicts"]
+        lines.append(
+            f"{r.scenario.name:<44} {'PASS' if r.passed else 'FAIL':<6} {counts.get('match', 0):>5} "
+            f"{counts.get('tie', 0):>4} {counts.get('mismatch', 0):>4} {r.run.graph_steps:>6} "
+            f"{r.run.eager_steps:>6} {r.seconds:>6.1f}"
+        )
+        for failure in r.failures[:3]:
+            lines.append(f"    ! {failure}")
+        for v in r.verdicts:
+            if v.status == "tie":
+                lines.append(f"    ~ {v.rid}: {v.reason}")
+        if r.run.fallback_reasons:
+            reasons = ", ".join(f"{k} x{n}" for k, n in r.run.fallback_reasons.items())
+            lines.append(f"    eager fallbacks: {reasons}")
+        if r.run.graph_memory:
+            lines.append("    graph memory: " + ", ".join(f"{k}={v:,}" for k, v in r.run.graph_memory.items()))
+    passed = sum(r.passed for r in results)
+    lines.append(f"{passed} passed, {len(results) - passed} failed")
+    return "\n".join(lines)
+
+
+def write_json(results: list[ScenarioResult], path: Path, **meta) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    doc = {"passed": all(r.passed for r in results), **meta, "scenarios": [r.as_dict() for r in results]}
+    Path(path).write_text(json.dumps(doc, indent=2, default=str))
+
+
+def write_junit(results: list[ScenarioResult], path: Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    suite = ET.Element(
+        "testsuite", name="npugraph-harness", tests=str(len(results)),
+        failures=str(sum(not r.passed for r in results)), time=f"{sum(r.seconds for r in results):.2f}",
+    )
+    for r in results:
+        case = ET.SubElement(suite, "testcase", classname=f"check.{r.scenario.model}", name=r.scenario.name,
+                             time=f"{r.seconds:.2f}")
+        if not r.passed:
+            ET.SubElement(case, "failure", message=r.failures[0]).text = "\n".join(r.failures)
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)

@@ -1,0 +1,234 @@
+"""Engine: continuous batching with greedy sampling over a ModelRunner.
+
+Step t admits the requests that have arrived (`arrival_step <= t`) and prefills them eagerly, which
+gives their first token, then runs one decode step over every running request that still needs
+tokens; finished requests free their KV blocks. Like SGLang's overlap scheduler, the next tokens
+are taken (argmax, on the device) at once, but a step's logits are read on the host (log_softmax,
+top-k, `.tolist()`) only after the next step's forwards have been launched. A graph runner that
+returns views of its static output buffers instead of copies is therefore caught.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reference_runner.device import resolve_device
+from reference_runner.errors import InvalidRequest
+from reference_runner.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.graph_runner import GraphStats, make_graph_runner
+from reference_runner.model_runner import ModelRunner
+from reference_runner.records import Generation, Request
+
+MODES = ("eager", "graph", "compile")
+
+
+@dataclass
+class _Running:
+    """A request being decoded; `num_tokens` counts tokens already sampled on the device."""
+
+    req: Request
+    gen: Generation
+    num_tokens: int = 0
+    last_ids: torch.Tensor | None = None  # device tensor holding its newest token, at row `last_row`
+    last_row: int = 0
+
+    @property
+    def seq_len(self) -> int:
+        """KV length once the newest token has been fed."""
+        return len(self.req.prompt_ids) + self.num_tokens
+
+
+@dataclass
+class _StepOutput:
+    """A forward's results, kept on the device until the host reads them."""
+
+    logits: torch.Tensor
+    next_ids: torch.Tensor
+    reqs: list[_Running]
+    in_graph: bool
+
+
+class Engine:
+    """Greedy generation for a checkpoint directory; decode runs eager or replays device graphs."""
+
+    def __init__(self, model: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 mode: str = "eager", max_bs: int = 32, block_size: int = 16, max_context: int = 512,
+                 top_k: int = 5, graph_bs: list[int] | None = None, num_blocks: int | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        self.mode = mode
+        self.device = resolve_device(device)
+        self.max_bs = max_bs
+        self.graph_bs = graph_bs
+        self.top_k = top_k
+        blocks_per_seq = math.ceil(max_context / block_size)
+        # Room for 2 * max_bs full-length requests: batches above the graph's max_bs (which must fall
+        # back to eager) still fit. Block 0 is reserved.
+        num_blocks = num_blocks or 2 * max_bs * blocks_per_seq + 1
+        if num_blocks < blocks_per_seq + 1:
+            raise ValueError(f"num_blocks {num_blocks} cannot hold one request of max_context {max_context}")
+        self.model_runner = ModelRunner(model, device=self.device, dtype=dtype, max_context=max_context,
+                                        block_size=block_size, num_blocks=num_blocks)
+        self.kv_cache = self.model_runner.kv_cache
+        self.stats = GraphStats()
+        if mode != "eager":
+            self.model_runner.graph_runner = make_graph_runner(self.model_runner, max_bs, graph_bs)
+
+    def validate(self, request: Request) -> None:
+        """Raise `InvalidRequest` naming the request and the problem if it cannot be served."""
+        rid, prompt = request.rid, request.prompt_ids
+        vocab, max_context = self.model_runner.vocab_size, self.model_runner.max_context
+        if not prompt:
+            raise InvalidRequest(f"request {rid!r}: empty prompt")
+        if request.max_new_tokens < 1:
+            raise InvalidRequest(f"request {rid!r}: max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        if request.arrival_step < 0:
+            raise InvalidRequest(f"request {rid!r}: arrival_step must be >= 0, got {request.arrival_step}")
+        if len(prompt) + request.max_new_tokens > max_context:
+            raise InvalidRequest(f"request {rid!r}: prompt of {len(prompt)} tokens + max_new_tokens "
+                                 f"{request.max_new_tokens} exceeds max_context {max_context}")
+        for i, t in enumerate(prompt):
+            if not isinstance(t, int):
+                raise InvalidRequest(f"request {rid!r}: token id {t!r} at prompt position {i} is not an int")
+            if not 0 <= t < vocab:
+                raise InvalidRequest(f"request {rid!r}: token id {t} at prompt position {i} is outside "
+                                     f"the vocabulary [0, {vocab})")
+
+    def generate(self, requests: list[Request]) -> list[Generation]:
+        """Greedy-decode `requests`, exactly `max_new_tokens` each; results in request order.
+
+        Invalid requests come back with `error` set; the others still run.
+        """
+        gens = [Generation(r.rid) for r in requests]
+        first_index: dict[str, int] = {}
+        valid = []
+        for i, (req, gen) in enumerate(zip(requests, gens)):
+            try:
+                if req.rid in first_index:
+                    raise InvalidRequest(f"request {req.rid!r}: duplicate rid (also request #{first_index[req.rid]})")
+                first_index[req.rid] = i
+                self.validate(req)
+            except InvalidRequest as e:
+                gen.error = str(e)
+                continue
+            valid.append(_Running(req, gen))
+        with torch.no_grad():
+            self._run(sorted(valid, key=lambda r: r.req.arrival_step))  # stable: ties keep request order
+        return gens
+
+    def _run(self, waiting: list[_Running]) -> None:
+        kv = self.kv_cache
+        capacity = kv.allocator.num_free
+        committed = 0  # blocks promised to running requests at their full length
+        running: list[_Running] = []
+        pending: list[_StepOutput] = []
+        step = 0
+        while waiting or running or pending:
+            if not running and waiting:
+                step = max(step, waiting[0].req.arrival_step)  # idle: skip ahead to the next arrival
+            admitted = []
+            while waiting and waiting[0].req.arrival_step <= step and committed + self._blocks(waiting[0]) <= capacity:
+                committed += self._blocks(waiting[0])
+                admitted.append(waiting.pop(0))
+            outputs = []
+            if admitted:
+                outputs.append(self._prefill(admitted))
+                running += admitted
+            decoding = [r for r in running if r.num_tokens < r.req.max_new_tokens]
+            if decoding:
+                outputs.append(self._decode(decoding))
+            # Overlap: the previous step's results are read only now, after this step's forwards.
+            for out in pending:
+                self._process(out)
+            pending = outputs
+            for r in running:
+                if r.num_tokens == r.req.max_new_tokens:
+                    kv.free(r.req.rid)
+                    committed -= self._blocks(r)
+            running = [r for r in running if r.num_tokens < r.req.max_new_tokens]
+            step += 1
+
+    def _blocks(self, r: _Running) -> int:
+        return self.kv_cache.blocks_needed(len(r.req.prompt_ids) + r.req.max_new_tokens)
+
+    def _prefill(self, reqs: list[_Running]) -> _StepOutput:
+        kv, device = self.kv_cache, self.device
+        lens = [len(r.req.prompt_ids) for r in reqs]
+        slots = []
+        for r, n in zip(reqs, lens):
+            kv.reserve(r.req.rid, n)
+            slots += kv.slots(r.req.rid, 0, n)
+        batch = ForwardBatch(
+            forward_mode=ForwardMode.EXTEND,
+            batch_size=len(reqs),
+            input_ids=torch.tensor([t for r in reqs for t in r.req.prompt_ids], device=device),
+            positions=torch.tensor([p for n in lens for p in range(n)], device=device),
+            out_cache_loc=torch.tensor(slots, dtype=kv.slot_dtype, device=device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+            seq_lens_cpu=lens,
+            block_tables=kv.block_table_tensor([r.req.rid for r in reqs], device),
+            extend_seq_lens=lens,
+        )
+        return self._sample(batch, reqs)
+
+    def _decode(self, reqs: list[_Running]) -> _StepOutput:
+        kv, device = self.kv_cache, self.device
+        seq_lens = [r.seq_len for r in reqs]
+        for r, n in zip(reqs, seq_lens):
+            kv.reserve(r.req.rid, n)
+        batch = ForwardBatch(
+            forward_mode=ForwardMode.DECODE,
+            batch_size=len(reqs),
+            input_ids=self._last_token_ids(reqs),
+            positions=torch.tensor([n - 1 for n in seq_lens], device=device),
+            out_cache_loc=torch.tensor([kv.slots(r.req.rid, n - 1, n)[0] for r, n in zip(reqs, seq_lens)],
+                                       dtype=kv.slot_dtype, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            seq_lens_cpu=seq_lens,
+            block_tables=kv.block_table_tensor([r.req.rid for r in reqs], device),
+        )
+        return self._sample(batch, reqs)
+
+    def _last_token_ids(self, reqs: list[_Running]) -> torch.Tensor:
+        # The newest tokens are still on the device (not read back yet): gather them from the tensors
+        # of the steps that sampled them, one index_select per source tensor.
+        parts = []
+        for _, group in itertools.groupby(reqs, key=lambda r: id(r.last_ids)):
+            group = list(group)
+            rows = torch.tensor([r.last_row for r in group], device=self.device)
+            parts.append(group[0].last_ids.index_select(0, rows))
+        return torch.cat(parts)
+
+    def _sample(self, batch: ForwardBatch, reqs: list[_Running]) -> _StepOutput:
+        logits, in_graph = self.model_runner.forward(batch)
+        if batch.forward_mode is ForwardMode.DECODE:
+            self._count(batch, in_graph)
+        next_ids = logits.argmax(-1)
+        for row, r in enumerate(reqs):
+            r.num_tokens += 1
+            r.last_ids, r.last_row = next_ids, row
+        return _StepOutput(logits, next_ids, reqs, in_graph)
+
+    def _count(self, batch: ForwardBatch, in_graph: bool) -> None:
+        graph_runner = self.model_runner.graph_runner
+        if in_graph:
+            self.stats.graph_steps += 1
+            return
+        self.stats.eager_steps += 1
+        if graph_runner is not None:
+            self.stats.fallback_reasons[graph_runner.fallback_reason(batch)] += 1
+
+    def graph_memory(self) -> dict[str, int] | None:
+        """Bytes held by the captured graphs (largest size alone vs all sizes), None in eager mode."""
+        graph_runner = self.model_runner.graph_runner
+        return None if graph_runner is None else graph_runner.memory_report()
+
+    def _process(self, out: _StepOutput) -> None:
+        top = torch.log_softmax(out.logits, dim=-1).topk(min(self.top_k, out.logits.shape[-1]), dim=-1)
+        rows = zip(out.reqs, out.next_ids.tolist(), top.indices.tolist(), top.values.tolist())
+        for r, token, ids, logprobs in rows:
+            r.gen.append(token, list(zip(ids, logprobs)), out.in_graph)

@@ -1,0 +1,14 @@
+"""Errors raised at the runner's API boundary; each message names the file, tensor or request at fault."""
+from __future__ import annotations
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint's architecture (or one of its features) is not implemented."""
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint directory is unusable: a missing file or tensor, or a tensor of the wrong shape."""
+
+
+class InvalidRequest(ValueError):
+    """A request that cannot be served (empty prompt, too long, token outside the vocabulary, ...)."""

@@ -1,0 +1,83 @@
+"""Fault injection: each known graph-replay bug, injected into the real runner, is caught.
+
+Every fault is a patch of one method of the runner the engine uses (NPUGraphRunner on npu and on
+the CPU's SimNPUGraph). The unpatched runner passes the very same scenario.
+"""
+import bisect
+
+import pytest
+
+from harness.scenarios import Scenario
+from reference_runner.graph_runner import GraphRunner, NPUGraphRunner
+
+
+def skip_host_list_update(self, bs, seq_lens_cpu):
+    self.graphs[bs].replay()  # lengths stay those frozen at capture
+
+
+def update_with_previous_step_lengths(self, bs, seq_lens_cpu):
+    stale = getattr(self, "_previous_seq_lens", seq_lens_cpu)
+    self._previous_seq_lens = seq_lens_cpu
+    stale = (stale + [self.seq_len_fill_value] * bs)[:bs]
+    self.graphs[bs].update(cpu_update_input=[{"actual_seq_lengths_kv": stale}])  # the update raced replay
+    self.graphs[bs].replay()
+
+
+def padded_rows_keep_stale_slots(self, forward_batch, bs):
+    raw_bs = forward_batch.batch_size
+    # Padded rows keep the out_cache_loc of an earlier, larger batch: live slots, not dummy slot 0.
+    self.input_ids[:raw_bs].copy_(forward_batch.input_ids)
+    self.positions[:raw_bs].copy_(forward_batch.positions)
+    self.out_cache_loc[:raw_bs].copy_(forward_batch.out_cache_loc)
+    self.seq_lens[:raw_bs].copy_(forward_batch.seq_lens)
+    self.block_tables[:raw_bs].copy_(forward_batch.block_tables)
+
+
+def positions_not_refreshed(self, forward_batch, bs):
+    raw_bs = forward_batch.batch_size
+    self.input_ids[:raw_bs].copy_(forward_batch.input_ids)
+    self.out_cache_loc[:raw_bs].copy_(forward_batch.out_cache_loc)
+    self.seq_lens[:raw_bs].copy_(forward_batch.seq_lens)
+    self.block_tables[:raw_bs].copy_(forward_batch.block_tables)
+
+
+def return_static_output_view(self, forward_batch):
+    raw_bs = forward_batch.batch_size
+    bs = self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]
+    self.prepare_static_inputs(forward_batch, bs)
+    self.replay_graph(bs, forward_batch.seq_lens_cpu + [self.seq_len_fill_value] * (bs - raw_bs))
+    return self.output_buffers[bs][:raw_bs]  # read later, after the next replay overwrote it
+
+
+def never_replay(self, forward_batch):
+    return False  # e.g. a wrong graph key: every step silently runs eager
+
+
+FAULTS = {
+    "host_list_update_skipped": (NPUGraphRunner, "replay_graph", skip_host_list_update),
+    "update_fed_previous_step_lengths": (NPUGraphRunner, "replay_graph", update_with_previous_step_lengths),
+    "padded_rows_write_live_slots": (GraphRunner, "prepare_static_inputs", padded_rows_keep_stale_slots),
+    "positions_not_refreshed": (GraphRunner, "prepare_static_inputs", positions_not_refreshed),
+    "output_read_after_next_replay": (GraphRunner, "replay", return_static_output_view),
+    "graph_never_replayed": (GraphRunner, "can_run", never_replay),
+}
+
+SCENARIO = Scenario(model="llama", mode="graph", reference="eager", workload="mixed", max_new_tokens=32)
+
+
+def test_correct_runner_passes_the_fault_scenario(check):
+    result = check(SCENARIO)
+    assert result.failures == []
+    assert result.run.graph_steps > 0
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_injected_fault_is_caught(check, monkeypatch, fault):
+    cls, method, broken = FAULTS[fault]
+    monkeypatch.setattr(cls, method, broken)
+    result = check(SCENARIO)
+    assert not result.passed
+    if fault == "graph_never_replayed":
+        assert result.failures == ["no decode step replayed a graph in mode 'graph' (silent eager fallback)"]
+    else:
+        assert "mismatch" in {v.status for v in result.verdicts}
