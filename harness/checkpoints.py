@@ -25,10 +25,7 @@ from transformers import (
     Qwen2MoeConfig,
 )
 
-
-class CheckpointError(ValueError):
-    """A checkpoint name or directory that cannot be used."""
-
+from reference_runner.errors import CheckpointError
 
 # Every size divides by tp=2 and tp=4: attention heads, KV heads (except llama_kv1, whose single KV
 # head is replicated across TP ranks), vocab and all intermediates.

@@ -48,17 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_options(args: argparse.Namespace) -> None:
+    """Reject option values that no scenario could run with, before any work starts."""
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        raise UsageError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    for name in ("max_bs", "tp", "dp", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.graph_bs and not all(1 <= bs <= args.max_bs for bs in args.graph_bs):
+        raise UsageError(f"--graph-bs {args.graph_bs} must lie in 1..--max-bs ({args.max_bs})")
+
+
 def check(args: argparse.Namespace) -> int:
     from harness.judge import Judge
     from harness.report import table, write_json, write_junit
     from harness.targets import get_target
     from reference_runner.device import detect_device, resolve_device
 
-    unknown = [m for m in args.modes if m not in MODES]
-    if unknown:
-        raise UsageError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    validate_options(args)
     device = resolve_device(args.device) if args.device else detect_device()
-    target = get_target(args.target, device)
+    try:
+        target = get_target(args.target, device)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     scenarios = default_matrix(
         args.model or DEFAULT_MODELS, args.modes, workload=args.workload, tp=args.tp, dp=args.dp,
         dtype=args.dtype, max_bs=args.max_bs, graph_bs=tuple(args.graph_bs) if args.graph_bs else None,
@@ -85,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return EXIT_USAGE if exit_.code else EXIT_PASS
     commands = {"check": check}
+    from harness.judge import SETUP_ERRORS
+
     try:
         return commands[args.command](args)
-    except (UsageError, ValueError, RuntimeError, OSError) as error:
+    except (UsageError, OSError, *SETUP_ERRORS) as error:
         print(f"npugraph-harness: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -15,7 +15,12 @@ from harness.oracle import oracle_generate
 from harness.scenarios import Scenario
 from harness.targets import Target, TargetRun
 from harness.workloads import make_requests
+from reference_runner.device import DeviceUnavailable
+from reference_runner.errors import CheckpointError, UnsupportedModel
 from reference_runner.records import Generation, Request
+
+# Problems of the setup, not of the engine under test: the check stops with exit status 2.
+SETUP_ERRORS = (CheckpointError, UnsupportedModel, DeviceUnavailable)
 
 
 @dataclass
@@ -77,7 +82,13 @@ class Judge:
         requests = make_requests(scenario.workload, _vocab_size(checkpoint), scenario.max_new_tokens, scenario.seed)
         reference = self.reference(scenario, checkpoint, requests)
         self.progress(f"{scenario.name}: running {scenario.mode} on {self.target.name}")
-        run = self.target.run(scenario, scenario.mode, checkpoint, requests)
+        try:
+            run = self.target.run(scenario, scenario.mode, checkpoint, requests)
+        except SETUP_ERRORS:
+            raise
+        except Exception as error:  # the engine under test crashed: a failed scenario, not a crashed judge
+            failure = f"{self.target.name} raised {type(error).__name__}: {error}"
+            return ScenarioResult(scenario, [], TargetRun([]), time.perf_counter() - start, [failure])
         verdicts = compare_generations(reference, run.generations, Tolerance.for_dtype(getattr(torch, scenario.dtype)))
         failures = scenario_failures(scenario, verdicts, run)
         return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures)
