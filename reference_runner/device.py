@@ -1,7 +1,12 @@
 """Device detection: `npu` (Ascend, torch_npu + CANN), `cuda`, or `cpu`.
 
 torch_npu is imported only when `npu` is asked for or detected: installed without CANN it breaks
-`import torch` itself, so CPU environments never install it.
+`import torch` itself, so CPU environments never install it. Why, and what to set: torch_npu
+registers a torch device-backend entry point, so `import torch` imports it, which needs CANN's
+libraries (`libhccl.so: cannot open shared object file` otherwise). On an Ascend host, source
+CANN first (`source /usr/local/Ascend/ascend-toolkit/set_env.sh`); where torch_npu is installed but
+CANN is not, set `TORCH_DEVICE_BACKEND_AUTOLOAD=0` and torch imports without it (npu then reads as
+unavailable).
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import os
 import torch
 
 DEVICES = ("cpu", "cuda", "npu")
+DIST_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}  # torch.distributed backend per device
 
 
 class DeviceUnavailable(RuntimeError):

@@ -138,7 +138,8 @@ class NPUGraphRunner(GraphRunner):
 
     def replay_graph(self, bs: int, seq_lens_cpu: list[int]) -> None:
         graph = self.graphs[bs]
-        # update() lands before replay() is queued, so it can never race this replay or the last.
+        # update() is queued before replay(), and on npu OrderedNPUGraph.update() first waits for this
+        # graph's previous replay: an update never races either replay.
         graph.update(cpu_update_input=[{"actual_seq_lengths_kv": seq_lens_cpu}])
         graph.replay()
 

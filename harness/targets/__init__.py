@@ -13,6 +13,10 @@ from harness.scenarios import Scenario
 from reference_runner.records import Generation, Request
 
 
+class TargetUnavailable(RuntimeError):
+    """The target's engine is not installed here, or cannot run on the requested device."""
+
+
 @dataclass
 class TargetRun:
     """Records of one run plus how its decode steps ran (graph replays vs eager)."""

@@ -7,6 +7,7 @@ from reference_runner.graphs import GraphBackend
 
 
 def cuda_backend() -> GraphBackend:
+    """Plain capture: `CudaAttnBackend` reads `seq_lens` on the device, so replay needs no update."""
     return GraphBackend(
         device="cuda",
         new_graph=torch.cuda.CUDAGraph,
