@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--graph-bs", type=_int_csv, default=None, help="capture sizes, e.g. 1,2,4,8")
     check.add_argument("--tp", type=int, default=1)
     check.add_argument("--dp", type=int, default=1)
-    check.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    check.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="default: float32, bfloat16 on npu")
     check.add_argument("--max-new-tokens", type=int, default=32)
     check.add_argument("--json", type=Path, default=None, help="write the JSON report here")
     check.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
@@ -64,7 +65,7 @@ def check(args: argparse.Namespace) -> int:
     from harness.judge import Judge
     from harness.report import table, write_json, write_junit
     from harness.targets import get_target
-    from reference_runner.device import detect_device, resolve_device
+    from reference_runner.device import default_dtype, detect_device, resolve_device
 
     validate_options(args)
     device = resolve_device(args.device) if args.device else detect_device()
@@ -74,7 +75,7 @@ def check(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     scenarios = default_matrix(
         args.model or DEFAULT_MODELS, args.modes, workload=args.workload, tp=args.tp, dp=args.dp,
-        dtype=args.dtype, max_bs=args.max_bs, graph_bs=tuple(args.graph_bs) if args.graph_bs else None,
+        dtype=args.dtype or default_dtype(device), max_bs=args.max_bs, graph_bs=tuple(args.graph_bs) if args.graph_bs else None,
         max_new_tokens=args.max_new_tokens,
     )
     judge = Judge(target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr))

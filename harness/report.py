@@ -14,10 +14,10 @@ def table(results: list[ScenarioResult]) -> str:
     lines = [header, "-" * len(header)]
     for r in results:
         counts = r.as_dict()["verdicts"]
+        graph, eager = (r.run.graph_steps, r.run.eager_steps) if r.run.counts_graph_steps else ("?", "?")
         lines.append(
             f"{r.scenario.name:<44} {'PASS' if r.passed else 'FAIL':<6} {counts.get('match', 0):>5} "
-            f"{counts.get('tie', 0):>4} {counts.get('mismatch', 0):>4} {r.run.graph_steps:>6} "
-            f"{r.run.eager_steps:>6} {r.seconds:>6.1f}"
+            f"{counts.get('tie', 0):>4} {counts.get('mismatch', 0):>4} {graph:>6} {eager:>6} {r.seconds:>6.1f}"
         )
         for failure in r.failures[:3]:
             lines.append(f"    ! {failure}")

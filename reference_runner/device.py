@@ -60,6 +60,11 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def default_dtype(device: str) -> str:
+    """float32 where the attention op has it; bfloat16 on npu, whose FIA op takes 16-bit floats only."""
+    return "bfloat16" if device == "npu" else "float32"
+
+
 def synchronize(device: str) -> None:
     """Wait for queued work on `device` (a no-op on the CPU)."""
     if device == "cuda":

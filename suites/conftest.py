@@ -1,10 +1,13 @@
 """Suites run scenarios through the same Judge as `npugraph-harness check`."""
+import dataclasses
+
 import pytest
 
 from harness.judge import Judge, ScenarioResult
 from harness.report import table
 from harness.scenarios import Scenario
 from harness.targets import get_target
+from reference_runner.device import default_dtype
 
 
 @pytest.fixture(scope="session")
@@ -14,10 +17,12 @@ def judge(device) -> Judge:
 
 
 @pytest.fixture
-def check(judge):
-    """Run a scenario and return its result; the report table goes to the captured output."""
+def check(judge, device):
+    """Run a scenario (in the device's default dtype unless it names another) and return its result."""
 
     def run(scenario: Scenario) -> ScenarioResult:
+        if scenario.dtype == "float32":
+            scenario = dataclasses.replace(scenario, dtype=default_dtype(device))
         result = judge.run(scenario)
         print(table([result]))
         return result
