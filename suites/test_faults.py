@@ -10,6 +10,8 @@ import pytest
 from harness.scenarios import Scenario
 from reference_runner.graph_runner import GraphRunner, NPUGraphRunner
 
+prepare_static_inputs = GraphRunner.prepare_static_inputs  # the correct one, before any patch
+
 
 def skip_host_list_update(self, bs, seq_lens_cpu):
     self.graphs[bs].replay()  # lengths stay those frozen at capture
@@ -24,21 +26,16 @@ def update_with_previous_step_lengths(self, bs, seq_lens_cpu):
 
 
 def padded_rows_keep_stale_slots(self, forward_batch, bs):
-    raw_bs = forward_batch.batch_size
+    stale = self.out_cache_loc.clone()
+    prepare_static_inputs(self, forward_batch, bs)
     # Padded rows keep the out_cache_loc of an earlier, larger batch: live slots, not dummy slot 0.
-    self.input_ids[:raw_bs].copy_(forward_batch.input_ids)
-    self.positions[:raw_bs].copy_(forward_batch.positions)
-    self.out_cache_loc[:raw_bs].copy_(forward_batch.out_cache_loc)
-    self.seq_lens[:raw_bs].copy_(forward_batch.seq_lens)
-    self.block_tables[:raw_bs].copy_(forward_batch.block_tables)
+    self.out_cache_loc[forward_batch.batch_size:].copy_(stale[forward_batch.batch_size:])
 
 
 def positions_not_refreshed(self, forward_batch, bs):
-    raw_bs = forward_batch.batch_size
-    self.input_ids[:raw_bs].copy_(forward_batch.input_ids)
-    self.out_cache_loc[:raw_bs].copy_(forward_batch.out_cache_loc)
-    self.seq_lens[:raw_bs].copy_(forward_batch.seq_lens)
-    self.block_tables[:raw_bs].copy_(forward_batch.block_tables)
+    stale = self.positions.clone()
+    prepare_static_inputs(self, forward_batch, bs)
+    self.positions.copy_(stale)
 
 
 def return_static_output_view(self, forward_batch):
