@@ -121,12 +121,24 @@ def test_python_scalars_and_control_flow_are_resolved_at_capture():
         (lambda x: x.nonzero(), "aten.nonzero"),
         (lambda x: x[x > 0], "aten.index.Tensor"),
         (lambda x: torch.unique(x), "unique"),
+        (lambda x: torch.where(x > 0), "aten.nonzero"),
+        (lambda x: torch.repeat_interleave(x, (x > 0).long()), "aten.repeat_interleave"),
+        (lambda x: x.__setitem__(x > 0, torch.ones(4)), "aten.index_put_"),
     ],
 )
 def test_host_reads_and_data_dependent_shapes_are_refused_at_capture(step, op_name):
     x = torch.randn(4)
     with pytest.raises(CaptureError, match=op_name):
         capture(lambda: step(x))
+
+
+@pytest.mark.parametrize(
+    "step",
+    [lambda x: x.masked_fill(x > 0, 0.0), lambda x: x.__setitem__(x > 0, 0.0), lambda x: F.one_hot(x.long().abs(), 8)],
+    ids=["masked_fill", "mask_assign_scalar", "one_hot_with_num_classes"],
+)
+def test_static_shape_masking_is_capturable(step):
+    capture(lambda: step(torch.randn(4)))
 
 
 def test_integer_index_tensors_are_capturable():

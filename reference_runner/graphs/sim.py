@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -205,6 +205,13 @@ class _CaptureGuard(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        # Under inference_mode composite ops arrive whole (`torch.where(cond)` is nonzero inside):
+        # run their decomposition here so each op they are made of is checked.
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         if _data_dependent(func, args, kwargs):
             raise CaptureError(
                 f"{func} has an output shape or value that depends on tensor data; "
@@ -226,13 +233,22 @@ def _data_dependent(func: Any, args: tuple, kwargs: dict) -> bool:
     tags = func.tags
     if torch.Tag.data_dependent_output in tags:
         return True
+    if func in (torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default):
+        # x[mask] = values runs nonzero inside the kernel; x[mask] = scalar is a static masked fill.
+        return _bool_index(args[1]) and args[2].numel() > 1
     if torch.Tag.dynamic_output_shape not in tags:
         return False
     if func is torch.ops.aten.index.Tensor:  # integer indexing has a static shape
-        return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        return _bool_index(args[1])
+    if func is torch.ops.aten.one_hot.default:  # dynamic only when num_classes is inferred from data
+        return (args[1] if len(args) > 1 else kwargs.get("num_classes", -1)) == -1
     if func is torch.ops.aten.repeat_interleave.Tensor:
         return kwargs.get("output_size") is None
     return True
+
+
+def _bool_index(indices: list) -> bool:
+    return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
 
 
 class SimNPUGraph:
@@ -280,7 +296,15 @@ class SimNPUGraph:
             recording.globals[f"o{k}"] = t
             lines.append(f"o{k}.copy_(v{slots[id(t)]})")
         self._tasks = recording.tasks
+        self._lines, self._namespace = lines, recording.globals
         self._replay_fn = _compile(lines, recording.globals)
+
+    def recompile(self, make_replay: Callable[[list[str], dict[str, Any]], Callable[[], None]]) -> None:
+        """Swap the replay function for `make_replay(lines, namespace)` built from the recording's
+        straight-line code, e.g. the piecewise-compiled one of `graphs/piecewise.py`."""
+        if self._replay_fn is None:
+            raise RuntimeError("recompile() needs a preceding successful capture.")
+        self._replay_fn = make_replay(self._lines, self._namespace)
 
     def abort_capture(self) -> None:
         """Leave capture after an error in the captured region; the graph stays empty."""
@@ -327,6 +351,7 @@ class SimNPUGraph:
         self.abort_capture()
         self._replay_fn = None
         self._tasks = []
+        self._lines, self._namespace = [], {}
         self.outputs = []
         self._pool = None
 
