@@ -16,11 +16,11 @@ from harness.scenarios import Scenario
 from harness.targets import Target, TargetRun, TargetUnavailable
 from harness.workloads import make_requests
 from reference_runner.device import DeviceUnavailable
-from reference_runner.errors import CheckpointError, UnsupportedModel
+from reference_runner.errors import CheckpointError, LayoutError, UnsupportedModel
 from reference_runner.records import Generation, Request
 
 # Problems of the setup, not of the engine under test: the check stops with exit status 2.
-SETUP_ERRORS = (CheckpointError, UnsupportedModel, DeviceUnavailable, TargetUnavailable)
+SETUP_ERRORS = (CheckpointError, UnsupportedModel, DeviceUnavailable, TargetUnavailable, LayoutError)
 
 
 @dataclass

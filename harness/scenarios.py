@@ -23,6 +23,7 @@ class Scenario:
     max_context: int = 256
     max_new_tokens: int = 32
     seed: int = 0
+    dp_ranks: tuple[int, ...] | None = None  # the DP rank of each request; None: round robin
 
     @property
     def name(self) -> str:

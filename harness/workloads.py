@@ -46,9 +46,21 @@ def join_leave(vocab_size: int, max_new_tokens: int, seed: int = 0) -> list[Requ
     ]
 
 
+def skewed(vocab_size: int, max_new_tokens: int, seed: int = 0) -> list[Request]:
+    """Five requests from step 0, and a sixth arriving at step 6 that stops after 4 tokens: split 5:1
+    over two DP ranks (`dp_ranks=(0, 0, 0, 0, 0, 1)`), rank 1 idles before and after its one request."""
+    rng = random.Random(seed + 11)
+    prompts = [[rng.randrange(vocab_size) for _ in range(rng.randint(2, 30))] for _ in range(6)]
+    return [
+        *(Request(f"s{i}", prompts[i], max_new_tokens - 2 * i) for i in range(5)),
+        Request("s5", prompts[5], min(4, max_new_tokens), arrival_step=6),
+    ]
+
+
 WORKLOADS: dict[str, Callable[..., list[Request]]] = {
     "mixed": mixed,
     "join_leave": join_leave,
+    "skewed": skewed,
     **{f"batch{n}": batch(n) for n in (1, 3, 5, 7, 8, 13)},
 }
 

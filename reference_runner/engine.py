@@ -6,6 +6,11 @@ tokens; finished requests free their KV blocks. Like SGLang's overlap scheduler,
 are taken (argmax, on the device) at once, but a step's logits are read on the host (log_softmax,
 top-k, `.tolist()`) only after the next step's forwards have been launched. A graph runner that
 returns views of its static output buffers instead of copies is therefore caught.
+
+Under TP every rank of a TP group runs the same requests and schedule. Under DP each DP rank runs
+its own requests, and every step the ranks exchange their token counts: all of them run a prefill
+if any rank prefills and a decode if any rank decodes (a rank without work runs an empty, padded
+one), so the collectives of DP attention always pair up, and all pad to the same graph bucket.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from reference_runner.errors import InvalidRequest
 from reference_runner.forward_batch import ForwardBatch, ForwardMode
 from reference_runner.graph_runner import GraphStats, make_graph_runner
 from reference_runner.model_runner import ModelRunner
+from reference_runner.parallel import ParallelState, dp_gather_host
 from reference_runner.records import Generation, Request
 
 MODES = ("eager", "graph", "compile")
@@ -57,7 +63,8 @@ class Engine:
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  mode: str = "eager", max_bs: int = 32, block_size: int = 16, max_context: int = 512,
-                 top_k: int = 5, graph_bs: list[int] | None = None, num_blocks: int | None = None):
+                 top_k: int = 5, graph_bs: list[int] | None = None, num_blocks: int | None = None,
+                 parallel: ParallelState | None = None):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.mode = mode
@@ -71,12 +78,14 @@ class Engine:
         num_blocks = num_blocks or 2 * max_bs * blocks_per_seq + 1
         if num_blocks < blocks_per_seq + 1:
             raise ValueError(f"num_blocks {num_blocks} cannot hold one request of max_context {max_context}")
+        self.parallel = parallel or ParallelState()
         self.model_runner = ModelRunner(model, device=self.device, dtype=dtype, max_context=max_context,
-                                        block_size=block_size, num_blocks=num_blocks)
+                                        block_size=block_size, num_blocks=num_blocks, parallel=self.parallel)
         self.kv_cache = self.model_runner.kv_cache
         self.stats = GraphStats()
         if mode != "eager":
-            self.model_runner.graph_runner = make_graph_runner(self.model_runner, max_bs, graph_bs)
+            self.model_runner.graph_runner = make_graph_runner(self.model_runner, max_bs, graph_bs,
+                                                               compile=mode == "compile")
 
     def validate(self, request: Request) -> None:
         """Raise `InvalidRequest` naming the request and the problem if it cannot be served."""
@@ -127,20 +136,35 @@ class Engine:
         running: list[_Running] = []
         pending: list[_StepOutput] = []
         step = 0
-        while waiting or running or pending:
-            if not running and waiting:
-                step = max(step, waiting[0].req.arrival_step)  # idle: skip ahead to the next arrival
+        while True:
+            # Every DP rank's state, so that all ranks keep one step count and run the same forwards
+            # (without DP, this rank's own values).
+            busy = bool(waiting or running or pending)
+            next_step = waiting[0].req.arrival_step if waiting and not running else step
+            busy_ranks, next_steps = dp_gather_host([busy, next_step], self.parallel, self.device)
+            if not any(busy_ranks):
+                break
+            # No rank running: skip ahead to the next arrival.
+            step = max(step, min(n for n, b in zip(next_steps, busy_ranks) if b))
             admitted = []
             while waiting and waiting[0].req.arrival_step <= step and committed + self._blocks(waiting[0]) <= capacity:
                 committed += self._blocks(waiting[0])
                 admitted.append(waiting.pop(0))
+            (prefill_tokens,) = dp_gather_host([sum(len(r.req.prompt_ids) for r in admitted)], self.parallel,
+                                               self.device)
             outputs = []
             if admitted:
-                outputs.append(self._prefill(admitted))
+                outputs.append(self._prefill(admitted, prefill_tokens))
                 running += admitted
+            elif any(prefill_tokens):
+                self.model_runner.forward_eager(self._idle_batch(prefill_tokens))
             decoding = [r for r in running if r.num_tokens < r.req.max_new_tokens]
+            (decode_bs,) = dp_gather_host([len(decoding)], self.parallel, self.device)
             if decoding:
-                outputs.append(self._decode(decoding))
+                outputs.append(self._decode(decoding, decode_bs))
+            elif any(decode_bs):
+                self.model_runner.forward(self._idle_batch(decode_bs))  # in a graph: the bucket the others replay
+                self.stats.idle_steps += 1
             # Overlap: the previous step's results are read only now, after this step's forwards.
             for out in pending:
                 self._process(out)
@@ -155,7 +179,7 @@ class Engine:
     def _blocks(self, r: _Running) -> int:
         return self.kv_cache.blocks_needed(len(r.req.prompt_ids) + r.req.max_new_tokens)
 
-    def _prefill(self, reqs: list[_Running]) -> _StepOutput:
+    def _prefill(self, reqs: list[_Running], global_num_tokens: list[int]) -> _StepOutput:
         kv, device = self.kv_cache, self.device
         lens = [len(r.req.prompt_ids) for r in reqs]
         slots = []
@@ -172,10 +196,11 @@ class Engine:
             seq_lens_cpu=lens,
             block_tables=kv.block_table_tensor([r.req.rid for r in reqs], device),
             extend_seq_lens=lens,
+            global_num_tokens=global_num_tokens,
         )
         return self._sample(batch, reqs)
 
-    def _decode(self, reqs: list[_Running]) -> _StepOutput:
+    def _decode(self, reqs: list[_Running], global_num_tokens: list[int]) -> _StepOutput:
         kv, device = self.kv_cache, self.device
         seq_lens = [r.seq_len for r in reqs]
         for r, n in zip(reqs, seq_lens):
@@ -190,8 +215,26 @@ class Engine:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             seq_lens_cpu=seq_lens,
             block_tables=kv.block_table_tensor([r.req.rid for r in reqs], device),
+            global_num_tokens=global_num_tokens,
         )
         return self._sample(batch, reqs)
+
+    def _idle_batch(self, global_num_tokens: list[int]) -> ForwardBatch:
+        """A decode batch of no request, for a DP rank that has nothing to run while others do
+        (SGLang's idle batch): it joins their collectives with padding rows only."""
+        kv, device = self.kv_cache, self.device
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return ForwardBatch(
+            forward_mode=ForwardMode.DECODE,
+            batch_size=0,
+            input_ids=empty,
+            positions=empty,
+            out_cache_loc=empty.to(kv.slot_dtype),
+            seq_lens=empty.to(torch.int32),
+            seq_lens_cpu=[],
+            block_tables=torch.zeros(0, kv.max_blocks_per_seq, dtype=torch.int32, device=device),
+            global_num_tokens=global_num_tokens,
+        )
 
     def _last_token_ids(self, reqs: list[_Running]) -> torch.Tensor:
         # The newest tokens are still on the device (not read back yet): gather them from the tensors

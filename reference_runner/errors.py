@@ -10,5 +10,9 @@ class CheckpointError(RuntimeError):
     """The checkpoint directory is unusable: a missing file or tensor, or a tensor of the wrong shape."""
 
 
+class LayoutError(ValueError):
+    """A parallel layout that cannot run: tp/dp not fitting the model's shapes or the ranks available."""
+
+
 class InvalidRequest(ValueError):
     """A request that cannot be served (empty prompt, too long, token outside the vocabulary, ...)."""

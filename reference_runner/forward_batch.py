@@ -29,3 +29,5 @@ class ForwardBatch:
     seq_lens_cpu: list[int]  # the same lengths on the host (FIA's actual_seq_lengths_kv)
     block_tables: torch.Tensor  # [batch_size, max_blocks_per_seq] int32
     extend_seq_lens: list[int] | None = None
+    # DP attention: every DP rank's token count this step (all ranks pad expert layers to the largest).
+    global_num_tokens: list[int] | None = None

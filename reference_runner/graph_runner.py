@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from reference_runner.dp_attention import dp_buffer_len
 from reference_runner.forward_batch import ForwardBatch, ForwardMode
 from reference_runner.graphs import DeviceGraph, get_graph_backend
 
@@ -35,6 +36,7 @@ class GraphStats:
     graph_steps: int = 0
     eager_steps: int = 0
     fallback_reasons: Counter = field(default_factory=Counter)
+    idle_steps: int = 0  # DP: decode forwards of no request, run to pair with the other DP ranks'
 
 
 class GraphRunner:
@@ -43,10 +45,10 @@ class GraphRunner:
     seq_len_fill_value = 1  # padded rows attend to the dummy slot only
     num_warmup = 2
 
-    def __init__(self, model_runner, max_bs: int, graph_bs: list[int] | None = None) -> None:
+    def __init__(self, model_runner, max_bs: int, graph_bs: list[int] | None = None, compile: bool = False) -> None:
         self.model_runner = model_runner
         self.device = model_runner.device
-        self.backend = get_graph_backend(self.device)
+        self.backend = get_graph_backend(self.device, compile)
         self.capture_bs = get_capture_bs(max_bs, graph_bs)
         self.max_bs = self.capture_bs[-1]
         self.bucket_hits: Counter = Counter()  # captured size -> replays
@@ -62,8 +64,24 @@ class GraphRunner:
         self.capture()
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes of the captured graphs' memory; filled in by the memory-reuse work."""
-        return {}
+        """Bytes held by the graphs and static buffers: the largest size alone (measured right after it
+        was captured, first) and all sizes; sharing one pool keeps the two close."""
+        return {"largest_bucket_bytes": self.largest_bucket_bytes, "all_buckets_bytes": self.graph_memory_bytes()}
+
+    def graph_memory_bytes(self) -> int:
+        """Bytes held by every captured graph plus the static buffers they share."""
+        return self._pool_bytes() - self._pool_bytes_before + self._static_bytes()
+
+    def _pool_bytes(self) -> int:
+        if self.device == "cpu":  # SimNPUGraph: the arenas of the distinct pools
+            pools = {id(p): p for p in (g.pool() for g in self.graphs.values())}
+            return sum(p.nbytes() for p in pools.values())
+        # A device graph pool is allocator memory reserved for the graphs, freed or not.
+        return getattr(torch, self.device).memory_reserved()
+
+    def _static_bytes(self) -> int:
+        buffers = (self.input_ids, self.positions, self.out_cache_loc, self.seq_lens, self.block_tables)
+        return sum(b.untyped_storage().nbytes() for b in buffers)
 
     def fallback_reason(self, forward_batch: ForwardBatch) -> str | None:
         """Why this batch cannot replay a graph, or None when it can."""
@@ -71,6 +89,8 @@ class GraphRunner:
             return "not a decode batch"
         if forward_batch.batch_size > self.max_bs:
             return f"batch size {forward_batch.batch_size} above max_bs {self.max_bs}"
+        if dp_buffer_len(forward_batch) > self.max_bs:  # every DP rank falls back together
+            return f"another DP rank's batch size {dp_buffer_len(forward_batch)} above max_bs {self.max_bs}"
         return None
 
     def can_run(self, forward_batch: ForwardBatch) -> bool:
@@ -78,15 +98,22 @@ class GraphRunner:
 
     def capture(self) -> None:
         pool = self.backend.graph_pool_handle()
+        forward = self.model_runner.forward_eager
+        if self.backend.compile_forward is not None:
+            forward = self.backend.compile_forward(forward)
         for bs in reversed(self.capture_bs):  # largest first: smaller graphs reuse its pool memory
             forward_batch = self.static_batch(bs, [self.seq_len_fill_value] * bs)
             for _ in range(self.num_warmup):
-                self.model_runner.forward_eager(forward_batch)
+                forward(forward_batch)
+            if bs == self.max_bs:  # after the largest warmup: its activations are cached, not the graphs'
+                self._pool_bytes_before = self._pool_bytes()
             graph = self.backend.new_graph()
             with self.backend.capture(graph, pool):
-                output = self.model_runner.forward_eager(forward_batch)
+                output = forward(forward_batch)
             self.graphs[bs], self.output_buffers[bs] = graph, output
             pool = graph.pool()
+            if bs == self.max_bs:
+                self.largest_bucket_bytes = self.graph_memory_bytes()
 
     def static_batch(self, bs: int, seq_lens_cpu: list[int]) -> ForwardBatch:
         """A decode batch made of views of the static buffers: what the graphs were captured on."""
@@ -104,7 +131,8 @@ class GraphRunner:
     def replay(self, forward_batch: ForwardBatch) -> torch.Tensor:
         """Run the decode batch in the graph of the next captured size; returns caller-owned logits."""
         raw_bs = forward_batch.batch_size
-        bs = self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]
+        # Under DP attention every rank pads to the bucket of the largest rank's batch: one graph shape.
+        bs = self.capture_bs[bisect.bisect_left(self.capture_bs, dp_buffer_len(forward_batch))]
         self.prepare_static_inputs(forward_batch, bs)
         seq_lens_cpu = forward_batch.seq_lens_cpu + [self.seq_len_fill_value] * (bs - raw_bs)
         self.replay_graph(bs, seq_lens_cpu)
@@ -144,7 +172,9 @@ class NPUGraphRunner(GraphRunner):
         graph.replay()
 
 
-def make_graph_runner(model_runner, max_bs: int, graph_bs: list[int] | None = None) -> GraphRunner:
-    """`NPUGraphRunner` where attention reads host lengths (npu, and SimNPUGraph on cpu), else `GraphRunner`."""
+def make_graph_runner(model_runner, max_bs: int, graph_bs: list[int] | None = None,
+                      compile: bool = False) -> GraphRunner:
+    """`NPUGraphRunner` where attention reads host lengths (npu, and SimNPUGraph on cpu), else `GraphRunner`;
+    `compile` captures compiled graphs (engine mode "compile")."""
     runner_cls = NPUGraphRunner if get_graph_backend(model_runner.device).updates_host_lists else GraphRunner
-    return runner_cls(model_runner, max_bs, graph_bs)
+    return runner_cls(model_runner, max_bs, graph_bs, compile)

@@ -1,8 +1,9 @@
 """Load a model from a local Hugging Face checkpoint directory (config.json + *.safetensors).
 
 Each tensor is handed to its parameter's `weight_loader` as a lazy safetensors slice, so under
-tensor parallelism a rank reads only its shard. Fused parameters (qkv, gate_up) are filled part by
-part through the model's `stacked_params_mapping`.
+tensor parallelism a rank reads only its shard. Fused parameters (qkv, gate_up, stacked experts) are
+filled part by part through the model's `stacked_params_mapping`, or whole from a checkpoint that
+stores them fused (MoE experts as transformers 5 keeps them: `experts.gate_up_proj`).
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
     params = dict(model.named_parameters())  # a tied lm_head shares the embedding and is not listed
     mapping = getattr(model, "stacked_params_mapping", [])
     loaded = set()
+    whole = set()  # parameters filled by one tensor (e.g. fused experts): their per-part names are not needed
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
@@ -76,7 +78,10 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
                 except ValueError as e:
                     raise CheckpointError(f"{file}: tensor {name!r} {e}") from None
                 loaded.add(name)
-    missing = sorted(_checkpoint_names(params, mapping) - loaded)
+                if shard_id is None:
+                    whole.add(target)
+    missing = sorted(name for name in _checkpoint_names(params, mapping) - loaded
+                     if _fused_name(name, mapping)[0] not in whole)
     if missing:
         raise CheckpointError(f"checkpoint {files[0].parent}: missing tensor(s) {', '.join(missing)}")
 

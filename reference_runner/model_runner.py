@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from reference_runner.attention_backend import get_attn_backend
+from reference_runner.dp_attention import dp_buffer_len, set_dp_buffer_len
 from reference_runner.forward_batch import ForwardBatch, ForwardMode
 from reference_runner.kv_cache import KVCache
 from reference_runner.loader import load_model
@@ -47,4 +48,5 @@ class ModelRunner:
 
     def forward_eager(self, forward_batch: ForwardBatch) -> torch.Tensor:
         """The plain eager forward (also what a graph runner records during capture)."""
+        set_dp_buffer_len(dp_buffer_len(forward_batch))
         return self.model(forward_batch, self.attn_backend)

@@ -1,18 +1,31 @@
-"""Tensor/data-parallel state and the two collectives the model needs.
+"""Process groups (tensor and data parallel) and the collectives the model needs.
 
-At tp_size 1 the collectives are the identity, so a single-device run issues none. Functional
-collectives are used because they are traceable: they can be recorded inside a device graph.
+Ranks are laid out TP-major: `rank = dp_rank * tp_size + tp_rank`, so a TP group is consecutive
+ranks (one node's fast links) and a DP group takes one rank of each TP group. At tp_size 1 the
+collectives are the identity, so a single-device run issues none.
+
+The collectives are the functional c10d ops followed by an explicit `wait_tensor`: both are plain
+op calls on plain tensors, so a device graph (SimNPUGraph included) records them and replays the
+communication. `torch.distributed._functional_collectives.all_reduce` would instead return an
+`AsyncCollectiveTensor` whose wait runs below the torch-function level, so a recording would replay
+the collective without waiting for it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 
-# `all_gather_tensor` was renamed `all_gather_single` (torch 2.13); the Ascend torch pins are older.
-_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+from reference_runner.device import DIST_BACKENDS, resolve_device
+from reference_runner.errors import LayoutError
+
+_c10d = torch.ops._c10d_functional
+# `all_gather_into_tensor` is deprecated for `all_gather_single` (torch 2.13); the Ascend torch pins are older.
+_host_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+DEFAULT_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -24,6 +37,55 @@ class ParallelState:
     dp_rank: int = 0
     dp_size: int = 1
     tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None  # the ranks with this tp_rank, one per DP rank
+    world_group: dist.ProcessGroup | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.dp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.dp_size
+
+    def moe_state(self) -> ParallelState:
+        """The layout of expert layers: this one, or under DP attention one TP group of every rank
+        (SGLang's moe_tp_size = tp_size * dp_size), since each expert layer sees every DP rank's tokens."""
+        if self.dp_size == 1:
+            return self
+        return ParallelState(tp_rank=self.rank, tp_size=self.world_size, tp_group=self.world_group)
+
+
+def init_parallel(tp_size: int, dp_size: int, device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelState:
+    """Join the job described by the env:// variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+    LOCAL_RANK, as torchrun sets them) and build the TP and DP groups.
+
+    Every collective of every group fails after `timeout_s` instead of waiting forever on a dead or
+    stuck rank.
+    """
+    world_size = int(os.environ["WORLD_SIZE"])
+    if world_size != tp_size * dp_size:
+        raise LayoutError(f"WORLD_SIZE {world_size} is not tp {tp_size} x dp {dp_size}")
+    resolve_device(device)  # on npu, imports torch_npu: torch.npu and the hccl backend exist only then
+    if device != "cpu":  # one accelerator per local rank
+        getattr(torch, device).set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(DIST_BACKENDS[device], init_method="env://", timeout=timeout)
+    rank = dist.get_rank()
+    # new_group is collective: every rank creates every group, in the same order.
+    tp_groups = [dist.new_group(list(range(d * tp_size, (d + 1) * tp_size)), timeout=timeout) for d in range(dp_size)]
+    dp_groups = [dist.new_group(list(range(t, world_size, tp_size)), timeout=timeout) for t in range(tp_size)]
+    dp_rank, tp_rank = divmod(rank, tp_size)
+    return ParallelState(tp_rank=tp_rank, tp_size=tp_size, dp_rank=dp_rank, dp_size=dp_size,
+                         tp_group=tp_groups[dp_rank], dp_group=dp_groups[tp_rank], world_group=dist.group.WORLD)
+
+
+def destroy_parallel() -> None:
+    """Leave the job (every group), if one was joined, once every rank is done communicating."""
+    if dist.is_initialized():
+        # A rank that closes its connections while a peer still finishes a collective fails that peer.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def divide(numerator: int, denominator: int) -> int:
@@ -45,11 +107,33 @@ def all_reduce(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
     """Sum `x` over the tensor-parallel group."""
     if state.tp_size == 1:
         return x
-    return funcol.all_reduce(x, "sum", state.tp_group)
+    return _c10d.wait_tensor(_c10d.all_reduce(x, "sum", state.tp_group.group_name))
 
 
 def all_gather_last_dim(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
-    """Concatenate every rank's `x` along the last dimension, in rank order."""
+    """Concatenate every TP rank's `x` along the last dimension, in rank order."""
     if state.tp_size == 1:
         return x
-    return _all_gather(x, x.dim() - 1, state.tp_group)
+    gathered = _all_gather(x, state.tp_size, state.tp_group)  # [tp * rows, ...]
+    return torch.cat(gathered.chunk(state.tp_size), dim=-1)
+
+
+def dp_all_gather(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """Stack every DP rank's `x` (same shape on all ranks) along dim 0, in DP rank order."""
+    if state.dp_size == 1:
+        return x
+    return _all_gather(x, state.dp_size, state.dp_group)
+
+
+def _all_gather(x: torch.Tensor, group_size: int, group: dist.ProcessGroup) -> torch.Tensor:
+    return _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), group_size, group.group_name))
+
+
+def dp_gather_host(values: list[int], state: ParallelState, device: str) -> list[list[int]]:
+    """For each of `values`, its value on every DP rank in DP rank order; without DP, `[[v] for v in values]`."""
+    if state.dp_size == 1:
+        return [[int(v)] for v in values]
+    local = torch.tensor(values, dtype=torch.int64, device=device)
+    gathered = torch.empty(state.dp_size * len(values), dtype=torch.int64, device=device)
+    _host_all_gather(gathered, local, group=state.dp_group)
+    return gathered.view(state.dp_size, len(values)).t().tolist()

@@ -53,26 +53,35 @@ class GraphBackend:
     capture: Callable[[DeviceGraph, Any], ContextManager]  # capture(graph, pool)
     graph_pool_handle: Callable[[], Any]
     updates_host_lists: bool  # attention reads host lists that graph.update() refreshes
+    # Compile-then-capture: warmup and capture run this wrapping of the forward (None: run it as is).
+    compile_forward: Callable[[Callable], Callable] | None = None
 
 
-def _sim_backend() -> GraphBackend:
+def _sim_backend(compile: bool) -> GraphBackend:
+    if compile:  # capture first, then compile the captured step piece by piece
+        from reference_runner.graphs.piecewise import piecewise_graph
+
+        capture = piecewise_graph
+    else:
+        capture = lambda g, pool: graph(g, pool=pool, auto_dispatch_capture=True)  # noqa: E731
     return GraphBackend(
         device="cpu",
         new_graph=SimNPUGraph,
-        capture=lambda g, pool: graph(g, pool=pool, auto_dispatch_capture=True),
+        capture=capture,
         graph_pool_handle=graph_pool_handle,
         updates_host_lists=True,
     )
 
 
-def get_graph_backend(device: str) -> GraphBackend:
-    """The graph backend of `device` (`cpu` runs SimNPUGraph, the emulation of NPUGraph)."""
+def get_graph_backend(device: str, compile: bool = False) -> GraphBackend:
+    """The graph backend of `device` (`cpu` runs SimNPUGraph, the emulation of NPUGraph); `compile`
+    captures compiled steps: piecewise inductor on cpu, compile-then-capture on cuda and npu."""
     if device == "npu":
         from reference_runner.graphs.npu import npu_backend
 
-        return npu_backend()
+        return npu_backend(compile)
     if device == "cuda":
         from reference_runner.graphs.cuda import cuda_backend
 
-        return cuda_backend()
-    return _sim_backend()
+        return cuda_backend(compile)
+    return _sim_backend(compile)

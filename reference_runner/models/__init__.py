@@ -2,8 +2,9 @@
 
 A model class takes `(config: ModelConfig, parallel: ParallelState, max_positions: int | None)`, has
 `forward(forward_batch, attn_backend) -> logits` and a `stacked_params_mapping` (checkpoint name part,
-fused parameter name part, shard id) for the loader. Add an architecture with `register_model` below,
-so that importing this package registers it.
+fused parameter name part, shard id: a part index, `(expert, part)` for MoE experts, None for a plain
+rename) for the loader. Add an architecture with `register_model` below, so that importing this
+package registers it.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from torch import nn
 
 from reference_runner.errors import UnsupportedModel
 from reference_runner.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
+from reference_runner.models.mixtral import MixtralForCausalLM
+from reference_runner.models.qwen2_moe import Qwen2MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {}
 
@@ -31,3 +34,5 @@ def get_model_class(architecture: str) -> type[nn.Module]:
 
 register_model("LlamaForCausalLM", LlamaForCausalLM)
 register_model("Qwen2ForCausalLM", Qwen2ForCausalLM)
+register_model("Qwen2MoeForCausalLM", Qwen2MoeForCausalLM)
+register_model("MixtralForCausalLM", MixtralForCausalLM)

@@ -104,6 +104,18 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+class ReplicatedLinear(nn.Module):
+    """y = x W^T with the whole weight on every rank (MoE routers, the shared-expert gate)."""
+
+    def __init__(self, input_size: int, output_size: int):
+        super().__init__()
+        self.weight = _param(output_size, input_size)
+        self.weight.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output rows split over TP ranks; several checkpoint tensors may be fused.
 
@@ -183,6 +195,9 @@ class VocabParallelEmbedding(nn.Module):
         self.parallel = parallel
         self.vocab_size = vocab_size
         self.rows = -(-vocab_size // parallel.tp_size)
+        if self.rows * (parallel.tp_size - 1) >= vocab_size:
+            raise ValueError(f"a vocabulary of {vocab_size} cannot be split over tensor-parallel size "
+                             f"{parallel.tp_size}: the last rank would hold no row")
         self.start = parallel.tp_rank * self.rows
         self.weight = _param(self.rows, hidden_size)
         self.weight.weight_loader = self.weight_loader

@@ -52,9 +52,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: ParallelState):
+    def __init__(self, config: ModelConfig, parallel: ParallelState, intermediate_size: int | None = None):
         super().__init__()
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], config.mlp_bias, parallel)
         self.down_proj = RowParallelLinear(size, config.hidden_size, config.mlp_bias, parallel)
 
@@ -67,9 +67,13 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, parallel: ParallelState):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_id, parallel)
-        self.mlp = LlamaMLP(config, parallel)
+        self.mlp = self.make_mlp(config, layer_id, parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def make_mlp(self, config: ModelConfig, layer_id: int, parallel: ParallelState) -> nn.Module:
+        """The feed-forward block of layer `layer_id`; MoE decoders override it."""
+        return LlamaMLP(config, parallel)
 
     def forward(self, x, residual, cos, sin, forward_batch, attn_backend):
         # Residual adds are fused into the norms (SGLang style): each layer returns (x, residual).
@@ -83,12 +87,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: ParallelState, max_positions: int):
+    def __init__(self, config: ModelConfig, parallel: ParallelState, max_positions: int,
+                 layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel)
         self.rotary_emb = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, parallel) for i in range(config.num_hidden_layers)
+            layer_cls(config, i, parallel) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -104,12 +109,13 @@ class LlamaForCausalLM(nn.Module):
         (".gate_proj.", ".gate_up_proj.", 0),
         (".up_proj.", ".gate_up_proj.", 1),
     ]
+    layer_cls: ClassVar[type[LlamaDecoderLayer]] = LlamaDecoderLayer
 
     def __init__(self, config: ModelConfig, parallel: ParallelState | None = None, max_positions: int | None = None):
         super().__init__()
         parallel = parallel or ParallelState()
         self.config = config
-        self.model = LlamaModel(config, parallel, max_positions or config.max_position_embeddings)
+        self.model = LlamaModel(config, parallel, max_positions or config.max_position_embeddings, self.layer_cls)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, parallel)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from reference_runner.graphs import register_updatable_op
+from reference_runner.graphs.piecewise import register_static_form
 
 
 @torch.library.custom_op("npugraph::paged_attention", mutates_args=())
@@ -41,6 +42,17 @@ def _(query, key_cache, value_cache, block_table, *, actual_seq_lengths_kv, num_
 
 
 register_updatable_op(torch.ops.npugraph.paged_attention)
+
+
+def paged_attention_static(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           block_table: torch.Tensor, actual_seq_lengths_kv: torch.Tensor, *, num_heads: int,
+                           num_key_value_heads: int, scale: float, block_size: int) -> torch.Tensor:
+    """`paged_attention` with its host lengths as a tensor, over the whole block table: the static
+    shapes a compiled graph needs, the lengths still refreshed on every replay."""
+    return paged_decode_attention(query, key_cache, value_cache, block_table, actual_seq_lengths_kv, scale=scale)
+
+
+register_static_form(torch.ops.npugraph.paged_attention, paged_attention_static, host_list="actual_seq_lengths_kv")
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

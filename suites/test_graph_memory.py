@@ -1,0 +1,69 @@
+"""Memory reuse: every captured size shares one pool and the static buffers, so all sizes together
+hold little more than the largest alone, and the graphs replay correctly in any order."""
+import random
+
+import pytest
+import torch
+
+from harness.checkpoints import ensure_checkpoint
+from reference_runner.device import default_dtype
+from reference_runner.engine import Engine
+from reference_runner.forward_batch import ForwardBatch, ForwardMode
+
+# The Scenario defaults, so compiled graphs come from inductor's cache when the check suites built them.
+ENGINE = dict(max_bs=8, block_size=16, max_context=256)
+
+
+def engine(device: str, mode: str, graph_bs: list[int] | None = None) -> Engine:
+    if mode == "compile" and device == "npu":
+        pytest.skip("mode 'compile' on npu (torchair) is not implemented yet")
+    return Engine(ensure_checkpoint("llama"), device=device, dtype=getattr(torch, default_dtype(device)), mode=mode,
+                  graph_bs=graph_bs, **ENGINE)
+
+
+def decode_batch(engine: Engine, rids: list[str], seq_lens: list[int]) -> ForwardBatch:
+    """Decode one token for each of `rids`, whose KV (random values) already holds `seq_len - 1` tokens."""
+    kv, device = engine.kv_cache, engine.device
+    for rid, n in zip(rids, seq_lens):
+        kv.reserve(rid, n)
+    return ForwardBatch(
+        forward_mode=ForwardMode.DECODE,
+        batch_size=len(rids),
+        input_ids=torch.randint(engine.model_runner.vocab_size, (len(rids),), device=device),
+        positions=torch.tensor([n - 1 for n in seq_lens], device=device),
+        out_cache_loc=torch.tensor([kv.slots(rid, n - 1, n)[0] for rid, n in zip(rids, seq_lens)],
+                                   dtype=kv.slot_dtype, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        seq_lens_cpu=seq_lens,
+        block_tables=kv.block_table_tensor(rids, device),
+    )
+
+
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_all_sizes_hold_at_most_a_tenth_more_than_the_largest_alone(device, mode):
+    report = engine(device, mode).graph_memory()
+    alone = engine(device, mode, graph_bs=[ENGINE["max_bs"]]).model_runner.graph_runner.graph_memory_bytes()
+    assert report["largest_bucket_bytes"] == alone
+    assert alone <= report["all_buckets_bytes"] <= 1.1 * alone
+
+
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_sizes_replay_correctly_in_random_order(device, mode):
+    torch.manual_seed(0)
+    subject = engine(device, mode)
+    kv = subject.kv_cache
+    for cache in kv.key_caches + kv.value_caches:
+        cache.normal_()
+    rng = random.Random(0)
+    sizes = [bs for bs in range(1, ENGINE["max_bs"] + 1) for _ in range(3)]
+    rng.shuffle(sizes)
+    runner = subject.model_runner.graph_runner
+    with torch.no_grad():
+        for step, bs in enumerate(sizes):
+            rids = [f"s{step}r{i}" for i in range(bs)]
+            batch = decode_batch(subject, rids, [rng.randint(1, ENGINE["max_context"]) for _ in rids])
+            expected = subject.model_runner.forward_eager(batch)
+            torch.testing.assert_close(runner.replay(batch), expected, rtol=0, atol=1e-4)
+            for rid in rids:
+                kv.free(rid)
+    assert set(runner.bucket_hits) == {1, 2, 4, 8}
