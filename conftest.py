@@ -4,6 +4,8 @@ import torch
 
 from reference_runner.device import DeviceUnavailable, detect_device, resolve_device
 
+pytest_plugins = ("harness.bench_plugin",)  # baseline storage, machine info and ratio gate of suites/bench
+
 
 def pytest_addoption(parser):
     parser.addoption("--device", default=None, help="cpu, cuda or npu (default: detected)")

@@ -6,9 +6,11 @@ import sys
 import time
 from pathlib import Path
 
+from harness.bench import add_bench_parser, bench
+from harness.bench_report import add_report_parser, report
 from harness.scenarios import MODES, Scenario, default_matrix
 
-DEFAULT_MODELS = ["llama", "qwen2"]
+DEFAULT_MODELS = ["llama", "qwen2_moe"]  # one dense, one MoE
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-new-tokens", type=int, default=32)
     check.add_argument("--json", type=Path, default=None, help="write the JSON report here")
     check.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
+    add_bench_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return EXIT_USAGE if exit_.code else EXIT_PASS
-    commands = {"check": check}
+    commands = {"check": check, "bench": bench, "report": report}
     from harness.judge import SETUP_ERRORS
 
     try:

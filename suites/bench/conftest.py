@@ -1,0 +1,92 @@
+"""Shared engines and the timing fixture of the throughput benchmarks.
+
+Engine construction (loading, graph capture, compilation) stays out of the timed part: one engine
+per (model, mode), built with `max_bs=32` so that its graphs cover every benchmarked batch size.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from harness.checkpoints import ensure_checkpoint
+from reference_runner.device import default_dtype, synchronize
+from reference_runner.engine import Engine
+
+MAX_BS = 32
+MAX_CONTEXT = 64  # the benchmarks' 16-token prompts + 32 new tokens, in whole 16-token KV blocks
+# (warm-up rounds, rounds) of one call each: a step takes ~1 ms, a 32-token loop ~50 ms.
+PEDANTIC = {"step": (10, 200), "loop": (1, 20)}
+
+
+@pytest.fixture(scope="session")
+def dtype(device) -> torch.dtype:
+    return getattr(torch, default_dtype(device))
+
+
+@pytest.fixture(scope="session")
+def engines(device, dtype) -> Callable[[str, str], Engine]:
+    """`engines(model, mode)`: one engine per model and mode for the whole session."""
+    cache: dict[tuple[str, str], Engine] = {}
+
+    def get(model: str, mode: str) -> Engine:
+        if (model, mode) not in cache:
+            cache[model, mode] = Engine(ensure_checkpoint(model), device=device, dtype=dtype, mode=mode,
+                                        max_bs=MAX_BS, max_context=MAX_CONTEXT)
+        return cache[model, mode]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_models(device, dtype) -> Callable[[str], torch.nn.Module]:
+    """`hf_models(model)`: the Hugging Face model of the same checkpoint, the peer of the loop benchmark."""
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(model: str) -> torch.nn.Module:
+        if model not in cache:
+            cache[model] = AutoModelForCausalLM.from_pretrained(ensure_checkpoint(model), dtype=dtype).to(device).eval()
+        return cache[model]
+
+    return get
+
+
+@pytest.fixture
+def measure(benchmark, device):
+    """Time `fn` with `benchmark.pedantic`; `extra_info` gets what ran, tokens/s and the speed-up over `eager`.
+
+    `eager` (the same workload on the eager engine) runs before every round, in pedantic's untimed
+    setup, so both see the same load: their ratio holds on a shared machine where the absolute
+    times of two consecutive benchmarks do not. The speed-up is the ratio of the fastest rounds,
+    since load only ever adds time.
+    """
+
+    def run(fn: Callable[[], object], *, eager: Callable[[], object] | None, model: str, kind: str, mode: str,
+            bs: int, tokens: int) -> None:
+        eager_times = []
+
+        def timed():
+            fn()
+            synchronize(device)  # device work queued by fn is part of its time
+
+        def setup():
+            if eager is not None:
+                start = time.perf_counter()
+                eager()
+                synchronize(device)
+                eager_times.append(time.perf_counter() - start)
+
+        warmup_rounds, rounds = PEDANTIC[kind]
+        benchmark.group = f"{model} {kind} bs={bs}"
+        benchmark.extra_info.update(model=model, kind=kind, mode=mode, bs=bs, tokens=tokens)
+        with torch.no_grad():
+            benchmark.pedantic(timed, setup=setup, warmup_rounds=warmup_rounds, rounds=rounds)
+        stats = benchmark.stats.stats
+        benchmark.extra_info.update(tokens_per_s=round(tokens / stats.median, 1),
+                                    speedup_vs_eager=round(min(eager_times) / stats.min, 3) if eager else 1.0)
+
+    return run
