@@ -64,31 +64,30 @@ def test_missing_weights_file(checkpoint_copy):
         Engine(path)
 
 
-def test_missing_tensor_is_named(checkpoint_copy):
+def drop(name):
+    return lambda tensors: tensors.pop(name)
+
+
+def put(name, shape):
+    return lambda tensors: tensors.__setitem__(name, torch.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (drop("model.layers.1.mlp.up_proj.weight"), r"missing tensor\(s\) model.layers.1.mlp.up_proj.weight"),
+        (put("model.layers.0.self_attn.k_proj.weight", (16, 64)),
+         r"'model.layers.0.self_attn.k_proj.weight' has shape \(16, 64\), expected \(32, 64\)"),
+        (put("model.layers.0.mlp.experts.0.w1.weight", (4, 4)), "unexpected tensor 'model.layers.0.mlp.experts.0.w1.weight'"),
+    ],
+    ids=["missing", "misshapen", "unexpected"],
+)
+def test_bad_tensor_is_named(checkpoint_copy, edit, message):
     path, weights = checkpoint_copy
     tensors = load_file(weights)
-    del tensors["model.layers.1.mlp.up_proj.weight"]
+    edit(tensors)
     save_file(tensors, weights)
-    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) model.layers.1.mlp.up_proj.weight"):
-        Engine(path)
-
-
-def test_misshapen_tensor_is_named(checkpoint_copy):
-    path, weights = checkpoint_copy
-    tensors = load_file(weights)
-    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
-    save_file(tensors, weights)
-    with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(16, 64\), "
-                                              r"expected \(32, 64\)"):
-        Engine(path)
-
-
-def test_unexpected_tensor_is_named(checkpoint_copy):
-    path, weights = checkpoint_copy
-    tensors = load_file(weights)
-    tensors["model.layers.0.mlp.experts.0.w1.weight"] = torch.zeros(4, 4)
-    save_file(tensors, weights)
-    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.mlp.experts.0.w1.weight'"):
+    with pytest.raises(CheckpointError, match=message):
         Engine(path)
 
 
