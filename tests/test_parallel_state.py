@@ -1,44 +1,17 @@
 """Process groups and collectives: the TP-major rank layout, and collectives that a device graph records
 and replays (communicating again at every replay)."""
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multirank import run_ranks
 
 from reference_runner.graphs import SimNPUGraph, graph
-from reference_runner.parallel import ParallelState, all_reduce, destroy_parallel, dp_gather_host, init_parallel
-
-
-def run_ranks(fn, world: int, *args) -> list:
-    """`fn(parallel_args..., *args)` on `world` gloo ranks joined through init_parallel; results by rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(rank, world, port, fn, args, results)) for rank in range(world)]
-    for p in procs:
-        p.start()
-    outputs = dict(results.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-    errors = [out for out in outputs.values() if isinstance(out, str)]
-    assert not errors, errors
-    return [outputs[rank] for rank in range(world)]
-
-
-def _rank(rank, world, port, fn, args, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    try:
-        results.put((rank, fn(*args)))
-    except Exception as e:  # noqa: BLE001 - reported, so that the parent fails at once
-        results.put((rank, f"rank {rank}: {type(e).__name__}: {e}"))
-    finally:
-        destroy_parallel()
+from reference_runner.parallel import (
+    ParallelState,
+    all_reduce,
+    dp_gather_host,
+    init_parallel,
+)
 
 
 def group_ranks(tp: int, dp: int):

@@ -1,15 +1,11 @@
 """Tensor-parallel weight sharding: tp=2 ranks (gloo) produce the logits of a single unsharded rank."""
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from multirank import run_ranks
 
 from reference_runner.forward_batch import ForwardBatch, ForwardMode
 from reference_runner.model_runner import ModelRunner
-from reference_runner.parallel import ParallelState
+from reference_runner.parallel import ParallelState, init_parallel
 
 LENS = [5, 11]  # one prefill of two prompts, then one decode step
 
@@ -36,18 +32,9 @@ def prefill_then_decode(checkpoint, parallel: ParallelState) -> list[torch.Tenso
         return [first, runner.forward_eager(decode)]
 
 
-def _rank(rank, world, port, checkpoints, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        parallel = ParallelState(tp_rank=rank, tp_size=world, tp_group=dist.group.WORLD)
-        logits = {name: [t.tolist() for t in prefill_then_decode(path, parallel)] for name, path in checkpoints.items()}
-        results.put((rank, logits))
-    except Exception as e:  # noqa: BLE001 - report, so that the parent fails at once instead of waiting on the queue
-        results.put((rank, f"rank {rank}: {type(e).__name__}: {e}"))
-    finally:
-        dist.destroy_process_group()
+def tp2_logits(checkpoints: dict) -> dict:
+    parallel = init_parallel(2, 1, "cpu", timeout_s=60)
+    return {name: [t.tolist() for t in prefill_then_decode(path, parallel)] for name, path in checkpoints.items()}
 
 
 @pytest.mark.multirank
@@ -56,19 +43,7 @@ def test_tp2_matches_tp1():
 
     # qwen2: q/k/v biases and tied embeddings; llama_kv1: one kv head, replicated on both ranks.
     checkpoints = {name: ensure_checkpoint(name) for name in ("qwen2", "llama_kv1")}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(rank, 2, port, checkpoints, results)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    outputs = dict(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-    errors = [out for out in outputs.values() if isinstance(out, str)]
-    assert not errors, errors
+    outputs = run_ranks(tp2_logits, 2, checkpoints, timeout_s=120)
     for name, path in checkpoints.items():
         expected = prefill_then_decode(path, ParallelState())
         for rank in range(2):
