@@ -8,7 +8,7 @@ from pathlib import Path
 
 from harness.bench import add_bench_parser, bench
 from harness.bench_report import add_report_parser, report
-from harness.scenarios import MODES, Scenario, default_matrix
+from harness.scenarios import MODES, default_matrix
 
 DEFAULT_MODELS = ["llama", "qwen2_moe"]  # one dense, one MoE
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -86,7 +86,7 @@ class Judge:
             run = self.target.run(scenario, scenario.mode, checkpoint, requests)
         except SETUP_ERRORS:
             raise
-        except Exception as error:  # the engine under test crashed: a failed scenario, not a crashed judge
+        except Exception as error:  # noqa: BLE001 - the engine under test crashed: a failed scenario
             failure = f"{self.target.name} raised {type(error).__name__}: {error}"
             return ScenarioResult(scenario, [], TargetRun([]), time.perf_counter() - start, [failure])
         verdicts = compare_generations(reference, run.generations, Tolerance.for_dtype(getattr(torch, scenario.dtype)))
@@ -101,7 +101,7 @@ class Judge:
             if scenario.reference == "oracle":
                 self._references[key] = oracle_generate(checkpoint, requests, dtype=getattr(torch, scenario.dtype))
             else:
-                eager = Scenario(**{**scenario.__dict__, "mode": "eager", "tp": 1, "dp": 1})
+                eager = replace(scenario, mode="eager", tp=1, dp=1)
                 self._references[key] = self.target.run(eager, "eager", checkpoint, requests).generations
         return self._references[key]
 
