@@ -76,8 +76,10 @@ class GraphRunner:
         if self.device == "cpu":  # SimNPUGraph: the arenas of the distinct pools
             pools = {id(p): p for p in (g.pool() for g in self.graphs.values())}
             return sum(p.nbytes() for p in pools.values())
-        # A device graph pool is allocator memory reserved for the graphs, freed or not.
-        return getattr(torch, self.device).memory_reserved()
+        # The caching allocator tags each segment with the pool it was carved for: the graphs' pool
+        # alone, not the eager warmups or another engine in the same process.
+        segments = getattr(torch, self.device).memory_snapshot()
+        return sum(s["total_size"] for s in segments if tuple(s["segment_pool_id"]) == tuple(self.pool))
 
     def _static_bytes(self) -> int:
         buffers = (self.input_ids, self.positions, self.out_cache_loc, self.seq_lens, self.block_tables)
@@ -97,7 +99,7 @@ class GraphRunner:
         return self.fallback_reason(forward_batch) is None
 
     def capture(self) -> None:
-        pool = self.backend.graph_pool_handle()
+        pool = self.pool = self.backend.graph_pool_handle()
         forward = self.model_runner.forward_eager
         if self.backend.compile_forward is not None:
             forward = self.backend.compile_forward(forward)

@@ -1,6 +1,7 @@
 """Compiled graph mode (`mode="compile"`, graphs/piecewise.py on the CPU) gives eager's tokens, and
 compiles each captured size exactly once: later lengths, batches and requests reuse it. The
-compiled graphs still read the host lengths that `update()` refreshes: skipping it is caught.
+compiled graphs still read the lengths refreshed before each replay (host lists through `update()`,
+or the device `seq_lens` on cuda): leaving them stale is caught.
 
 Compiled code may round differently from eager, so a near-tie (`tie`) is accepted, never a mismatch.
 """
@@ -10,16 +11,15 @@ from harness.checkpoints import ensure_checkpoint
 from harness.scenarios import Scenario
 from harness.workloads import make_requests
 from reference_runner.engine import Engine
-from reference_runner.graphs import piecewise
-from suites.test_faults import FAULTS
+from reference_runner.graphs import compiled, piecewise
+from suites.test_faults import DEVICE_LENS_FAULTS, FAULTS, HOST_LIST_FAULTS, skip_unless_applicable
 
 MODELS = ["llama", "qwen2_moe"]
 
 
-@pytest.fixture(autouse=True)
-def _compile_mode_exists(device):
-    if device == "npu":
-        pytest.skip("mode 'compile' on npu (torchair) is not implemented yet")
+def compilations(device: str) -> int:
+    """Compiles so far in this process: piecewise pieces on the CPU, whole forwards on cuda and npu."""
+    return piecewise.compilations if device == "cpu" else compiled.compilations
 
 
 @pytest.mark.parametrize("workload", ["mixed", "join_leave"])
@@ -32,20 +32,21 @@ def test_compile_matches_eager(check, model, workload):
 
 
 def test_each_captured_size_compiles_once_and_never_again(device):
-    before = piecewise.compilations
+    before = compilations(device)
     # The Scenario defaults, so the check scenarios above and this engine share inductor's cache.
     engine = Engine(ensure_checkpoint("llama"), device=device, mode="compile", max_bs=8, block_size=16, max_context=256)
     runner = engine.model_runner.graph_runner
-    # The attention op's host lengths are lifted into a tensor input: one piece per captured size.
-    assert piecewise.compilations - before == len(runner.capture_bs) == 4
+    # One compile per captured size (on the CPU: the attention op's host lengths lifted into a tensor input).
+    assert compilations(device) - before == len(runner.capture_bs) == 4
     for workload in ["mixed", "join_leave", "batch3", "batch8"]:
         engine.generate(make_requests(workload, engine.model_runner.vocab_size, max_new_tokens=24))
     assert set(runner.bucket_hits) == {1, 2, 4, 8}
-    assert piecewise.compilations - before == 4
+    assert compilations(device) - before == 4
 
 
-@pytest.mark.parametrize("fault", ["host_list_update_skipped", "update_fed_previous_step_lengths"])
-def test_compiled_graphs_still_read_the_updated_host_lengths(check, monkeypatch, fault):
+@pytest.mark.parametrize("fault", sorted(HOST_LIST_FAULTS | DEVICE_LENS_FAULTS))
+def test_compiled_graphs_still_read_the_refreshed_lengths(check, monkeypatch, device, fault):
+    skip_unless_applicable(fault, device)
     cls, method, broken = FAULTS[fault]
     monkeypatch.setattr(cls, method, broken)
     result = check(Scenario(model="llama", mode="compile", reference="eager", workload="mixed", max_new_tokens=32))

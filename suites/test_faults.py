@@ -1,7 +1,9 @@
 """Fault injection: each known graph-replay bug, injected into the real runner, is caught.
 
 Every fault is a patch of one method of the runner the engine uses (NPUGraphRunner on npu and on
-the CPU's SimNPUGraph). The unpatched runner passes the very same scenario.
+the CPU's SimNPUGraph, GraphRunner on cuda). The unpatched runner passes the very same scenario.
+Stale lengths have two forms: a host list that `update()` did not refresh where attention reads host
+lists (npu, cpu), and a device `seq_lens` that was not refreshed where it reads those (cuda).
 """
 import bisect
 
@@ -24,6 +26,12 @@ def update_with_previous_step_lengths(self, bs, seq_lens_cpu):
     stale = (stale + [self.seq_len_fill_value] * bs)[:bs]
     self.graphs[bs].update(cpu_update_input=[{"actual_seq_lengths_kv": stale}])  # the update raced replay
     self.graphs[bs].replay()
+
+
+def seq_lens_not_refreshed(self, forward_batch, bs):
+    stale = self.seq_lens.clone()
+    prepare_static_inputs(self, forward_batch, bs)
+    self.seq_lens.copy_(stale)  # attention on cuda reads the capture-time lengths
 
 
 def padded_rows_keep_stale_slots(self, forward_batch, bs):
@@ -53,11 +61,25 @@ def never_replay(self, forward_batch):
 FAULTS = {
     "host_list_update_skipped": (NPUGraphRunner, "replay_graph", skip_host_list_update),
     "update_fed_previous_step_lengths": (NPUGraphRunner, "replay_graph", update_with_previous_step_lengths),
+    "device_seq_lens_not_refreshed": (GraphRunner, "prepare_static_inputs", seq_lens_not_refreshed),
     "padded_rows_write_live_slots": (GraphRunner, "prepare_static_inputs", padded_rows_keep_stale_slots),
     "positions_not_refreshed": (GraphRunner, "prepare_static_inputs", positions_not_refreshed),
     "output_read_after_next_replay": (GraphRunner, "replay", return_static_output_view),
     "graph_never_replayed": (GraphRunner, "can_run", never_replay),
 }
+
+HOST_LIST_FAULTS = {"host_list_update_skipped", "update_fed_previous_step_lengths"}
+DEVICE_LENS_FAULTS = {"device_seq_lens_not_refreshed"}
+
+
+def skip_unless_applicable(fault: str, device: str) -> None:
+    """Skip a stale-lengths fault on a device whose attention reads the other kind of lengths."""
+    if fault in HOST_LIST_FAULTS and device == "cuda":
+        pytest.skip("cuda graphs have no host-list update: attention reads the device seq_lens")
+    if fault in DEVICE_LENS_FAULTS and device != "cuda":
+        pytest.skip(f"attention on {device} reads the host lengths (tests/test_devices.py injects this on the "
+                    "CPU with the cuda backend)")
+
 
 SCENARIO = Scenario(model="llama", mode="graph", reference="eager", workload="mixed", max_new_tokens=32)
 
@@ -69,7 +91,8 @@ def test_correct_runner_passes_the_fault_scenario(check):
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_injected_fault_is_caught(check, monkeypatch, fault):
+def test_injected_fault_is_caught(check, monkeypatch, device, fault):
+    skip_unless_applicable(fault, device)
     cls, method, broken = FAULTS[fault]
     monkeypatch.setattr(cls, method, broken)
     result = check(SCENARIO)

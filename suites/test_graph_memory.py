@@ -15,8 +15,6 @@ ENGINE = dict(max_bs=8, block_size=16, max_context=256)
 
 
 def engine(device: str, mode: str, graph_bs: list[int] | None = None) -> Engine:
-    if mode == "compile" and device == "npu":
-        pytest.skip("mode 'compile' on npu (torchair) is not implemented yet")
     return Engine(ensure_checkpoint("llama"), device=device, dtype=getattr(torch, default_dtype(device)), mode=mode,
                   graph_bs=graph_bs, **ENGINE)
 

@@ -22,8 +22,11 @@ from reference_runner.engine import Engine
 from reference_runner.forward_batch import ForwardBatch, ForwardMode
 from reference_runner.graph_runner import GraphRunner
 from reference_runner.graphs import SimNPUGraph, graph
+from reference_runner.graphs import compiled
+from reference_runner.graphs.cuda import inductor
 from reference_runner.kv_cache import KVCache
 from reference_runner.ops import paged_decode_attention
+from suites.test_faults import FAULTS
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, MAX_CONTEXT = 4, 2, 8, 4, 32
 SCALE = HEAD_DIM ** -0.5
@@ -36,18 +39,12 @@ def paged_attention(query, key_cache, value_cache, table, lens):
         num_key_value_heads=KV_HEADS, scale=SCALE, block_size=BLOCK)
 
 
-def decode_case(lens, dtype=torch.float32, seed=0):
-    """A KV cache full of noise (block 0, the dummy block, NaN) and one decode step per length in `lens`."""
-    g = torch.Generator().manual_seed(seed)
-    kv = KVCache(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, num_blocks=24, block_size=BLOCK,
-                 max_context=MAX_CONTEXT, dtype=dtype, device="cpu")
-    for cache in (*kv.key_caches, *kv.value_caches):
-        cache.copy_(torch.randn(cache.shape, generator=g))
-        cache[0] = float("nan")
+def decode_batch(kv: KVCache, lens: list[int]) -> ForwardBatch:
+    """One decode step per length in `lens`, its KV blocks reserved in `kv`."""
     rids = [f"r{i}" for i in range(len(lens))]
     for rid, n in zip(rids, lens):
         kv.reserve(rid, n)
-    batch = ForwardBatch(
+    return ForwardBatch(
         forward_mode=ForwardMode.DECODE,
         batch_size=len(lens),
         input_ids=torch.zeros(len(lens), dtype=torch.int64),
@@ -57,6 +54,17 @@ def decode_case(lens, dtype=torch.float32, seed=0):
         seq_lens_cpu=list(lens),
         block_tables=kv.block_table_tensor(rids, "cpu"),
     )
+
+
+def decode_case(lens, dtype=torch.float32, seed=0):
+    """A KV cache full of noise (block 0, the dummy block, NaN) and one decode step per length in `lens`."""
+    g = torch.Generator().manual_seed(seed)
+    kv = KVCache(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, num_blocks=24, block_size=BLOCK,
+                 max_context=MAX_CONTEXT, dtype=dtype, device="cpu")
+    for cache in (*kv.key_caches, *kv.value_caches):
+        cache.copy_(torch.randn(cache.shape, generator=g))
+        cache[0] = float("nan")
+    batch = decode_batch(kv, lens)
     q = torch.randn(len(lens), HEADS, HEAD_DIM, generator=g).to(dtype)
     k = torch.randn(len(lens), KV_HEADS, HEAD_DIM, generator=g).to(dtype)
     v = torch.randn(len(lens), KV_HEADS, HEAD_DIM, generator=g).to(dtype)
@@ -126,18 +134,48 @@ def test_device_lens_decode_replays_new_lengths_without_any_update():
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
-def test_cuda_path_graph_mode_matches_eager_on_the_cpu(monkeypatch):
-    # What --device cuda runs, minus CUDA: the device-lens backend, and GraphRunner, which never updates.
+@pytest.fixture
+def cuda_path_on_the_cpu(monkeypatch):
+    """What --device cuda runs, minus CUDA: the device-lens backend, and GraphRunner, which never updates."""
     monkeypatch.setattr("reference_runner.model_runner.get_attn_backend",
                         lambda device, kv_cache, num_heads: CudaAttnBackend(kv_cache, num_heads))
     monkeypatch.setattr("reference_runner.engine.make_graph_runner", GraphRunner)
+
+
+def graph_vs_eager_on_the_cpu() -> tuple[set[str], int]:
+    """Verdict statuses of graph mode against eager on `mixed`, and the graph steps."""
     checkpoint = ensure_checkpoint("llama")
     requests = make_requests("mixed", vocab_size=512, max_new_tokens=24)
     eager = Engine(checkpoint, mode="eager", max_bs=8, max_context=256).generate(requests)
     engine = Engine(checkpoint, mode="graph", max_bs=8, max_context=256)
     verdicts = compare_generations(eager, engine.generate(requests), Tolerance.for_dtype(torch.float32))
-    assert {v.status for v in verdicts} == {"match"}
-    assert engine.stats.graph_steps > 0
+    return {v.status for v in verdicts}, engine.stats.graph_steps
+
+
+def test_cuda_path_graph_mode_matches_eager_on_the_cpu(cuda_path_on_the_cpu):
+    statuses, graph_steps = graph_vs_eager_on_the_cpu()
+    assert statuses == {"match"}
+    assert graph_steps > 0
+
+
+def test_cuda_path_with_device_seq_lens_not_refreshed_mismatches_on_the_cpu(cuda_path_on_the_cpu, monkeypatch):
+    cls, method, broken = FAULTS["device_seq_lens_not_refreshed"]
+    monkeypatch.setattr(cls, method, broken)
+    statuses, _ = graph_vs_eager_on_the_cpu()
+    assert "mismatch" in statuses
+
+
+def test_cuda_compile_traces_the_step_whole_once_per_batch_size_on_the_cpu():
+    # fullgraph=True: a graph break would raise here, not on the GPU.
+    runner = Engine(ensure_checkpoint("llama"), mode="eager", max_bs=8, max_context=256).model_runner
+    runner.attn_backend = CudaAttnBackend(runner.kv_cache, runner.attn_backend.num_heads)
+    step, before = compiled.compile_forward(runner.forward_eager, inductor), compiled.compilations
+    for lens in ([5, 9], [6, 40], [17]):
+        batch = decode_batch(runner.kv_cache, lens)
+        torch.testing.assert_close(step(batch), runner.forward_eager(batch), atol=1e-5, rtol=1e-5)
+        for rid in [f"r{i}" for i in range(len(lens))]:
+            runner.kv_cache.free(rid)
+    assert compiled.compilations - before == 2  # batch sizes 2 and 1; new lengths reuse their code
 
 
 # --- npu: the FIA call against a CPU stand-in of FIA's paged contract ----------------------------

@@ -1,10 +1,16 @@
 """`torch.npu.NPUGraph` (ACL graph) through torch_npu, imported only on Ascend hosts."""
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ContextManager
+
 import torch
 import torch_npu  # noqa: F401  registers torch.npu
 
 from reference_runner.graphs import GraphBackend
+from reference_runner.graphs.compiled import compile_forward
 
 
 class OrderedNPUGraph(torch.npu.NPUGraph):
@@ -32,15 +38,43 @@ class OrderedNPUGraph(torch.npu.NPUGraph):
 
 
 def npu_backend(compile: bool = False) -> GraphBackend:
-    """Capture with auto dispatch so the FIA calls become updatable task groups (NPU_NOTES.md)."""
-    if compile:
-        # torchair's npugraph_ex captures its own ACL graphs, which cannot nest in this runner's
-        # NPUGraph capture; wiring it as a runner of its own is not done yet.
-        raise NotImplementedError("mode 'compile' on npu (torchair npugraph_ex) is not implemented yet")
+    """Capture with auto dispatch so the FIA calls become updatable task groups (NPU_NOTES.md).
+
+    `compile`: torchair compiles the forward per batch size during warmup and NPUGraph captures it,
+    as SGLang's npu graph runner does; `update()` then refreshes the host lengths of its FIA calls.
+    """
     return GraphBackend(
         device="npu",
         new_graph=OrderedNPUGraph,
-        capture=lambda g, pool: torch.npu.graph(g, pool=pool, auto_dispatch_capture=True),
+        capture=_capture_compiled if compile else _capture,
         graph_pool_handle=torch.npu.graph_pool_handle,
         updates_host_lists=True,
+        compile_forward=functools.partial(compile_forward, backend=torchair_backend()) if compile else None,
     )
+
+
+def _capture(graph: OrderedNPUGraph, pool) -> ContextManager:
+    return torch.npu.graph(graph, pool=pool, auto_dispatch_capture=True)
+
+
+@contextmanager
+def _capture_compiled(graph: OrderedNPUGraph, pool) -> Iterator[None]:
+    # The warmup just ran these guards on the same batch; SGLang skips them in capture
+    # (npu_graph_runner._capture_graph), where nothing may run that the graph should not record.
+    with torch.compiler.set_stance(skip_guard_eval_unsafe=True), _capture(graph, pool):
+        yield
+
+
+def torchair_backend():
+    """torchair's aclgraph lowering (`mode="reduce-overhead"`), returning its FX graph uncaptured.
+
+    Its passes turn each FIA call into the `.out` form on a max-size workspace, which auto dispatch
+    records as an updatable task group. `run_eagerly` keeps torchair from capturing ACL graphs of its
+    own: those would nest in ours, and it would update only lengths it traced as symbols.
+    """
+    import torchair
+
+    config = torchair.CompilerConfig()
+    config.mode = "reduce-overhead"
+    config.debug.run_eagerly = True
+    return torchair.get_npu_backend(compiler_config=config)
