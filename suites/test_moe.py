@@ -15,7 +15,7 @@ _capture = GraphRunner.capture
 def capture_with_routing_frozen(self):
     """The bug: each MoE block routes the warmup batch once and the captured graph reads that routing
     from a static buffer instead of running the router's top-k again: every replay reuses it."""
-    frozen = {}
+    frozen = self.frozen_routing = {}  # a static buffer of the runner: alive as long as its graphs
 
     def routed_once(block, router_logits):
         key = (id(block), router_logits.shape[0])
