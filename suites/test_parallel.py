@@ -10,6 +10,7 @@ import pytest
 import torch.nn.functional as F
 
 from harness.judge import Judge
+from harness.launch import available_ranks
 from harness.scenarios import Scenario
 from harness.targets.reference import ReferenceTarget
 from reference_runner import graph_runner
@@ -32,6 +33,14 @@ SKEWED_DP2 = Scenario(model="qwen2_moe", mode="graph", reference="eager", worklo
                       dp_ranks=(0, 0, 0, 0, 0, 1), max_new_tokens=16)
 
 
+def require_ranks(device: str, scenario: Scenario) -> Scenario:
+    """`scenario`, or a skip where this host cannot hold its ranks (one per GPU or NPU)."""
+    ranks, available = scenario.tp * scenario.dp, available_ranks(device)
+    if ranks > available:
+        pytest.skip(f"needs {ranks} {device} devices, this host has {available}")
+    return scenario
+
+
 def assert_all_match(result) -> None:
     assert result.failures == []
     assert {v.status for v in result.verdicts} == {"match"}
@@ -39,12 +48,12 @@ def assert_all_match(result) -> None:
 
 
 @pytest.mark.parametrize("model", ["llama", "qwen2", "llama_kv1", "qwen2_moe"])
-def test_tp2_graph_matches_tp1_eager(check, model):
-    assert_all_match(check(tp_scenario(model)))
+def test_tp2_graph_matches_tp1_eager(check, device, model):
+    assert_all_match(check(require_ranks(device, tp_scenario(model))))
 
 
-def test_dp2_graph_matches_dp1_eager_with_an_idle_rank(check):
-    result = check(SKEWED_DP2)
+def test_dp2_graph_matches_dp1_eager_with_an_idle_rank(check, device):
+    result = check(require_ranks(device, SKEWED_DP2))
     assert_all_match(result)
     # 15 decode steps on rank 0 and 3 on rank 1, which replays 12 idle, padded ones meanwhile.
     assert result.run.graph_steps == 18
@@ -55,8 +64,8 @@ def test_dp2_graph_matches_dp1_eager_with_an_idle_rank(check):
     ("llama", 4, 1), ("llama_kv1", 4, 1), ("qwen2_moe", 4, 1), ("mixtral", 4, 1),
     ("qwen2_moe", 2, 2), ("mixtral", 2, 2), ("qwen2_moe", 1, 4), ("llama", 2, 2),
 ])
-def test_four_ranks_graph_matches_one_rank_eager(check, model, tp, dp):
-    assert_all_match(check(tp_scenario(model, tp, dp)))
+def test_four_ranks_graph_matches_one_rank_eager(check, device, model, tp, dp):
+    assert_all_match(check(require_ranks(device, tp_scenario(model, tp, dp))))
 
 
 # --- faults: each run on rank 1 only -------------------------------------------------------------
@@ -108,6 +117,7 @@ FAULTS = {
 @pytest.mark.parametrize("fault", FAULTS)
 def test_fault_on_one_rank_fails_the_scenario_in_bounded_time(device, fault):
     setup, scenario = FAULTS[fault]
+    require_ranks(device, scenario)
     judge = Judge(ReferenceTarget(device, rank_setup=f"{__name__}:{setup.__name__}", dist_timeout_s=DIST_TIMEOUT_S))
     result = judge.run(scenario)
     print(result.failures[:1])  # the report names the failing rank and its error
