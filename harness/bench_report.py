@@ -108,7 +108,7 @@ def _targets_section(results: list[BenchResult], device: str) -> list[str]:
     for t, value in rows:
         lines.append(f"| {t.what} | {t.model} | {t.kind} | {t.bs} | {value:.2f}x | >= {t.factor:.2f}x | "
                      f"{'yes' if value >= t.factor else '**no**'} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def render_chart(results: list[BenchResult], baseline: list[BenchResult], path: Path) -> None:
@@ -169,7 +169,8 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--ratios", type=Path, default=None, help="stored speed-ups (default: baselines/ratios-<device>.json)")
     report.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="ratio gate tolerance")
     report.add_argument("--check", type=Path, default=None, help="check JSON (default: check.json beside the results)")
-    report.add_argument("--out", type=Path, default=None, help="folder for summary.md and bench.png (default: beside the results)")
+    report.add_argument("--out", type=Path, default=None,
+                        help="folder for summary.md and bench.png (default: beside the results)")
 
 
 def report(args: argparse.Namespace) -> int:

@@ -86,7 +86,7 @@ class Judge:
             run = self.target.run(scenario, scenario.mode, checkpoint, requests)
         except SETUP_ERRORS:
             raise
-        except Exception as error:  # noqa: BLE001 - the engine under test crashed: a failed scenario
+        except Exception as error:  # the engine under test crashed: a failed scenario
             failure = f"{self.target.name} raised {type(error).__name__}: {error}"
             return ScenarioResult(scenario, [], TargetRun([]), time.perf_counter() - start, [failure])
         verdicts = compare_generations(reference, run.generations, Tolerance.for_dtype(getattr(torch, scenario.dtype)))

@@ -16,6 +16,7 @@ Under torchrun (one line per node; `--nnodes 1` on a single host):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -191,15 +192,11 @@ def _kill(procs: list[subprocess.Popen]) -> None:
     for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         alive = [p for p in procs if p.poll() is None]
         for p in alive:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
         for p in alive:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 def _free_port() -> int:
@@ -277,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         run_rank(_job_from_args(args), args.out)
-    except BaseException as e:  # noqa: BLE001 - any failure of this rank is the run's failure
+    except BaseException as e:  # any failure of this rank is the run's failure
         traceback.print_exc()
         (args.out / f"rank{rank}.error").write_text(f"rank {rank}: {type(e).__name__}: {e}")
         sys.stderr.flush()

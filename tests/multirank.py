@@ -31,7 +31,7 @@ def _rank(rank, world, port, fn, args, results):
     torch.set_num_threads(1)
     try:
         results.put((rank, fn(*args)))
-    except Exception as e:  # noqa: BLE001 - reported, so that the parent fails at once
+    except Exception as e:  # reported, so that the parent fails at once
         results.put((rank, f"rank {rank}: {type(e).__name__}: {e}"))
     finally:
         destroy_parallel()

@@ -53,7 +53,7 @@ def test_unsupported_rope_scaling_is_refused(checkpoint_copy):
 def test_missing_config_names_the_file(checkpoint_copy):
     path, _ = checkpoint_copy
     (path / "config.json").unlink()
-    with pytest.raises(CheckpointError, match="config.json not found"):
+    with pytest.raises(CheckpointError, match=r"config\.json not found"):
         Engine(path)
 
 

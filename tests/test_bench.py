@@ -39,7 +39,7 @@ def test_results_read_extra_info_and_skip_foreign_benchmarks():
 
 
 def test_speedups_are_the_measured_ones_of_every_mode_but_eager():
-    results = results_from_benchmarks(RUN + [bench("graph", 32, 1.0, speedup=None)])  # its eager was deselected
+    results = results_from_benchmarks([*RUN, bench("graph", 32, 1.0, speedup=None)])  # its eager was deselected
     assert speedups(results) == {
         "llama/step/bs1/graph": 2.0, "llama/step/bs1/compile": 5.0,
         "llama/step/bs8/graph": 1.5, "llama/step/bs8/compile": 4.0,
@@ -111,7 +111,7 @@ def write_results(folder, benchmarks, check=None):
 def stored(tmp_path):
     """A stored baseline run (1.25x the throughput at eager bs=1) and stored speed-ups."""
     baseline = tmp_path / "0001_cpu.json"
-    baseline.write_text(json.dumps({"machine_info": MACHINE, "benchmarks": [bench("eager", 1, 0.8)] + RUN[1:]}))
+    baseline.write_text(json.dumps({"machine_info": MACHINE, "benchmarks": [bench("eager", 1, 0.8), *RUN[1:]]}))
     ratios = tmp_path / "ratios-cpu.json"
     save_ratios(ratios, {"llama/step/bs1/graph": 2.0, "llama/step/bs1/compile": 5.0}, {})
     return ["--baseline", str(baseline), "--ratios", str(ratios)]

@@ -149,5 +149,5 @@ def test_tolerances_per_dtype():
 
 
 def test_a_dtype_without_a_tolerance_is_refused():
-    with pytest.raises(ValueError, match="no tolerance for torch.int8"):
+    with pytest.raises(ValueError, match=r"no tolerance for torch\.int8"):
         Tolerance.for_dtype(torch.int8)

@@ -21,8 +21,7 @@ from reference_runner.device import DIST_BACKENDS, npu_available
 from reference_runner.engine import Engine
 from reference_runner.forward_batch import ForwardBatch, ForwardMode
 from reference_runner.graph_runner import GraphRunner
-from reference_runner.graphs import SimNPUGraph, graph
-from reference_runner.graphs import compiled
+from reference_runner.graphs import SimNPUGraph, compiled, graph
 from reference_runner.graphs.cuda import inductor
 from reference_runner.kv_cache import KVCache
 from reference_runner.ops import paged_decode_attention
@@ -212,7 +211,7 @@ def test_ascend_decode_hands_fia_the_paged_cache_and_host_lengths(ascend_backend
 
 def test_ascend_backend_refuses_float32(ascend_backend_module):
     kv, *_ = decode_case([1])
-    with pytest.raises(ValueError, match="supports float16 and bfloat16, not torch.float32: run with --dtype bfloat16"):
+    with pytest.raises(ValueError, match=r"supports float16 and bfloat16, not torch\.float32: run with --dtype bfloat16"):
         ascend_backend_module.AscendAttnBackend(kv, HEADS)
 
 

@@ -3,8 +3,7 @@ host list of those with one, and keeps `update()` driving both after compilation
 import pytest
 import torch
 
-from reference_runner.graphs import SimNPUGraph, graph, register_updatable_op
-from reference_runner.graphs import piecewise
+from reference_runner.graphs import SimNPUGraph, graph, piecewise, register_updatable_op
 from reference_runner.graphs.piecewise import Piece, piecewise_graph, register_static_form, split_graph
 
 

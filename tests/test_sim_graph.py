@@ -70,13 +70,13 @@ def test_in_place_writes_to_captured_tensors_happen_on_replay():
 
 
 def test_outputs_returned_by_capture_are_poisoned(weight):
-    g, out = capture(lambda: F.linear(torch.ones(2, 8), weight))
+    _g, out = capture(lambda: F.linear(torch.ones(2, 8), weight))
     assert torch.isnan(out).all()
 
 
 def test_integer_outputs_returned_by_capture_are_poisoned():
     x = torch.randn(3, 5)
-    g, out = capture(lambda: x.argmax(dim=-1))
+    _g, out = capture(lambda: x.argmax(dim=-1))
     assert out.tolist() == [torch.iinfo(torch.int64).min] * 3
 
 
@@ -234,9 +234,8 @@ def test_update_before_capture_raises():
 
 def test_capturing_twice_into_one_graph_raises():
     g, _ = capture(lambda: torch.ones(1) * 2)
-    with pytest.raises(RuntimeError, match="already holds a capture"):
-        with graph(g):
-            torch.ones(1)
+    with pytest.raises(RuntimeError, match="already holds a capture"), graph(g):
+        torch.ones(1)
 
 
 def test_reset_frees_the_capture_and_allows_a_new_one():
@@ -252,9 +251,8 @@ def test_reset_frees_the_capture_and_allows_a_new_one():
 
 def test_an_error_inside_capture_leaves_the_graph_empty():
     g = SimNPUGraph()
-    with pytest.raises(ZeroDivisionError):
-        with graph(g):
-            torch.ones(1) * (1 / 0)
+    with pytest.raises(ZeroDivisionError), graph(g):
+        torch.ones(1) * (1 / 0)
     with pytest.raises(RuntimeError, match="replay without"):
         g.replay()
 
@@ -263,7 +261,7 @@ def test_graphs_in_one_pool_share_their_output_memory():
     pool = graph_pool_handle()
     x = torch.ones(4)
     big, big_out = capture(lambda: x * 2, pool=pool)
-    small, small_out = capture(lambda: x[:2] * 3, pool=big.pool())
+    small, _small_out = capture(lambda: x[:2] * 3, pool=big.pool())
     assert big.pool() is small.pool() is pool
     big.replay()
     small.replay()  # overwrites the shared memory the big graph's output lives in

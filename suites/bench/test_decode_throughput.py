@@ -69,7 +69,8 @@ def test_decode_step(measure, engines, model, bs, mode):
 @pytest.mark.parametrize("model", MODELS)
 def test_decode_loop(measure, engines, hf_models, device, model, bs, mode):
     eager_engine = engines(model, "eager")
-    reqs = [Request(f"bench{i}", prompt, NEW_TOKENS) for i, prompt in enumerate(prompts(bs, eager_engine.model_runner.vocab_size))]
+    vocab_size = eager_engine.model_runner.vocab_size
+    reqs = [Request(f"bench{i}", prompt, NEW_TOKENS) for i, prompt in enumerate(prompts(bs, vocab_size))]
     if mode == "hf":
         hf = hf_models(model)
         input_ids = torch.tensor([r.prompt_ids for r in reqs], device=device)
