@@ -1,4 +1,6 @@
-"""Cost of the MoE expert formulations on the same stacked weights, per step shape (`--benchmark-only`).
+"""Cost of the MoE expert formulations on the same stacked weights, per step shape: the measurement behind
+the choice in `reference_runner/models/moe.py`, run on demand (`pytest suites/bench/test_moe_formulations.py`)
+and not by `npugraph-harness bench`, whose comparisons gate the engine only.
 
 - dense: the runner's `FusedMoE`, every expert for every token, routing weights masked (static shapes);
 - gathered: each (token, slot)'s expert weights gathered, then a batched matmul (transformers'
@@ -10,6 +12,8 @@
 Shapes: the builtin tiny checkpoints, and Qwen1.5-MoE's 60 experts top-4 with hidden and
 intermediate sizes divided by 4 (same experts-per-token ratio, CPU-sized weights).
 """
+import time
+
 import pytest
 import torch
 from transformers import Qwen2MoeConfig
@@ -18,23 +22,24 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 from reference_runner.models.moe import FusedMoE, select_experts
 from reference_runner.parallel import ParallelState
 
-SHAPES = {  # name -> (experts, top_k, hidden, intermediate, timed rounds)
-    "tiny": (4, 2, 64, 64, 200),
-    "qwen1.5-moe-div4": (60, 4, 512, 352, 5),  # gathered prefill: ~1 s a round
+SHAPES = {  # name -> (experts, top_k, hidden, intermediate)
+    "tiny": (4, 2, 64, 64),
+    "qwen1.5-moe-div4": (60, 4, 512, 352),
 }
+SECONDS_PER_BENCHMARK = 0.5  # rounds fill this, between 5 (gathered prefill: ~1 s a round) and 200
 STEPS = {"decode-bs1": 1, "decode-bs8": 8, "prefill-64": 64}
 TRANSFORMERS = {"gathered": "batched_mm", "grouped": "grouped_mm", "loop": "eager"}
 
 
 @pytest.fixture(scope="module", params=SHAPES)
 def shape(request):
-    experts, top_k, hidden, intermediate, rounds = SHAPES[request.param]
+    experts, top_k, hidden, intermediate = SHAPES[request.param]
     moe = FusedMoE(experts, hidden, intermediate, ParallelState())
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         moe.gate_up_proj.normal_(0, hidden ** -0.5, generator=g)
         moe.down_proj.normal_(0, intermediate ** -0.5, generator=g)
-    return moe, top_k, rounds
+    return moe, top_k
 
 
 def formulation(name: str, moe: FusedMoE):
@@ -51,7 +56,7 @@ def formulation(name: str, moe: FusedMoE):
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("name", ["dense", *TRANSFORMERS])
 def test_moe_formulation(benchmark, shape, name, step):
-    moe, top_k, rounds = shape
+    moe, top_k = shape
     num_tokens, hidden = STEPS[step], moe.gate_up_proj.shape[2]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(num_tokens, hidden, generator=g)
@@ -59,5 +64,8 @@ def test_moe_formulation(benchmark, shape, name, step):
     forward = formulation(name, moe)
     benchmark.extra_info.update(tokens=num_tokens, experts=moe.num_experts, top_k=top_k)
     with torch.inference_mode():
-        out = benchmark.pedantic(forward, args=(x, weights, ids), rounds=rounds, warmup_rounds=1)
+        start = time.perf_counter()
+        forward(x, weights, ids)  # also the warm-up
+        rounds = min(200, max(5, int(SECONDS_PER_BENCHMARK / (time.perf_counter() - start))))
+        out = benchmark.pedantic(forward, args=(x, weights, ids), rounds=rounds)
         torch.testing.assert_close(out, moe(x, weights, ids), rtol=1e-4, atol=1e-5)
