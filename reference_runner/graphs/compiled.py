@@ -26,9 +26,9 @@ def compile_forward(forward: Callable, backend: CompilerBackend) -> Callable:
     compiled = torch.compile(forward, backend=counted, fullgraph=True, dynamic=False)
 
     def run(forward_batch):
-        # Each captured size is one more guarded entry of the same code: lift dynamo's limit of 8, past
-        # which it would run eager unnoticed (the count above then tells).
-        with torch._dynamo.config.patch(recompile_limit=1024):
+        # Each captured size (of each engine in the process) is one more guarded entry of the same code:
+        # lift dynamo's limits (8 per code, 256 in all), past which it would run eager unnoticed.
+        with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=65536):
             return compiled(forward_batch)
 
     return run
