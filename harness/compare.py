@@ -10,7 +10,7 @@ engines parted.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -27,37 +27,72 @@ class Tolerance:
 
     `logprob_atol` bounds the logprob difference of a token both sides rank in their top-k while
     the chosen tokens agree; `tie_margin` is the reference top-2 margin below which a differing
-    token is accepted as a near-tie.
+    token is accepted as a near-tie; `router_gap` is the MoE router logit gap below which the two
+    sides may pick different experts (see `RoutingTie`).
     """
 
     logprob_atol: float
     tie_margin: float
+    router_gap: float = 0.0
 
     @classmethod
-    def for_dtype(cls, dtype: torch.dtype) -> Tolerance:
-        """The tolerance for generations computed in `dtype`."""
-        if dtype not in _TOLERANCES:
-            raise ValueError(f"no tolerance for {dtype}; known: {', '.join(map(str, _TOLERANCES))}")
-        return _TOLERANCES[dtype]
+    def for_dtype(cls, dtype: torch.dtype, across_kernels: bool = False) -> Tolerance:
+        """The tolerance for generations computed in `dtype`, by the same kernels (graph replay against
+        eager) or by different ones (eager against transformers, compiled against eager)."""
+        table = _ACROSS_KERNELS if across_kernels else _SAME_KERNELS
+        if dtype not in table:
+            raise ValueError(f"no tolerance for {dtype}; known: {', '.join(map(str, table))}")
+        return table[dtype]
 
 
-# Measured on the builtin tiny checkpoints: transformers greedy decoding with a KV cache against greedy
-# decoding by full recompute (same maths, different kernel shapes), 24 requests x 64 tokens per model.
-# float32: logprobs differ by at most 1e-4 and no token ever flips; atol and tie margin leave 10x and
-#   100x headroom and every request matches.
-# float16: differences up to 0.048, flips only at margins <= 0.031; atol 0.07 is about vLLM-Ascend's
-#   0.0689 for the same eager-vs-graph purpose (tests/e2e/singlecard/utils.py, compare_logprobs).
-# bfloat16: 8 significant bits round logits of size 16-32 to a grid of 0.125 (0.25 above 32), so
-#   logprobs of dense models differ by up to 0.19 and tokens flip at margins up to 0.125: 0.07 judged 22 of 24
-#   correct requests a mismatch. The tie margin admits one grid step of logits up to 64, the atol
-#   about four. MoE in bfloat16 stays beyond any per-token tolerance: a router near-tie sends a token
-#   to another expert and moves its logprobs by up to 2.6 (1-2 requests in 24 mismatched), so compare
-#   MoE in float32 or float16.
-_TOLERANCES: dict[torch.dtype, Tolerance] = {
+# Measured on the builtin tiny checkpoints, 4 models x workloads mixed, join_leave and batch8 x 2 seeds
+# (104 requests per dtype and pair), and the fault suite in each dtype:
+# - Same kernels (graph replay against eager): logprobs identical in float32, float16 and bfloat16
+#   alike. The tolerances below are those of two different kernels measured before (transformers with
+#   and without its KV cache), left as they are: every fault is caught in every dtype by a decisive
+#   divergence (top-2 margin >= 2.2) or a token outside the other's top-k, never by the tolerance.
+# - Different kernels (eager against transformers, inductor-compiled against eager), dense models:
+#   float32 logprobs differ by at most 1e-4; float16 by up to 0.13, and tokens flip at margins up to
+#   0.055; bfloat16 by up to 0.65 (8 significant bits round logits of size 16-32 to a grid of 0.125),
+#   flipping at margins up to 0.5. The values below leave about 1.5x headroom.
+# - Different kernels, MoE: a router near-tie sends a token to another expert and moves every later
+#   logprob by up to 4.3, or flips a token at a margin up to 2.1. Each such divergence came after a
+#   router gap (float32, `harness/routing.py`) below 0.005 in float16 and 0.151 in bfloat16, and 0.028 in
+#   float16 on held-out seeds: `router_gap` is 0.05, and 0.4 for bfloat16's 8x coarser rounding. Nearly
+#   every prompt of the tiny MoE checkpoints holds a gap that small, so across kernels in float16 or
+#   bfloat16 they are judged mostly up to their first divergence; graph replay against eager (same
+#   kernels) is what keeps MoE verdicts strict there.
+_SAME_KERNELS: dict[torch.dtype, Tolerance] = {
     torch.float32: Tolerance(logprob_atol=1e-3, tie_margin=1e-2),
     torch.float16: Tolerance(logprob_atol=0.07, tie_margin=0.1),
     torch.bfloat16: Tolerance(logprob_atol=0.5, tie_margin=0.3),
 }
+_ACROSS_KERNELS: dict[torch.dtype, Tolerance] = {
+    torch.float32: Tolerance(logprob_atol=1e-3, tie_margin=1e-2, router_gap=1e-3),
+    torch.float16: Tolerance(logprob_atol=0.2, tie_margin=0.1, router_gap=0.05),
+    torch.bfloat16: Tolerance(logprob_atol=1.0, tie_margin=0.75, router_gap=0.4),
+}
+
+
+@dataclass(frozen=True)
+class RoutingTie:
+    """The first token position of a request whose MoE routing two kernels may settle differently.
+
+    Every step from `step` on reads that token's hidden state (through the KV cache), so a divergence
+    from there is float noise amplified by a discrete choice, and comparison stops at it as at a near-tie.
+    """
+
+    position: int  # in prompt + output
+    gap: float  # the router logit gap between the k-th and the (k+1)-th expert there
+    step: int  # the first decode step whose logits depend on that position
+
+
+def first_routing_tie(gaps: list[float], prompt_len: int, router_gap: float) -> RoutingTie | None:
+    """The earliest position whose router gap is below `router_gap`, or None."""
+    for position, gap in enumerate(gaps):
+        if gap < router_gap:
+            return RoutingTie(position, gap, max(0, position - prompt_len + 1))
+    return None
 
 
 @dataclass
@@ -80,7 +115,8 @@ class Verdict:
         return self.status != "mismatch"
 
 
-def compare_generation(ref: Generation, test: Generation, *, tolerance: Tolerance) -> Verdict:
+def compare_generation(ref: Generation, test: Generation, *, tolerance: Tolerance,
+                       routing_tie: RoutingTie | None = None) -> Verdict:
     """Judge one request: walk both generations step by step until they part or end."""
     for side, generation in (("reference", ref), ("test", test)):
         if generation.error is not None:
@@ -89,6 +125,9 @@ def compare_generation(ref: Generation, test: Generation, *, tolerance: Toleranc
             return Verdict(ref.rid, "mismatch", f"{side} recorded {len(generation.output_ids)} tokens "
                            f"but {len(generation.top_logprobs)} top-k lists")
     verdict = _walk(ref, test, tolerance)
+    if verdict.status == "mismatch" and routing_tie is not None and verdict.step is not None \
+            and routing_tie.step <= verdict.step:
+        verdict = _excused_by_routing(verdict, routing_tie, tolerance)
     if verdict.passed and len(ref.output_ids) != len(test.output_ids):
         # A near-tie excuses a token, never a wrong token count.
         return Verdict(ref.rid, "mismatch", max_logprob_diff=verdict.max_logprob_diff,
@@ -96,14 +135,17 @@ def compare_generation(ref: Generation, test: Generation, *, tolerance: Toleranc
     return verdict
 
 
-def compare_generations(ref: list[Generation], test: list[Generation], tolerance: Tolerance) -> list[Verdict]:
-    """Judge every request of either side, paired by rid; a request missing on one side is a mismatch."""
+def compare_generations(ref: list[Generation], test: list[Generation], tolerance: Tolerance,
+                        routing_ties: dict[str, RoutingTie] | None = None) -> list[Verdict]:
+    """Judge every request of either side, paired by rid; a request missing on one side is a mismatch.
+    `routing_ties`: per rid, where a MoE router near-tie lets the two sides route differently."""
     ref_by_rid, test_by_rid = _group_by_rid(ref), _group_by_rid(test)
     verdicts = []
     for rid in dict.fromkeys([g.rid for g in ref] + [g.rid for g in test]):
         refs, tests = ref_by_rid[rid], test_by_rid[rid]
         if len(refs) == 1 and len(tests) == 1:
-            verdicts.append(compare_generation(refs[0], tests[0], tolerance=tolerance))
+            verdicts.append(compare_generation(refs[0], tests[0], tolerance=tolerance,
+                                               routing_tie=(routing_ties or {}).get(rid)))
             continue
         found = [f"{len(gens) or 'no'} {side} generations"
                  for side, gens in (("reference", refs), ("test", tests)) if len(gens) != 1]
@@ -151,6 +193,14 @@ def _walk(ref: Generation, test: Generation, tolerance: Tolerance) -> Verdict:
                    f"{max_diff:.3g}", max_logprob_diff=max_diff)
 
 
+def _excused_by_routing(verdict: Verdict, tie: RoutingTie, tolerance: Tolerance) -> Verdict:
+    if verdict.reason.endswith(_INCONSISTENT):  # a record that contradicts itself is never noise
+        return verdict
+    why = (f"{verdict.reason}; but token {tie.position} had a router gap of {tie.gap:.3g} < {tolerance.router_gap:g}, "
+           f"so the kernels may route differently from step {tie.step} on: a routing near-tie, comparison stops here")
+    return replace(verdict, status="tie", reason=why)
+
+
 def _verdict_at(step: int, ref: Generation, test: Generation, status: Status, reason: str, max_diff: float) -> Verdict:
     ref_token, test_token = ref.output_ids[step], test.output_ids[step]
     return Verdict(
@@ -171,9 +221,11 @@ def _inconsistency(side: str, token: int, top: list[tuple[int, float]]) -> str |
         return f"{side} recorded no top-k logprobs"
     # An exact tie for first place may be listed in either order.
     if dict(top).get(token) != top[0][1]:
-        return (f"{side} token {token} is not its own top-1 ({top[0][0]} at {top[0][1]:.4f}); the record is "
-                "inconsistent, e.g. outputs read after their buffer was overwritten")
+        return (f"{side} token {token} is not its own top-1 ({top[0][0]} at {top[0][1]:.4f}); {_INCONSISTENT}")
     return None
+
+
+_INCONSISTENT = "the record is inconsistent, e.g. outputs read after their buffer was overwritten"
 
 
 def _fmt(logprob: float | None) -> str:

@@ -37,4 +37,6 @@ def test_custom_capture_sizes_are_padded_to(check):
 def test_eager_matches_transformers_oracle(check, model):
     result = check(Scenario(model=model, mode="eager", reference="oracle", workload="mixed", max_new_tokens=64))
     assert result.failures == []
-    assert {v.status for v in result.verdicts} == {"match"}
+    # Different kernels: near-ties flip tokens in the reduced precision of npu (suites/test_precision.py).
+    exact = result.scenario.dtype == "float32"
+    assert {v.status for v in result.verdicts} <= ({"match"} if exact else {"match", "tie"})

@@ -42,8 +42,10 @@ def require_ranks(device: str, scenario: Scenario) -> Scenario:
 
 
 def assert_all_match(result) -> None:
+    """Every request matches (in float32; TP's other reduction order may flip near-ties in less)."""
     assert result.failures == []
-    assert {v.status for v in result.verdicts} == {"match"}
+    exact = result.scenario.dtype == "float32"
+    assert {v.status for v in result.verdicts} <= ({"match"} if exact else {"match", "tie"})
     assert result.run.graph_steps > 0
 
 

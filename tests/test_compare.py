@@ -2,7 +2,15 @@
 import pytest
 import torch
 
-from harness.compare import Tolerance, Verdict, compare_generation, compare_generations, summarize
+from harness.compare import (
+    RoutingTie,
+    Tolerance,
+    Verdict,
+    compare_generation,
+    compare_generations,
+    first_routing_tie,
+    summarize,
+)
 from reference_runner.records import Generation
 
 TOL = Tolerance(logprob_atol=0.01, tie_margin=0.1)
@@ -142,10 +150,67 @@ def test_summarize_counts_every_status():
     assert summarize(verdicts) == {"match": 2, "tie": 1, "mismatch": 0}
 
 
-def test_tolerances_per_dtype():
+def test_tolerances_per_dtype_for_the_same_kernels():
     assert Tolerance.for_dtype(torch.float32) == Tolerance(logprob_atol=1e-3, tie_margin=1e-2)
     assert Tolerance.for_dtype(torch.float16) == Tolerance(logprob_atol=0.07, tie_margin=0.1)
     assert Tolerance.for_dtype(torch.bfloat16) == Tolerance(logprob_atol=0.5, tie_margin=0.3)
+
+
+def test_tolerances_per_dtype_across_kernels_add_a_router_gap():
+    across = {dtype: Tolerance.for_dtype(dtype, across_kernels=True)
+              for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+    assert across == {
+        torch.float32: Tolerance(logprob_atol=1e-3, tie_margin=1e-2, router_gap=1e-3),
+        torch.float16: Tolerance(logprob_atol=0.2, tie_margin=0.1, router_gap=0.05),
+        torch.bfloat16: Tolerance(logprob_atol=1.0, tie_margin=0.75, router_gap=0.4),
+    }
+
+
+# A decisive divergence at step 2: token 9 where the reference chose 7 by a margin of 4.
+DECISIVE_REF = gen([(5, -0.5), (6, -1.5)], [(5, -0.5), (6, -1.5)], [(7, -0.1), (8, -4.1)])
+DECISIVE_TEST = gen([(5, -0.5), (6, -1.5)], [(5, -0.5), (6, -1.5)], [(9, -0.2), (7, -3.0)])
+ROUTED = Tolerance(logprob_atol=0.01, tie_margin=0.1, router_gap=0.2)
+
+
+def test_first_routing_tie_is_the_first_position_below_the_router_gap():
+    # Prompt of 3 tokens: position 4 is output token 1, whose hidden state step 2 reads first.
+    assert first_routing_tie([0.9, 0.5, 0.3, 0.25, 0.15, 0.01], prompt_len=3, router_gap=0.2) == RoutingTie(4, 0.15, 2)
+    assert first_routing_tie([0.9, 0.05], prompt_len=3, router_gap=0.2) == RoutingTie(1, 0.05, 0)
+    assert first_routing_tie([0.9, 0.5], prompt_len=1, router_gap=0.2) is None
+
+
+def test_a_divergence_after_a_routing_tie_is_a_tie_naming_the_token_and_gap():
+    verdict = compare_generation(DECISIVE_REF, DECISIVE_TEST, tolerance=ROUTED, routing_tie=RoutingTie(4, 0.15, 2))
+    assert (verdict.status, verdict.step) == ("tie", 2)
+    assert verdict.reason.endswith(
+        "a decisive divergence; but token 4 had a router gap of 0.15 < 0.2, so the kernels may route differently "
+        "from step 2 on: a routing near-tie, comparison stops here")
+
+
+def test_a_divergence_before_the_routing_tie_is_still_a_mismatch():
+    verdict = compare_generation(DECISIVE_REF, DECISIVE_TEST, tolerance=ROUTED, routing_tie=RoutingTie(5, 0.15, 3))
+    assert (verdict.status, verdict.step) == ("mismatch", 2)
+
+
+def test_a_routing_tie_never_excuses_an_inconsistent_record():
+    test = gen([(5, -0.5), (6, -1.5)], [(5, -0.5), (6, -1.5)], [(7, -0.1), (8, -4.1)])
+    test.output_ids[2] = 8  # the recorded token is not its own top-1
+    verdict = compare_generation(DECISIVE_REF, test, tolerance=ROUTED, routing_tie=RoutingTie(0, 0.01, 0))
+    assert verdict.status == "mismatch"
+    assert "the record is inconsistent" in verdict.reason
+
+
+def test_a_routing_tie_never_excuses_a_wrong_token_count():
+    short = gen(*DECISIVE_TEST.top_logprobs[:2])
+    verdict = compare_generation(DECISIVE_REF, short, tolerance=ROUTED, routing_tie=RoutingTie(0, 0.01, 0))
+    assert (verdict.status, verdict.reason) == ("mismatch", "test produced 2 tokens, reference 3")
+
+
+def test_routing_ties_are_applied_by_rid():
+    ref = [gen(*DECISIVE_REF.top_logprobs, rid="a"), gen(*DECISIVE_REF.top_logprobs, rid="b")]
+    test = [gen(*DECISIVE_TEST.top_logprobs, rid="a"), gen(*DECISIVE_TEST.top_logprobs, rid="b")]
+    verdicts = compare_generations(ref, test, ROUTED, routing_ties={"b": RoutingTie(0, 0.01, 0)})
+    assert [(v.rid, v.status) for v in verdicts] == [("a", "mismatch"), ("b", "tie")]
 
 
 def test_a_dtype_without_a_tolerance_is_refused():
