@@ -10,7 +10,7 @@ engines parted.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -124,10 +124,7 @@ def compare_generation(ref: Generation, test: Generation, *, tolerance: Toleranc
         if len(generation.top_logprobs) != len(generation.output_ids):
             return Verdict(ref.rid, "mismatch", f"{side} recorded {len(generation.output_ids)} tokens "
                            f"but {len(generation.top_logprobs)} top-k lists")
-    verdict = _walk(ref, test, tolerance)
-    if verdict.status == "mismatch" and routing_tie is not None and verdict.step is not None \
-            and routing_tie.step <= verdict.step:
-        verdict = _excused_by_routing(verdict, routing_tie, tolerance)
+    verdict = _walk(ref, test, tolerance, routing_tie)
     if verdict.passed and len(ref.output_ids) != len(test.output_ids):
         # A near-tie excuses a token, never a wrong token count.
         return Verdict(ref.rid, "mismatch", max_logprob_diff=verdict.max_logprob_diff,
@@ -159,8 +156,17 @@ def summarize(verdicts: list[Verdict]) -> dict[str, int]:
     return {status: counts[status] for status in STATUSES}
 
 
-def _walk(ref: Generation, test: Generation, tolerance: Tolerance) -> Verdict:
+def _walk(ref: Generation, test: Generation, tolerance: Tolerance, routing_tie: RoutingTie | None) -> Verdict:
     """The verdict of the steps both generations have, up to the first divergence."""
+
+    def diverged(step: int, status: Status, reason: str) -> Verdict:
+        if status == "mismatch" and routing_tie is not None and routing_tie.step <= step:
+            status, reason = "tie", (
+                f"{reason}; but token {routing_tie.position} had a router gap of {routing_tie.gap:.3g} < "
+                f"{tolerance.router_gap:g}, so the kernels may route differently from step {routing_tie.step} on: "
+                "a routing near-tie, comparison stops here")
+        return _verdict_at(step, ref, test, status, reason, max_diff)
+
     max_diff = 0.0
     for step, (ref_token, test_token) in enumerate(zip(ref.output_ids, test.output_ids)):
         ref_top, test_top = ref.top_logprobs[step], test.top_logprobs[step]
@@ -172,7 +178,7 @@ def _walk(ref: Generation, test: Generation, tolerance: Tolerance) -> Verdict:
             max_diff = max(max_diff, *(abs(ref_lp[t] - test_lp[t]) for t in ref_lp.keys() & test_lp.keys()))
             if max_diff > tolerance.logprob_atol:
                 drifted = f"same token {ref_token}, but logprobs drifted by {max_diff:.3g} > {tolerance.logprob_atol:g}"
-                return _verdict_at(step, ref, test, "mismatch", drifted, max_diff)
+                return diverged(step, "mismatch", drifted)
             continue
         margin = _margin(ref_top)
         parted = (f"reference chose {ref_token} ({_fmt(ref_lp.get(ref_token))}), test chose {test_token} "
@@ -188,17 +194,9 @@ def _walk(ref: Generation, test: Generation, tolerance: Tolerance) -> Verdict:
         else:
             status, why = "tie", (f"below the tie margin {tolerance.tie_margin:g} and each token is in the other's "
                                   "top-k: a near-tie, comparison stops here")
-        return _verdict_at(step, ref, test, status, f"{parted} {why}", max_diff)
+        return diverged(step, status, f"{parted} {why}")
     return Verdict(ref.rid, "match", f"all {len(ref.output_ids)} tokens match; largest logprob difference "
                    f"{max_diff:.3g}", max_logprob_diff=max_diff)
-
-
-def _excused_by_routing(verdict: Verdict, tie: RoutingTie, tolerance: Tolerance) -> Verdict:
-    if verdict.reason.endswith(_INCONSISTENT):  # a record that contradicts itself is never noise
-        return verdict
-    why = (f"{verdict.reason}; but token {tie.position} had a router gap of {tie.gap:.3g} < {tolerance.router_gap:g}, "
-           f"so the kernels may route differently from step {tie.step} on: a routing near-tie, comparison stops here")
-    return replace(verdict, status="tie", reason=why)
 
 
 def _verdict_at(step: int, ref: Generation, test: Generation, status: Status, reason: str, max_diff: float) -> Verdict:
@@ -221,11 +219,9 @@ def _inconsistency(side: str, token: int, top: list[tuple[int, float]]) -> str |
         return f"{side} recorded no top-k logprobs"
     # An exact tie for first place may be listed in either order.
     if dict(top).get(token) != top[0][1]:
-        return (f"{side} token {token} is not its own top-1 ({top[0][0]} at {top[0][1]:.4f}); {_INCONSISTENT}")
+        return (f"{side} token {token} is not its own top-1 ({top[0][0]} at {top[0][1]:.4f}); the record is "
+                "inconsistent, e.g. outputs read after their buffer was overwritten")
     return None
-
-
-_INCONSISTENT = "the record is inconsistent, e.g. outputs read after their buffer was overwritten"
 
 
 def _fmt(logprob: float | None) -> str:
