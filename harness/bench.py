@@ -23,7 +23,12 @@ GATED_MODES = ("graph", "compile")  # speed-ups the ratio gate holds; eager is t
 # within it, and its speed-up swung 2x between runs here; loops are reported, not gated.
 GATED_KINDS = ("step",)
 DEFAULT_TOLERANCE = 0.3
-COMPARE_FAIL = "min:30%"  # the fastest round: on a shared runner the median moved +71% between two runs here, the min +16%
+# Absolute times gate only on the dedicated accelerator hosts, at the fastest round (the median moves with
+# load). On the shared CPU runners here the fastest round itself moved up to +69% between two runs of an
+# unchanged tree, while every gated speed-up stayed within 2%: there the times are compared and shown,
+# and the ratio gate fails the run.
+COMPARE_FAIL = "min:30%"
+GATED_TIMES_DEVICES = ("npu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,9 @@ def bench(args: argparse.Namespace) -> int:
     else:
         # Absolute times hold on the machine class that stored them; speed-ups on any machine of the device.
         if list((storage / get_machine_id()).glob("[0-9][0-9][0-9][0-9]_*.json")):
-            argv += ["--benchmark-compare", f"--benchmark-compare-fail={COMPARE_FAIL}"]
+            argv.append("--benchmark-compare")
+            if device in GATED_TIMES_DEVICES:
+                argv.append(f"--benchmark-compare-fail={COMPARE_FAIL}")
         else:
             print(f"bench: no absolute baseline for {storage / get_machine_id()}: times not compared "
                   f"(`npugraph-harness bench --record` stores one)")

@@ -1,5 +1,6 @@
 """Benchmark results, speed-ups, the ratio gate, targets and `npugraph-harness report`, on constructed results."""
 import json
+import subprocess
 
 import pytest
 
@@ -154,3 +155,30 @@ def test_report_without_results_exits_2_with_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"npugraph-harness: error: no benchmark results at {tmp_path / 'bench.json'} (write them with --benchmark-json)")
+
+
+@pytest.mark.parametrize(("device", "fails_on_times"), [("cpu", False), ("cuda", True), ("npu", True)])
+def test_bench_fails_on_absolute_times_only_on_accelerator_hosts(tmp_path, monkeypatch, device, fails_on_times):
+    from pytest_benchmark.utils import get_machine_id
+
+    from harness import bench as bench_module
+
+    stored = tmp_path / f"{device}-x86_64" / get_machine_id()
+    stored.mkdir(parents=True)
+    (stored / f"0001_{device}.json").write_text("{}")
+    ran, run = [], subprocess.run
+
+    def run_pytest(argv, *args, **kwargs):  # the pytest run is recorded, anything else (machine id) runs
+        if argv[1:3] != ["-m", "pytest"]:
+            return run(argv, *args, **kwargs)
+        ran.append(argv)
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(bench_module, "BASELINES", tmp_path)
+    monkeypatch.setattr(bench_module, "machine_class", lambda device: f"{device}-x86_64")
+    monkeypatch.setattr("reference_runner.device.resolve_device", lambda name: name)
+    monkeypatch.setattr(subprocess, "run", run_pytest)
+    assert main(["bench", "--device", device]) == 0
+    (argv,) = ran
+    assert "--benchmark-compare" in argv
+    assert ("--benchmark-compare-fail=min:30%" in argv) is fails_on_times
