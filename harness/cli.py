@@ -66,11 +66,14 @@ def validate_options(args: argparse.Namespace) -> None:
 
 
 def check(args: argparse.Namespace) -> int:
+    import transformers
+
     from harness.judge import Judge
     from harness.report import table, write_json, write_junit
     from harness.targets import get_target
     from reference_runner.device import default_dtype, detect_device, resolve_device
 
+    transformers.logging.disable_progress_bar()  # checkpoint writes and the oracle: the check prints its own lines
     validate_options(args)
     device = resolve_device(args.device) if args.device else detect_device()
     try:

@@ -5,7 +5,6 @@ import inspect
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from reference_runner.records import Generation, Request
@@ -19,7 +18,6 @@ def oracle_generate(
     Requests run one at a time so no padding can leak into the result, and exactly `max_new_tokens`
     tokens are produced (EOS does not stop decoding): the engine under test does the same.
     """
-    transformers.logging.disable_progress_bar()  # the check prints its own progress lines
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
     # transformers 5.x renamed forward's `past_key_values` to `cache`; accept both releases.
     cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
