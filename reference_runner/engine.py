@@ -23,7 +23,7 @@ import torch
 
 from reference_runner.device import resolve_device
 from reference_runner.errors import InvalidRequest
-from reference_runner.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.forward_batch import ForwardBatch, ForwardMode, decode_batch
 from reference_runner.graph_runner import GraphStats, make_graph_runner
 from reference_runner.model_runner import ModelRunner
 from reference_runner.parallel import ParallelState, dp_gather_host
@@ -201,22 +201,8 @@ class Engine:
         return self._sample(batch, reqs)
 
     def _decode(self, reqs: list[_Running], global_num_tokens: list[int]) -> _StepOutput:
-        kv, device = self.kv_cache, self.device
-        seq_lens = [r.seq_len for r in reqs]
-        for r, n in zip(reqs, seq_lens):
-            kv.reserve(r.req.rid, n)
-        batch = ForwardBatch(
-            forward_mode=ForwardMode.DECODE,
-            batch_size=len(reqs),
-            input_ids=self._last_token_ids(reqs),
-            positions=torch.tensor([n - 1 for n in seq_lens], device=device),
-            out_cache_loc=torch.tensor([kv.slots(r.req.rid, n - 1, n)[0] for r, n in zip(reqs, seq_lens)],
-                                       dtype=kv.slot_dtype, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            seq_lens_cpu=seq_lens,
-            block_tables=kv.block_table_tensor([r.req.rid for r in reqs], device),
-            global_num_tokens=global_num_tokens,
-        )
+        batch = decode_batch(self.kv_cache, [r.req.rid for r in reqs], [r.seq_len for r in reqs],
+                             self._last_token_ids(reqs), global_num_tokens)
         return self._sample(batch, reqs)
 
     def _idle_batch(self, global_num_tokens: list[int]) -> ForwardBatch:

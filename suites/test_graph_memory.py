@@ -8,7 +8,7 @@ import torch
 from harness.checkpoints import ensure_checkpoint
 from reference_runner.device import default_dtype
 from reference_runner.engine import Engine
-from reference_runner.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.forward_batch import ForwardBatch, decode_batch
 
 # The Scenario defaults, so compiled graphs come from inductor's cache when the check suites built them.
 ENGINE = dict(max_bs=8, block_size=16, max_context=256)
@@ -19,22 +19,10 @@ def engine(device: str, mode: str, graph_bs: list[int] | None = None) -> Engine:
                   graph_bs=graph_bs, **ENGINE)
 
 
-def decode_batch(engine: Engine, rids: list[str], seq_lens: list[int]) -> ForwardBatch:
-    """Decode one token for each of `rids`, whose KV (random values) already holds `seq_len - 1` tokens."""
-    kv, device = engine.kv_cache, engine.device
-    for rid, n in zip(rids, seq_lens):
-        kv.reserve(rid, n)
-    return ForwardBatch(
-        forward_mode=ForwardMode.DECODE,
-        batch_size=len(rids),
-        input_ids=torch.randint(engine.model_runner.vocab_size, (len(rids),), device=device),
-        positions=torch.tensor([n - 1 for n in seq_lens], device=device),
-        out_cache_loc=torch.tensor([kv.slots(rid, n - 1, n)[0] for rid, n in zip(rids, seq_lens)],
-                                   dtype=kv.slot_dtype, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        seq_lens_cpu=seq_lens,
-        block_tables=kv.block_table_tensor(rids, device),
-    )
+def random_decode_batch(engine: Engine, rids: list[str], seq_lens: list[int]) -> ForwardBatch:
+    """Decode one random token for each of `rids`, whose KV (random values) already holds `seq_len - 1` tokens."""
+    input_ids = torch.randint(engine.model_runner.vocab_size, (len(rids),), device=engine.device)
+    return decode_batch(engine.kv_cache, rids, seq_lens, input_ids)
 
 
 @pytest.mark.parametrize("mode", ["graph", "compile"])
@@ -59,7 +47,7 @@ def test_sizes_replay_correctly_in_random_order(device, mode):
     with torch.no_grad():
         for step, bs in enumerate(sizes):
             rids = [f"s{step}r{i}" for i in range(bs)]
-            batch = decode_batch(subject, rids, [rng.randint(1, ENGINE["max_context"]) for _ in rids])
+            batch = random_decode_batch(subject, rids, [rng.randint(1, ENGINE["max_context"]) for _ in rids])
             expected = subject.model_runner.forward_eager(batch)
             torch.testing.assert_close(runner.replay(batch), expected, rtol=0, atol=1e-4)
             for rid in rids:

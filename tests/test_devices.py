@@ -19,7 +19,7 @@ from reference_runner.attention_backend import TorchNativeAttnBackend, get_attn_
 from reference_runner.cuda_attn_backend import CudaAttnBackend
 from reference_runner.device import DIST_BACKENDS, npu_available
 from reference_runner.engine import Engine
-from reference_runner.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.forward_batch import ForwardBatch, decode_batch
 from reference_runner.graph_runner import GraphRunner
 from reference_runner.graphs import SimNPUGraph, compiled, graph
 from reference_runner.graphs.cuda import inductor
@@ -38,21 +38,9 @@ def paged_attention(query, key_cache, value_cache, table, lens):
         num_key_value_heads=KV_HEADS, scale=SCALE, block_size=BLOCK)
 
 
-def decode_batch(kv: KVCache, lens: list[int]) -> ForwardBatch:
-    """One decode step per length in `lens`, its KV blocks reserved in `kv`."""
-    rids = [f"r{i}" for i in range(len(lens))]
-    for rid, n in zip(rids, lens):
-        kv.reserve(rid, n)
-    return ForwardBatch(
-        forward_mode=ForwardMode.DECODE,
-        batch_size=len(lens),
-        input_ids=torch.zeros(len(lens), dtype=torch.int64),
-        positions=torch.tensor([n - 1 for n in lens]),
-        out_cache_loc=torch.tensor([kv.slots(rid, n - 1, n)[0] for rid, n in zip(rids, lens)]),
-        seq_lens=torch.tensor(lens, dtype=torch.int32),
-        seq_lens_cpu=list(lens),
-        block_tables=kv.block_table_tensor(rids, "cpu"),
-    )
+def decode_batch_of(kv: KVCache, lens: list[int]) -> ForwardBatch:
+    """One decode step of token 0 per length in `lens`, its KV blocks reserved in `kv`."""
+    return decode_batch(kv, [f"r{i}" for i in range(len(lens))], lens, torch.zeros(len(lens), dtype=torch.int64))
 
 
 def decode_case(lens, dtype=torch.float32, seed=0):
@@ -63,7 +51,7 @@ def decode_case(lens, dtype=torch.float32, seed=0):
     for cache in (*kv.key_caches, *kv.value_caches):
         cache.copy_(torch.randn(cache.shape, generator=g))
         cache[0] = float("nan")
-    batch = decode_batch(kv, lens)
+    batch = decode_batch_of(kv, lens)
     q = torch.randn(len(lens), HEADS, HEAD_DIM, generator=g).to(dtype)
     k = torch.randn(len(lens), KV_HEADS, HEAD_DIM, generator=g).to(dtype)
     v = torch.randn(len(lens), KV_HEADS, HEAD_DIM, generator=g).to(dtype)
@@ -170,7 +158,7 @@ def test_cuda_compile_traces_the_step_whole_once_per_batch_size_on_the_cpu():
     runner.attn_backend = CudaAttnBackend(runner.kv_cache, runner.attn_backend.num_heads)
     step, before = compiled.compile_forward(runner.forward_eager, inductor), compiled.compilations
     for lens in ([5, 9], [6, 40], [17]):
-        batch = decode_batch(runner.kv_cache, lens)
+        batch = decode_batch_of(runner.kv_cache, lens)
         torch.testing.assert_close(step(batch), runner.forward_eager(batch), atol=1e-5, rtol=1e-5)
         for rid in [f"r{i}" for i in range(len(lens))]:
             runner.kv_cache.free(rid)

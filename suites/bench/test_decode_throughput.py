@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from reference_runner.engine import Engine
-from reference_runner.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.forward_batch import decode_batch
 from reference_runner.records import Request
 
 MODELS = ["llama", "qwen2_moe"]
@@ -31,26 +31,14 @@ def prompts(bs: int, vocab_size: int) -> list[list[int]]:
 @contextmanager
 def decode_step(engine: Engine, bs: int, prefix: str) -> Iterator[Callable[[], tuple[torch.Tensor, bool]]]:
     """One decode step of `bs` requests, each writing token `PROMPT_LEN` after a `PROMPT_LEN`-token context."""
-    kv, device, seq_len = engine.kv_cache, engine.device, PROMPT_LEN + 1
     rids = [f"{prefix}{i}" for i in range(bs)]
-    for rid in rids:
-        kv.reserve(rid, seq_len)
-    batch = ForwardBatch(
-        forward_mode=ForwardMode.DECODE,
-        batch_size=bs,
-        input_ids=torch.tensor([row[-1] for row in prompts(bs, engine.model_runner.vocab_size)], device=device),
-        positions=torch.full((bs,), seq_len - 1, device=device),
-        out_cache_loc=torch.tensor([kv.slots(rid, seq_len - 1, seq_len)[0] for rid in rids],
-                                   dtype=kv.slot_dtype, device=device),
-        seq_lens=torch.full((bs,), seq_len, dtype=torch.int32, device=device),
-        seq_lens_cpu=[seq_len] * bs,
-        block_tables=kv.block_table_tensor(rids, device),
-    )
+    input_ids = torch.tensor([row[-1] for row in prompts(bs, engine.model_runner.vocab_size)], device=engine.device)
+    batch = decode_batch(engine.kv_cache, rids, [PROMPT_LEN + 1] * bs, input_ids)
     try:
         yield lambda: engine.model_runner.forward(batch)
     finally:
         for rid in rids:
-            kv.free(rid)
+            engine.kv_cache.free(rid)
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph", "compile"])
