@@ -70,7 +70,7 @@ class GraphRunner:
 
     def graph_memory_bytes(self) -> int:
         """Bytes held by every captured graph plus the static buffers they share."""
-        return self._pool_bytes() - self._pool_bytes_before + self._static_bytes()
+        return self._pool_bytes() + self._static_bytes()
 
     def _pool_bytes(self) -> int:
         if self.device == "cpu":  # SimNPUGraph: the arenas of the distinct pools
@@ -107,8 +107,6 @@ class GraphRunner:
             forward_batch = self.static_batch(bs, [self.seq_len_fill_value] * bs)
             for _ in range(self.num_warmup):
                 forward(forward_batch)
-            if bs == self.max_bs:  # after the largest warmup: its activations are cached, not the graphs'
-                self._pool_bytes_before = self._pool_bytes()
             graph = self.backend.new_graph()
             with self.backend.capture(graph, pool):
                 output = forward(forward_batch)
