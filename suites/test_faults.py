@@ -6,6 +6,7 @@ Stale lengths have two forms: a host list that `update()` did not refresh where 
 lists (npu, cpu), and a device `seq_lens` that was not refreshed where it reads those (cuda).
 """
 import bisect
+import dataclasses
 
 import pytest
 
@@ -84,18 +85,24 @@ def skip_unless_applicable(fault: str, device: str) -> None:
 SCENARIO = Scenario(model="llama", mode="graph", reference="eager", workload="mixed", max_new_tokens=32)
 
 
-def test_correct_runner_passes_the_fault_scenario(check):
-    result = check(SCENARIO)
+# float32 becomes the device's default dtype; bfloat16 is where float noise between kernels is widest.
+DTYPES = ["float32", "bfloat16"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_correct_runner_passes_the_fault_scenario(check, dtype):
+    result = check(dataclasses.replace(SCENARIO, dtype=dtype))
     assert result.failures == []
     assert result.run.graph_steps > 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fault", FAULTS)
-def test_injected_fault_is_caught(check, monkeypatch, device, fault):
+def test_injected_fault_is_caught(check, monkeypatch, device, fault, dtype):
     skip_unless_applicable(fault, device)
     cls, method, broken = FAULTS[fault]
     monkeypatch.setattr(cls, method, broken)
-    result = check(SCENARIO)
+    result = check(dataclasses.replace(SCENARIO, dtype=dtype))
     assert not result.passed
     if fault == "graph_never_replayed":
         assert result.failures == ["no decode step replayed a graph in mode 'graph' (silent eager fallback)"]
