@@ -4,7 +4,7 @@ import torch
 
 from reference_runner.device import DeviceUnavailable, detect_device, resolve_device
 
-pytest_plugins = ("harness.bench_plugin",)  # baseline storage, machine info and ratio gate of suites/bench
+pytest_plugins = ("harness.bench.plugin",)  # baseline storage, machine info and ratio gate of suites/bench
 
 
 def pytest_addoption(parser):

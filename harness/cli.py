@@ -1,115 +1,76 @@
-"""`npugraph-harness` command line: `check` (exit 0 only if every verdict passes), `bench`, `report`."""
+"""`npugraph-harness` command line: `check` (exit 0 only if every verdict passes), `bench`, `report`.
+
+Parsing imports nothing heavy: each command's module (and torch with it) is imported only once its
+options have parsed, so `--help` and bad options answer at once.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-import time
 from pathlib import Path
 
-from harness.bench import add_bench_parser, bench
-from harness.bench_report import add_report_parser, report
-from harness.scenarios import MODES, default_matrix
+from harness.bench.results import DEFAULT_TOLERANCE
+from harness.exits import EXIT_PASS, EXIT_USAGE, UsageError
+from reference_runner.engine.args import MODES, EngineArgs
 
-DEFAULT_MODELS = ["llama", "qwen2_moe"]  # one dense, one MoE
-EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad options or an unusable setup: reported in one line, exit status 2."""
+DEFAULT_MODELS = "llama,qwen2_moe"  # one dense, one MoE
+COMMANDS = {"check": "harness.check:check", "bench": "harness.bench.run:bench", "report": "harness.bench.report:report"}
 
 
 def _csv(value: str) -> list[str]:
-    return [item for item in value.split(",") if item]
-
-
-def _int_csv(value: str) -> list[int]:
-    try:
-        return [int(item) for item in _csv(value)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    return value.split(",")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="npugraph-harness", description=__doc__)
+    parser = argparse.ArgumentParser(prog="npugraph-harness", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
     check = sub.add_parser("check", help="graph vs eager (and eager vs transformers) token by token")
-    check.add_argument("--model", type=_csv, default=None,
-                       help="built-in names (llama, qwen2, qwen2_moe, mixtral, llama_kv1) or checkpoint dirs, comma-separated")
+    check.add_argument("--model", type=_csv, default=_csv(DEFAULT_MODELS),
+                       help="built-in names (llama, qwen2, qwen2_moe, mixtral, llama_kv1) or checkpoint dirs, "
+                            f"comma-separated (default: {DEFAULT_MODELS})")
+    check.add_argument("--modes", type=_csv, default=["eager", "graph"], help=f"comma-separated of {', '.join(MODES)}")
     check.add_argument("--device", default=None, help="cpu, cuda or npu (default: detected)")
     check.add_argument("--target", default="reference", help="engine under test: reference or sglang")
-    check.add_argument("--modes", type=_csv, default=["eager", "graph"], help=f"comma-separated of {', '.join(MODES)}")
-    check.add_argument("--workload", default="mixed", help="request mix (mixed, join_leave, batch3, batch13, ...)")
-    check.add_argument("--max-bs", type=int, default=8, help="largest captured batch; larger batches run eager")
-    check.add_argument("--graph-bs", type=_int_csv, default=None, help="capture sizes, e.g. 1,2,4,8")
-    check.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launched locally)")
-    check.add_argument("--dp", type=int, default=1, help="data-parallel ranks (DP attention for MoE)")
-    check.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                       help="default: float32, bfloat16 on npu")
-    check.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per request (before per-request offsets)")
+    check.add_argument("--workload", default="mixed", help="request mix (mixed, join_leave, skewed, batch1, batch3, ...)")
+    check.add_argument("--max-new-tokens", type=int, default=32,
+                       help="tokens decoded per request (before per-request offsets)")
     check.add_argument("--json", type=Path, default=None, help="write the JSON report here")
     check.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
-    add_bench_parser(sub)
-    add_report_parser(sub)
+    EngineArgs.add_cli_args(check, exclude=("mode",))
+
+    bench = sub.add_parser("bench", help="decode throughput benchmarks (pytest-benchmark), gated against baselines/",
+                           description="Runs suites/bench and gates it with the baselines stored for this machine "
+                                       "class and device. Arguments after `--` go to pytest.")
+    bench.add_argument("--device", default=None, help="cpu, cuda or npu (default: detected)")
+    bench.add_argument("--record", action="store_true",
+                       help="store this run as the new baseline (absolute times and speed-ups) instead of comparing")
+    bench.add_argument("--json", type=Path, default=None, help="also write pytest-benchmark's JSON here")
+    bench.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --), e.g. -k llama")
+
+    report = sub.add_parser("report", help="markdown summary and PNG chart of saved benchmark (and check) results")
+    report.add_argument("results", type=Path, help="pytest-benchmark JSON, or a folder with bench.json (and check.json)")
+    report.add_argument("--baseline", type=Path, default=None,
+                        help="stored pytest-benchmark JSON to compare throughput with (default: this machine class's newest)")
+    report.add_argument("--ratios", type=Path, default=None, help="stored speed-ups (default: baselines/ratios-<device>.json)")
+    report.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="ratio gate tolerance")
+    report.add_argument("--check", type=Path, default=None, help="check JSON (default: check.json beside the results)")
+    report.add_argument("--out", type=Path, default=None,
+                        help="folder for summary.md and bench.png (default: beside the results)")
     return parser
-
-
-def validate_options(args: argparse.Namespace) -> None:
-    """Reject option values that no scenario could run with, before any work starts."""
-    unknown = [m for m in args.modes if m not in MODES]
-    if unknown:
-        raise UsageError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
-    for name in ("max_bs", "tp", "dp", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.graph_bs and not all(1 <= bs <= args.max_bs for bs in args.graph_bs):
-        raise UsageError(f"--graph-bs {args.graph_bs} must lie in 1..--max-bs ({args.max_bs})")
-
-
-def check(args: argparse.Namespace) -> int:
-    import transformers
-
-    from harness.judge import Judge
-    from harness.report import table, write_json, write_junit
-    from harness.targets import get_target
-    from reference_runner.device import default_dtype, detect_device, resolve_device
-
-    transformers.logging.disable_progress_bar()  # checkpoint writes and the oracle: the check prints its own lines
-    validate_options(args)
-    device = resolve_device(args.device) if args.device else detect_device()
-    try:
-        target = get_target(args.target, device)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    scenarios = default_matrix(
-        args.model or DEFAULT_MODELS, args.modes, workload=args.workload, tp=args.tp, dp=args.dp,
-        dtype=args.dtype or default_dtype(device), max_bs=args.max_bs, graph_bs=tuple(args.graph_bs) if args.graph_bs else None,
-        max_new_tokens=args.max_new_tokens,
-    )
-    judge = Judge(target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr))
-    results = []
-    for i, scenario in enumerate(scenarios, 1):
-        judge.progress(f"scenario {i}/{len(scenarios)}: {scenario.name}")
-        results.append(judge.run(scenario))
-    print(table(results))
-    if args.json:
-        write_json(results, args.json, device=device, target=args.target)
-    if args.junit:
-        write_junit(results, args.junit)
-    return EXIT_PASS if all(r.passed for r in results) else EXIT_FAIL
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `npugraph-harness` and `python -m harness`; returns the exit status."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return EXIT_USAGE if exit_.code else EXIT_PASS
-    commands = {"check": check, "bench": bench, "report": report}
-    from harness.judge import SETUP_ERRORS
-
+    module, name = COMMANDS[args.command].split(":")
+    command = getattr(importlib.import_module(module), name)
     try:
-        return commands[args.command](args)
-    except (UsageError, OSError, *SETUP_ERRORS) as error:
+        return command(args)
+    except UsageError as error:
         print(f"npugraph-harness: error: {error}", file=sys.stderr)
         return EXIT_USAGE

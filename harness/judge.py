@@ -1,7 +1,6 @@
 """Run scenarios on a target and judge each one: token verdicts plus the graph-mode sanity rules."""
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -9,15 +8,18 @@ from pathlib import Path
 
 import torch
 
-from harness import routing
-from harness.checkpoints import ensure_checkpoint
-from harness.compare import RoutingTie, Tolerance, Verdict, compare_generations, first_routing_tie, summarize
-from harness.oracle import oracle_generate
-from harness.scenarios import Scenario
-from harness.targets import Target, TargetRun, TargetUnavailable
-from harness.workloads import make_requests
+from harness.inputs.checkpoints import ensure_checkpoint
+from harness.inputs.oracle import oracle_generate
+from harness.inputs.scenarios import Scenario
+from harness.inputs.workloads import make_requests
+from harness.targets.base import Target, TargetRun, TargetUnavailable
+from harness.verdicts import routing
+from harness.verdicts.compare import Verdict, compare_generations, summarize
+from harness.verdicts.routing import RoutingTie, first_routing_tie
+from harness.verdicts.tolerances import Tolerance
 from reference_runner.device import DeviceUnavailable
 from reference_runner.errors import CheckpointError, LayoutError, UnsupportedModel
+from reference_runner.models.loader import read_config
 from reference_runner.records import Generation, Request
 
 # Problems of the setup, not of the engine under test: the check stops with exit status 2.
@@ -70,61 +72,60 @@ def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRu
 
 
 class Judge:
-    """Runs scenarios on one target, caching reference runs shared by several scenarios."""
+    """Runs scenarios on one target, caching baseline runs shared by several scenarios."""
 
     def __init__(self, target: Target, progress: Callable[[str], None] = lambda line: None) -> None:
         self.target = target
         self.progress = progress
-        self._references: dict[tuple, list[Generation]] = {}
+        self._baselines: dict[tuple, list[Generation]] = {}
 
     def run(self, scenario: Scenario) -> ScenarioResult:
         start = time.perf_counter()
         checkpoint = ensure_checkpoint(scenario.model)
-        requests = make_requests(scenario.workload, _vocab_size(checkpoint), scenario.max_new_tokens, scenario.seed)
-        reference = self.reference(scenario, checkpoint, requests)
+        requests = make_requests(scenario.workload, read_config(checkpoint).vocab_size, scenario.max_new_tokens,
+                                 scenario.seed)
+        baseline = self.baseline(scenario, checkpoint, requests)
         self.progress(f"{scenario.name}: running {scenario.mode} on {self.target.name}")
         try:
-            run = self.target.run(scenario, scenario.mode, checkpoint, requests)
+            run = self.target.run(scenario, checkpoint, requests)
         except SETUP_ERRORS:
             raise
         except Exception as error:  # the engine under test crashed: a failed scenario
-            failure = f"{self.target.name} raised {type(error).__name__}: {error}"
+            failure = f"the engine under test ({self.target.name}) raised {type(error).__name__}: {error}"
             return ScenarioResult(scenario, [], TargetRun([]), time.perf_counter() - start, [failure])
+        engine = scenario.engine
         # Other kernels, or the other reduction order of several ranks: float noise, bounded per dtype.
-        across_kernels = scenario.reference == "oracle" or scenario.mode == "compile" or scenario.tp * scenario.dp > 1
-        tolerance = Tolerance.for_dtype(getattr(torch, scenario.dtype), across_kernels)
-        ties = self.routing_ties(scenario, checkpoint, requests, reference, tolerance) if across_kernels else None
-        verdicts = compare_generations(reference, run.generations, tolerance, ties)
+        across_kernels = scenario.baseline == "oracle" or engine.mode == "compile" or engine.world_size > 1
+        tolerance = Tolerance.for_dtype(getattr(torch, engine.dtype), across_kernels)
+        ties = self.routing_ties(scenario, checkpoint, requests, baseline, tolerance) if across_kernels else None
+        verdicts = compare_generations(baseline, run.generations, tolerance, ties)
         failures = scenario_failures(scenario, verdicts, run)
         return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures)
 
-    def routing_ties(self, scenario: Scenario, checkpoint: Path, requests: list[Request], reference: list[Generation],
+    def routing_ties(self, scenario: Scenario, checkpoint: Path, requests: list[Request], baseline: list[Generation],
                      tolerance: Tolerance) -> dict[str, RoutingTie]:
-        """Per rid, the first MoE router near-tie along the reference's tokens (none for a dense model)."""
+        """Per rid, the first MoE router near-tie along the baseline's tokens (none for a dense model)."""
         if not routing.searchable(checkpoint):
             if routing.has_experts(checkpoint):
                 self.progress(f"{scenario.name}: router near-ties not searched (checkpoint above "
                               f"{routing.MAX_CHECKPOINT_BYTES >> 30} GiB): MoE verdicts across kernels may flag them")
             return {}
-        by_rid = {g.rid: g for g in reference if g.error is None}
+        by_rid = {g.rid: g for g in baseline if g.error is None}
         judged = [r for r in requests if r.rid in by_rid]
         sequences = [r.prompt_ids + by_rid[r.rid].output_ids[:-1] for r in judged]
         ties = {r.rid: first_routing_tie(gaps, len(r.prompt_ids), tolerance.router_gap)
                 for r, gaps in zip(judged, routing.router_gaps(checkpoint, sequences))}
         return {rid: tie for rid, tie in ties.items() if tie is not None}
 
-    def reference(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> list[Generation]:
-        key = (scenario.reference, str(checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed,
-               scenario.dtype, scenario.block_size, scenario.max_context)
-        if key not in self._references:
-            self.progress(f"{scenario.name}: reference {scenario.reference}")
-            if scenario.reference == "oracle":
-                self._references[key] = oracle_generate(checkpoint, requests, dtype=getattr(torch, scenario.dtype))
+    def baseline(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> list[Generation]:
+        """The generations `scenario` is judged against: transformers' (`oracle`) or the target's own eager run."""
+        engine = scenario.baseline_engine()
+        key = (scenario.baseline, str(checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed, engine)
+        if key not in self._baselines:
+            self.progress(f"{scenario.name}: baseline {scenario.baseline}")
+            if scenario.baseline == "oracle":
+                self._baselines[key] = oracle_generate(checkpoint, requests, dtype=getattr(torch, engine.dtype))
             else:
-                eager = replace(scenario, mode="eager", tp=1, dp=1)
-                self._references[key] = self.target.run(eager, "eager", checkpoint, requests).generations
-        return self._references[key]
-
-
-def _vocab_size(checkpoint: Path) -> int:
-    return json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+                eager = replace(scenario, engine=engine, dp_ranks=None)
+                self._baselines[key] = self.target.run(eager, checkpoint, requests).generations
+        return self._baselines[key]

@@ -16,7 +16,6 @@ import os
 import torch
 
 DEVICES = ("cpu", "cuda", "npu")
-DIST_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}  # torch.distributed backend per device
 
 
 class DeviceUnavailable(RuntimeError):
@@ -60,14 +59,16 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def default_dtype(device: str) -> str:
-    """float32 where the attention op has it; bfloat16 on npu, whose FIA op takes 16-bit floats only."""
-    return "bfloat16" if device == "npu" else "float32"
-
-
 def synchronize(device: str) -> None:
     """Wait for queued work on `device` (a no-op on the CPU)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elif device == "npu":
-        torch.npu.synchronize()
+    if device != "cpu":
+        getattr(torch, device).synchronize()
+
+
+def device_name(device: str) -> str:
+    """The accelerator's name (`NVIDIA H200`, ...), or the processor's on the CPU."""
+    if device != "cpu":
+        return getattr(torch, device).get_device_name()
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -3,16 +3,16 @@ import dataclasses
 
 import pytest
 
+from harness.inputs.scenarios import Scenario
 from harness.judge import Judge, ScenarioResult
 from harness.report import table
-from harness.scenarios import Scenario
 from harness.targets import get_target
-from reference_runner.device import default_dtype
+from reference_runner.attention import default_dtype
 
 
 @pytest.fixture(scope="session")
 def judge(device) -> Judge:
-    """One judge per session, so eager reference runs are shared between scenarios."""
+    """One judge per session, so eager baseline runs are shared between scenarios."""
     return Judge(get_target("reference", device))
 
 
@@ -21,8 +21,8 @@ def check(judge, device):
     """Run a scenario (in the device's default dtype unless it names another) and return its result."""
 
     def run(scenario: Scenario) -> ScenarioResult:
-        if scenario.dtype == "float32":
-            scenario = dataclasses.replace(scenario, dtype=default_dtype(device))
+        if scenario.engine.dtype == "float32":
+            scenario = dataclasses.replace(scenario, engine=dataclasses.replace(scenario.engine, dtype=default_dtype(device)))
         result = judge.run(scenario)
         print(table([result]))
         return result

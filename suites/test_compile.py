@@ -5,16 +5,22 @@ or the device `seq_lens` on cuda): leaving them stale is caught.
 
 Compiled code may round differently from eager, so a near-tie (`tie`) is accepted, never a mismatch.
 """
+import dataclasses
+
 import pytest
 
-from harness.checkpoints import ensure_checkpoint
-from harness.scenarios import Scenario
-from harness.workloads import make_requests
-from reference_runner.engine import Engine
-from reference_runner.graphs import compiled, piecewise
-from suites.test_faults import DEVICE_LENS_FAULTS, FAULTS, HOST_LIST_FAULTS, skip_unless_applicable
+from harness.inputs.checkpoints import ensure_checkpoint
+from harness.inputs.scenarios import Scenario
+from harness.inputs.workloads import make_requests
+from reference_runner.attention import default_dtype
+from reference_runner.engine.args import EngineArgs
+from reference_runner.engine.engine import Engine
+from reference_runner.graphs import compiled
+from reference_runner.sim import piecewise
+from suites.faults import FAULTS, STALE_LENGTHS
 
 MODELS = ["llama", "qwen2_moe"]
+COMPILE = EngineArgs(mode="compile")  # the Scenario defaults: these engines share inductor's cache
 
 
 def compilations(device: str) -> int:
@@ -25,7 +31,7 @@ def compilations(device: str) -> int:
 @pytest.mark.parametrize("workload", ["mixed", "join_leave"])
 @pytest.mark.parametrize("model", MODELS)
 def test_compile_matches_eager(check, model, workload):
-    result = check(Scenario(model=model, mode="compile", reference="eager", workload=workload, max_new_tokens=32))
+    result = check(Scenario(model=model, baseline="eager", engine=COMPILE, workload=workload, max_new_tokens=32))
     assert result.failures == []
     assert {v.status for v in result.verdicts} <= {"match", "tie"}
     assert result.run.graph_steps > 0
@@ -33,8 +39,7 @@ def test_compile_matches_eager(check, model, workload):
 
 def test_each_captured_size_compiles_once_and_never_again(device):
     before = compilations(device)
-    # The Scenario defaults, so the check scenarios above and this engine share inductor's cache.
-    engine = Engine(ensure_checkpoint("llama"), device=device, mode="compile", max_bs=8, block_size=16, max_context=256)
+    engine = Engine(ensure_checkpoint("llama"), dataclasses.replace(COMPILE, dtype=default_dtype(device)), device=device)
     runner = engine.model_runner.graph_runner
     # One compile per captured size (on the CPU: the attention op's host lengths lifted into a tensor input).
     assert compilations(device) - before == len(runner.capture_bs) == 4
@@ -44,10 +49,10 @@ def test_each_captured_size_compiles_once_and_never_again(device):
     assert compilations(device) - before == 4
 
 
-@pytest.mark.parametrize("fault", sorted(HOST_LIST_FAULTS | DEVICE_LENS_FAULTS))
+@pytest.mark.parametrize("fault", STALE_LENGTHS)
 def test_compiled_graphs_still_read_the_refreshed_lengths(check, monkeypatch, device, fault):
-    skip_unless_applicable(fault, device)
-    cls, method, broken = FAULTS[fault]
-    monkeypatch.setattr(cls, method, broken)
-    result = check(Scenario(model="llama", mode="compile", reference="eager", workload="mixed", max_new_tokens=32))
+    if reason := FAULTS[fault].skip_reason(device):
+        pytest.skip(reason)
+    FAULTS[fault].inject(monkeypatch)
+    result = check(Scenario(model="llama", baseline="eager", engine=COMPILE, workload="mixed", max_new_tokens=32))
     assert "mismatch" in {v.status for v in result.verdicts}

@@ -9,16 +9,17 @@ one eager and one graph engine per model serve them all.
 from collections.abc import Callable
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.checkpoints import ensure_checkpoint
-from harness.compare import Tolerance, compare_generations
-from harness.dynamic import Mix, MixLimits, request_shape, sample_mix
-from reference_runner.device import default_dtype
-from reference_runner.engine import Engine
-from reference_runner.graph_runner import GraphRunner
+from harness.inputs.checkpoints import ensure_checkpoint
+from harness.inputs.dynamic import Mix, MixLimits, request_shape, sample_mix
+from harness.verdicts.compare import compare_generations
+from harness.verdicts.tolerances import Tolerance
+from reference_runner.attention import default_dtype
+from reference_runner.engine.args import EngineArgs
+from reference_runner.engine.engine import Engine
+from suites.faults import block_table_kept_at
 
 MODELS = ["llama", "qwen2_moe"]
 LIMITS = MixLimits(max_context=64, max_requests=10, max_new_tokens=12, max_arrival=8)
@@ -41,9 +42,9 @@ def engines(device) -> Callable[[str, str], Engine]:
 
     def get(model: str, mode: str) -> Engine:
         if (model, mode) not in cache:
-            cache[model, mode] = Engine(ensure_checkpoint(model), device=device, mode=mode,
-                                        dtype=getattr(torch, default_dtype(device)), max_bs=MAX_BS,
-                                        block_size=BLOCK_SIZE, max_context=LIMITS.max_context)
+            args = EngineArgs(mode=mode, dtype=default_dtype(device), max_bs=MAX_BS, block_size=BLOCK_SIZE,
+                              max_context=LIMITS.max_context)
+            cache[model, mode] = Engine(ensure_checkpoint(model), args, device=device)
         return cache[model, mode]
 
     return get
@@ -100,15 +101,7 @@ def test_a_mix_prints_as_its_request_shapes():
         ("d0", 5, 3, 0), ("d1", 52, 12, 2)]
 
 
-_prepare_static_inputs = GraphRunner.prepare_static_inputs
 CAPTURE_WIDTH = LIMITS.max_context // BLOCK_SIZE - 1  # the blocks the capture-time batch needed: all but one
-
-
-def block_table_kept_at_capture_width(self, forward_batch, bs):
-    """The bug: the static block table never grows past the width seen at capture, so the last block a
-    sequence grows into near max_context is not copied in and attention reads block 0 instead."""
-    _prepare_static_inputs(self, forward_batch, bs)
-    self.block_tables[:, CAPTURE_WIDTH:].zero_()
 
 
 def test_block_table_frozen_at_capture_width_is_caught_near_max_context(engines, monkeypatch):
@@ -116,7 +109,7 @@ def test_block_table_frozen_at_capture_width_is_caught_near_max_context(engines,
     requests = Mix((request_shape(50, 14, 0, True, LIMITS),)).requests(eager.model_runner.vocab_size)
     reference, tolerance = eager.generate(requests), Tolerance.for_dtype(eager.model_runner.dtype)
     assert [v.status for v in compare_generations(reference, graph.generate(requests), tolerance)] == ["match"]
-    monkeypatch.setattr(GraphRunner, "prepare_static_inputs", block_table_kept_at_capture_width)
+    block_table_kept_at(CAPTURE_WIDTH).inject(monkeypatch)
     (verdict,) = compare_generations(reference, graph.generate(requests), tolerance)
     # Output token k of a 50-token prompt comes from attention over 50 + k tokens: k = 7 is the first
     # step that reads the 8th block (tokens 56..63).

@@ -5,18 +5,19 @@ import random
 import pytest
 import torch
 
-from harness.checkpoints import ensure_checkpoint
-from reference_runner.device import default_dtype
-from reference_runner.engine import Engine
-from reference_runner.forward_batch import ForwardBatch, decode_batch
+from harness.inputs.checkpoints import ensure_checkpoint
+from reference_runner.attention import default_dtype
+from reference_runner.engine.args import EngineArgs
+from reference_runner.engine.engine import Engine
+from reference_runner.engine.forward_batch import ForwardBatch, decode_batch
 
-# The Scenario defaults, so compiled graphs come from inductor's cache when the check suites built them.
-ENGINE = dict(max_bs=8, block_size=16, max_context=256)
+# The engine defaults, as the check scenarios use them: compiled graphs come from inductor's cache.
+MAX_BS, MAX_CONTEXT = EngineArgs.max_bs, EngineArgs.max_context
 
 
-def engine(device: str, mode: str, graph_bs: list[int] | None = None) -> Engine:
-    return Engine(ensure_checkpoint("llama"), device=device, dtype=getattr(torch, default_dtype(device)), mode=mode,
-                  graph_bs=graph_bs, **ENGINE)
+def engine(device: str, mode: str, graph_bs: tuple[int, ...] | None = None) -> Engine:
+    return Engine(ensure_checkpoint("llama"), EngineArgs(mode=mode, dtype=default_dtype(device), graph_bs=graph_bs),
+                  device=device)
 
 
 def random_decode_batch(engine: Engine, rids: list[str], seq_lens: list[int]) -> ForwardBatch:
@@ -28,7 +29,7 @@ def random_decode_batch(engine: Engine, rids: list[str], seq_lens: list[int]) ->
 @pytest.mark.parametrize("mode", ["graph", "compile"])
 def test_all_sizes_hold_at_most_a_tenth_more_than_the_largest_alone(device, mode):
     report = engine(device, mode).graph_memory()
-    alone = engine(device, mode, graph_bs=[ENGINE["max_bs"]]).model_runner.graph_runner.graph_memory_bytes()
+    alone = engine(device, mode, graph_bs=(MAX_BS,)).model_runner.graph_runner.graph_memory_bytes()
     assert report["largest_bucket_bytes"] == alone
     assert alone <= report["all_buckets_bytes"] <= 1.1 * alone
 
@@ -41,13 +42,13 @@ def test_sizes_replay_correctly_in_random_order(device, mode):
     for cache in kv.key_caches + kv.value_caches:
         cache.normal_()
     rng = random.Random(0)
-    sizes = [bs for bs in range(1, ENGINE["max_bs"] + 1) for _ in range(3)]
+    sizes = [bs for bs in range(1, MAX_BS + 1) for _ in range(3)]
     rng.shuffle(sizes)
     runner = subject.model_runner.graph_runner
     with torch.no_grad():
         for step, bs in enumerate(sizes):
             rids = [f"s{step}r{i}" for i in range(bs)]
-            batch = random_decode_batch(subject, rids, [rng.randint(1, ENGINE["max_context"]) for _ in rids])
+            batch = random_decode_batch(subject, rids, [rng.randint(1, MAX_CONTEXT) for _ in rids])
             expected = subject.model_runner.forward_eager(batch)
             torch.testing.assert_close(runner.replay(batch), expected, rtol=0, atol=1e-4)
             for rid in rids:

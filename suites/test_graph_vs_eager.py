@@ -3,7 +3,8 @@ and off the captured sizes, above max_bs, with requests joining and leaving betw
 tokens (fp32, same kernels: `match` everywhere)."""
 import pytest
 
-from harness.scenarios import Scenario
+from harness.inputs.scenarios import Scenario
+from reference_runner.engine.args import EngineArgs
 
 MODELS = ["llama", "qwen2", "qwen2_moe", "mixtral"]
 
@@ -11,7 +12,7 @@ MODELS = ["llama", "qwen2", "qwen2_moe", "mixtral"]
 @pytest.mark.parametrize("workload", ["batch1", "batch3", "batch5", "batch7", "batch8", "join_leave", "mixed"])
 @pytest.mark.parametrize("model", MODELS)
 def test_graph_matches_eager(check, model, workload):
-    result = check(Scenario(model=model, mode="graph", reference="eager", workload=workload, max_new_tokens=64))
+    result = check(Scenario(model=model, baseline="eager", engine=EngineArgs(mode="graph"), workload=workload, max_new_tokens=64))
     assert result.failures == []
     assert {v.status for v in result.verdicts} == {"match"}
     assert result.run.graph_steps > 0
@@ -19,7 +20,8 @@ def test_graph_matches_eager(check, model, workload):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_batch_above_max_bs_falls_back_to_eager_counted_and_correct(check, model):
-    result = check(Scenario(model=model, mode="graph", reference="eager", workload="batch13", max_new_tokens=64))
+    result = check(Scenario(model=model, baseline="eager", engine=EngineArgs(mode="graph"),
+                            workload="batch13", max_new_tokens=64))
     assert result.failures == []
     assert {v.status for v in result.verdicts} == {"match"}
     # 13 rows for tokens 2-32, 9 rows for 33-48 (eager), then 5 rows for 49-64 (graph).
@@ -28,15 +30,15 @@ def test_batch_above_max_bs_falls_back_to_eager_counted_and_correct(check, model
 
 
 def test_custom_capture_sizes_are_padded_to(check):
-    result = check(Scenario(model="llama", mode="graph", reference="eager", workload="mixed", graph_bs=(3, 8)))
+    result = check(Scenario(model="llama", baseline="eager", engine=EngineArgs(mode="graph", graph_bs=(3, 8)), workload="mixed"))
     assert result.failures == []
     assert result.run.graph_steps > 0
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_eager_matches_transformers_oracle(check, model):
-    result = check(Scenario(model=model, mode="eager", reference="oracle", workload="mixed", max_new_tokens=64))
+    result = check(Scenario(model=model, baseline="oracle", engine=EngineArgs(mode="eager"), workload="mixed", max_new_tokens=64))
     assert result.failures == []
     # Different kernels: near-ties flip tokens in the reduced precision of npu (suites/test_precision.py).
-    exact = result.scenario.dtype == "float32"
+    exact = result.scenario.engine.dtype == "float32"
     assert {v.status for v in result.verdicts} <= ({"match"} if exact else {"match", "tie"})

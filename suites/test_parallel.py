@@ -1,22 +1,17 @@
 """Tensor and data parallel: graph mode on several launched ranks gives the tokens of one eager rank,
 and each layout fault that breaks it is caught (a mismatch or a clear error) in bounded time.
 
-Faults are injected into one rank only, by a `RankJob.setup` function of this module that the rank
-calls before building its engine.
+Faults are injected into one rank only, by a `RankJob.setup` function of `suites/faults.py` that every
+rank calls before building its engine.
 """
-import itertools
-
 import pytest
-import torch.nn.functional as F
 
+from harness.inputs.scenarios import Scenario
 from harness.judge import Judge
-from harness.launch import available_ranks
-from harness.scenarios import Scenario
+from harness.targets.launch import available_ranks
 from harness.targets.reference import ReferenceTarget
-from reference_runner import graph_runner
-from reference_runner.graph_runner import GraphRunner
-from reference_runner.model_runner import ModelRunner
-from reference_runner.models.layers import RowParallelLinear
+from reference_runner.engine.args import EngineArgs
+from suites.faults import RANK_FAULTS
 
 pytestmark = pytest.mark.multirank
 
@@ -25,17 +20,18 @@ EXIT_WITHIN_S = 60  # a failing run, every rank included, is over within this
 
 
 def tp_scenario(model: str, tp: int = 2, dp: int = 1) -> Scenario:
-    return Scenario(model=model, mode="graph", reference="eager", workload="mixed", tp=tp, dp=dp, max_new_tokens=16)
+    return Scenario(model=model, baseline="eager", engine=EngineArgs(mode="graph", tp_size=tp, dp_size=dp),
+                    workload="mixed", max_new_tokens=16)
 
 
 # Rank 1 of two decodes one late, short request (idle for 6 steps before it and 6 after); rank 0, five.
-SKEWED_DP2 = Scenario(model="qwen2_moe", mode="graph", reference="eager", workload="skewed", dp=2,
-                      dp_ranks=(0, 0, 0, 0, 0, 1), max_new_tokens=16)
+SKEWED_DP2 = Scenario(model="qwen2_moe", baseline="eager", engine=EngineArgs(mode="graph", dp_size=2),
+                      workload="skewed", dp_ranks=(0, 0, 0, 0, 0, 1), max_new_tokens=16)
 
 
 def require_ranks(device: str, scenario: Scenario) -> Scenario:
     """`scenario`, or a skip where this host cannot hold its ranks (one per GPU or NPU)."""
-    ranks, available = scenario.tp * scenario.dp, available_ranks(device)
+    ranks, available = scenario.engine.world_size, available_ranks(device)
     if ranks > available:
         pytest.skip(f"needs {ranks} {device} devices, this host has {available}")
     return scenario
@@ -44,7 +40,7 @@ def require_ranks(device: str, scenario: Scenario) -> Scenario:
 def assert_all_match(result) -> None:
     """Every request matches (in float32; TP's other reduction order may flip near-ties in less)."""
     assert result.failures == []
-    exact = result.scenario.dtype == "float32"
+    exact = result.scenario.engine.dtype == "float32"
     assert {v.status for v in result.verdicts} <= ({"match"} if exact else {"match", "tie"})
     assert result.run.graph_steps > 0
 
@@ -70,60 +66,21 @@ def test_four_ranks_graph_matches_one_rank_eager(check, device, model, tp, dp):
     assert_all_match(check(require_ranks(device, tp_scenario(model, tp, dp))))
 
 
-# --- faults: each run on rank 1 only -------------------------------------------------------------
-
-def all_reduce_missing_in_graph(parallel) -> None:
-    """Rank 1 captures its row-parallel layers without their all-reduce: its partial sums stay partial."""
-    if parallel.rank != 1:
-        return
-    capture = GraphRunner.capture
-
-    def capture_without_all_reduce(self):
-        forward = RowParallelLinear.forward
-        RowParallelLinear.forward = lambda layer, x: F.linear(x, layer.weight, layer.bias)
-        try:
-            capture(self)
-        finally:
-            RowParallelLinear.forward = forward
-
-    GraphRunner.capture = capture_without_all_reduce
-
-
-def pads_to_its_own_bucket(parallel) -> None:
-    """Rank 1 pads each decode batch to the bucket of its own batch size, not of the largest DP rank's."""
-    if parallel.rank == 1:
-        graph_runner.dp_buffer_len = lambda forward_batch: forward_batch.batch_size
-
-
-def raises_mid_run(parallel) -> None:
-    """Rank 1 raises at its 6th forward."""
-    if parallel.rank != 1:
-        return
-    forward, calls = ModelRunner.forward, itertools.count(1)
-
-    def failing_forward(self, forward_batch):
-        if next(calls) == 6:
-            raise RuntimeError("injected failure at forward 6")
-        return forward(self, forward_batch)
-
-    ModelRunner.forward = failing_forward
-
-
-FAULTS = {
-    "all_reduce_missing_in_graph": (all_reduce_missing_in_graph, tp_scenario("llama")),
-    "dp_ranks_pad_to_different_buckets": (pads_to_its_own_bucket, SKEWED_DP2),
-    "rank_raises_mid_run": (raises_mid_run, tp_scenario("llama")),
+FAULT_SCENARIOS = {
+    "all_reduce_missing_in_graph": tp_scenario("llama"),
+    "pads_to_its_own_bucket": SKEWED_DP2,
+    "raises_mid_run": tp_scenario("llama"),
 }
 
 
-@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("fault", FAULT_SCENARIOS)
 def test_fault_on_one_rank_fails_the_scenario_in_bounded_time(device, fault):
-    setup, scenario = FAULTS[fault]
-    require_ranks(device, scenario)
-    judge = Judge(ReferenceTarget(device, rank_setup=f"{__name__}:{setup.__name__}", dist_timeout_s=DIST_TIMEOUT_S))
+    scenario = require_ranks(device, FAULT_SCENARIOS[fault])
+    judge = Judge(ReferenceTarget(device, rank_setup=RANK_FAULTS[fault], dist_timeout_s=DIST_TIMEOUT_S))
     result = judge.run(scenario)
     print(result.failures[:1])  # the report names the failing rank and its error
     assert not result.passed
     assert result.seconds < EXIT_WITHIN_S
     if fault == "rank_raises_mid_run":  # the cause, not its peer's "connection closed"
-        assert result.failures[0].startswith("reference raised RankFailed: rank 1: RuntimeError: injected failure")
+        assert result.failures[0].startswith(
+            "the engine under test (reference) raised RankFailed: rank 1: RuntimeError: injected failure")

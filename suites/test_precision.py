@@ -7,7 +7,8 @@ across-kernels tolerance (MoE: stopping at router near-ties); graph against eage
 """
 import pytest
 
-from harness.scenarios import Scenario
+from harness.inputs.scenarios import Scenario
+from reference_runner.engine.args import EngineArgs
 
 MODELS = ["llama", "qwen2", "qwen2_moe", "mixtral"]
 DTYPES = ["float16", "bfloat16"]
@@ -21,13 +22,14 @@ def assert_no_mismatch(result) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("model", MODELS)
 def test_eager_against_transformers_has_no_false_mismatch(check, model, dtype):
-    assert_no_mismatch(check(Scenario(model=model, mode="eager", reference="oracle", dtype=dtype, max_new_tokens=64)))
+    assert_no_mismatch(check(Scenario(model=model, baseline="oracle", engine=EngineArgs(mode="eager", dtype=dtype),
+                                      max_new_tokens=64)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("model", MODELS)
 def test_graph_against_eager_matches(check, model, dtype):
-    result = check(Scenario(model=model, mode="graph", reference="eager", dtype=dtype, max_new_tokens=64))
+    result = check(Scenario(model=model, baseline="eager", engine=EngineArgs(mode="graph", dtype=dtype), max_new_tokens=64))
     assert result.failures == []
     assert {v.status for v in result.verdicts} == {"match"}
 
@@ -39,4 +41,4 @@ COMPILED = [(model, dtype) if (model, dtype) in {("llama", "bfloat16"), ("qwen2_
 
 @pytest.mark.parametrize(("model", "dtype"), COMPILED)
 def test_compiled_against_eager_has_no_false_mismatch(check, model, dtype):
-    assert_no_mismatch(check(Scenario(model=model, mode="compile", reference="eager", dtype=dtype)))
+    assert_no_mismatch(check(Scenario(model=model, baseline="eager", engine=EngineArgs(mode="compile", dtype=dtype))))

@@ -1,55 +1,29 @@
-"""Engines under test. A target runs one scenario's requests in one mode and returns records.
+"""Engines under test. A target runs one scenario's requests and returns records (`base.py`); adding an
+engine is one module with a class that has `name` and `run`, named here.
 
-Adding an engine (vLLM-Ascend, ...) is one file with a class that has `name` and `run`.
+| target      | engine                                                   |
+|-------------|----------------------------------------------------------|
+| `reference` | this repository's runner, in process or on launched ranks (`launch.py`) |
+| `sglang`    | `sglang.Engine` (npu, cuda)                              |
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
+import importlib
+from typing import TYPE_CHECKING
 
-from harness.scenarios import Scenario
-from reference_runner.records import Generation, Request
+if TYPE_CHECKING:
+    from harness.targets.base import Target
 
-
-class TargetUnavailable(RuntimeError):
-    """The target's engine is not installed here, or cannot run on the requested device."""
-
-
-@dataclass
-class TargetRun:
-    """Records of one run plus how its decode steps ran (graph replays vs eager)."""
-
-    generations: list[Generation]
-    graph_steps: int = 0
-    eager_steps: int = 0
-    fallback_reasons: dict[str, int] = field(default_factory=dict)
-    graph_memory: dict | None = None
-    counts_graph_steps: bool = True  # False where the engine does not say which steps replayed a graph (SGLang)
-
-
-class Target(Protocol):
-    name: str
-
-    def run(self, scenario: Scenario, mode: str, checkpoint: Path, requests: list[Request]) -> TargetRun: ...
+# Imported on first use: each imports its engine.
+TARGETS = {
+    "reference": "harness.targets.reference:ReferenceTarget",
+    "sglang": "harness.targets.sglang:SGLangTarget",
+}
 
 
 def get_target(name: str, device: str) -> Target:
-    """The target called `name` (`reference` or `sglang`) on `device`."""
-    factories: dict[str, Callable[[str], Target]] = {"reference": _reference, "sglang": _sglang}
-    if name not in factories:
-        raise ValueError(f"unknown target {name!r}; choose one of {', '.join(factories)}")
-    return factories[name](device)
-
-
-def _reference(device: str) -> Target:
-    from harness.targets.reference import ReferenceTarget
-
-    return ReferenceTarget(device)
-
-
-def _sglang(device: str) -> Target:
-    from harness.targets.sglang import SGLangTarget
-
-    return SGLangTarget(device)
+    """The target called `name` on `device`."""
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
+    module, cls = TARGETS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(device)

@@ -4,36 +4,26 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import torch
-
-from harness.launch import RankJob, launch, merge
-from harness.scenarios import Scenario
-from harness.targets import TargetRun
-from reference_runner.engine import Engine
+from harness.inputs.scenarios import Scenario
+from harness.targets.base import TargetRun
+from harness.targets.launch import RankJob, launch, merge
+from reference_runner.engine.engine import Engine
+from reference_runner.parallel.state import DIST_TIMEOUT_S
 from reference_runner.records import Request
 
 
 class ReferenceTarget:
     name = "reference"
 
-    def __init__(self, device: str, rank_setup: str | None = None, dist_timeout_s: float = 60.0) -> None:
+    def __init__(self, device: str, rank_setup: str | None = None, dist_timeout_s: float = DIST_TIMEOUT_S) -> None:
         self.device = device
         self.rank_setup = rank_setup  # see RankJob.setup: fault injection on launched ranks
         self.dist_timeout_s = dist_timeout_s
 
-    def run(self, scenario: Scenario, mode: str, checkpoint: Path, requests: list[Request]) -> TargetRun:
-        if scenario.tp * scenario.dp > 1:
-            return self.run_ranks(scenario, mode, checkpoint, requests)
-        engine = Engine(
-            checkpoint,
-            device=self.device,
-            dtype=getattr(torch, scenario.dtype),
-            mode=mode,
-            max_bs=scenario.max_bs,
-            graph_bs=list(scenario.graph_bs) if scenario.graph_bs else None,
-            block_size=scenario.block_size,
-            max_context=scenario.max_context,
-        )
+    def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
+        if scenario.engine.world_size > 1:
+            return self.run_ranks(scenario, checkpoint, requests)
+        engine = Engine(checkpoint, scenario.engine, device=self.device)
         generations = engine.generate(requests)
         stats = engine.stats
         return TargetRun(
@@ -44,12 +34,9 @@ class ReferenceTarget:
             graph_memory=engine.graph_memory(),
         )
 
-    def run_ranks(self, scenario: Scenario, mode: str, checkpoint: Path, requests: list[Request]) -> TargetRun:
+    def run_ranks(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
         """Launch tp * dp ranks; one TP rank per DP rank reports. A bad layout raises LayoutError."""
-        job = RankJob(str(checkpoint), requests, tp=scenario.tp, dp=scenario.dp, device=self.device,
-                      dtype=scenario.dtype, mode=mode, max_bs=scenario.max_bs,
-                      graph_bs=list(scenario.graph_bs) if scenario.graph_bs else None,
-                      block_size=scenario.block_size, max_context=scenario.max_context,
+        job = RankJob(str(checkpoint), requests, scenario.engine, device=self.device,
                       dp_ranks=list(scenario.dp_ranks) if scenario.dp_ranks else None,
                       setup=self.rank_setup, dist_timeout_s=self.dist_timeout_s)
         results = launch(job)  # RankFailed: the judge fails the scenario with the failed rank's message

@@ -1,7 +1,7 @@
 """SGLang as a target: `sglang.Engine` on the same checkpoint and token ids, graphs disabled or on.
 
 The judge runs it as it runs the reference runner: once with graphs disabled (`eager`, the
-reference) and once in the mode under test, greedy with top-k logprobs, then compares the records
+baseline) and once in the mode under test, greedy with top-k logprobs, then compares the records
 with the same verdict rules. Public `sglang` API only: `Engine(...)`, `generate(...)`, `shutdown()`.
 
 Two things SGLang does not let us reproduce or observe, and what this target does about them:
@@ -17,8 +17,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from harness.scenarios import Scenario
-from harness.targets import TargetRun, TargetUnavailable
+from harness.inputs.scenarios import Scenario
+from harness.targets.base import TargetRun, TargetUnavailable
 from reference_runner.records import Generation, Request
 
 TOP_K = 5  # as the reference engine: enough for the tie rule's top-k membership
@@ -29,25 +29,26 @@ MODE_ARGS: dict[str, dict[str, bool]] = {
 }
 
 
-def engine_args(scenario: Scenario, mode: str, checkpoint: Path, device: str) -> dict:
-    """Keyword arguments of `sglang.Engine` for `scenario` run in `mode`."""
+def engine_args(scenario: Scenario, checkpoint: Path, device: str) -> dict:
+    """Keyword arguments of `sglang.Engine` for `scenario`."""
+    engine, mode = scenario.engine, scenario.mode
     if mode not in MODE_ARGS:
         raise ValueError(f"the sglang target has no mode {mode!r}; choose from {', '.join(MODE_ARGS)}")
     args = {
         "model_path": str(checkpoint),
         "device": device,
-        "dtype": scenario.dtype,
-        "tp_size": scenario.tp,
-        "dp_size": scenario.dp,
-        "cuda_graph_max_bs": scenario.max_bs,
+        "dtype": engine.dtype,
+        "tp_size": engine.tp_size,
+        "dp_size": engine.dp_size,
+        "cuda_graph_max_bs": engine.max_bs,
         "skip_tokenizer_init": True,  # token ids in and out; the built-in checkpoints have no tokenizer
         "disable_radix_cache": True,  # every prompt computed in full, as by the reference runner
         "random_seed": scenario.seed,
         "log_level": "error",
         **MODE_ARGS[mode],
     }
-    if scenario.graph_bs:
-        args["cuda_graph_bs"] = list(scenario.graph_bs)
+    if engine.graph_bs:
+        args["cuda_graph_bs"] = list(engine.graph_bs)
     return args
 
 
@@ -77,14 +78,15 @@ class SGLangTarget:
             raise TargetUnavailable(f"target 'sglang' runs on npu or cuda, not {device}")
         self.device = device
 
-    def run(self, scenario: Scenario, mode: str, checkpoint: Path, requests: list[Request]) -> TargetRun:
+    def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
         import sglang
 
-        engine = sglang.Engine(**engine_args(scenario, mode, checkpoint, self.device))
+        engine = sglang.Engine(**engine_args(scenario, checkpoint, self.device))
         try:
             outputs = engine.generate(input_ids=[r.prompt_ids for r in requests],
                                       sampling_params=sampling_params(requests),
                                       return_logprob=True, top_logprobs_num=TOP_K)
         finally:
             engine.shutdown()
-        return TargetRun([to_generation(r, out, mode) for r, out in zip(requests, outputs)], counts_graph_steps=False)
+        generations = [to_generation(r, out, scenario.mode) for r, out in zip(requests, outputs)]
+        return TargetRun(generations, counts_graph_steps=False)

@@ -5,8 +5,9 @@ import functools
 
 import torch
 
-from reference_runner.graphs import GraphBackend
+from reference_runner.graphs.base import GraphBackend, allocator_pool_bytes
 from reference_runner.graphs.compiled import compile_forward
+from reference_runner.graphs.runner import GraphRunner
 
 
 def cuda_backend(compile: bool = False) -> GraphBackend:
@@ -17,7 +18,8 @@ def cuda_backend(compile: bool = False) -> GraphBackend:
         new_graph=torch.cuda.CUDAGraph,
         capture=lambda g, pool: torch.cuda.graph(g, pool=pool),
         graph_pool_handle=torch.cuda.graph_pool_handle,
-        updates_host_lists=False,
+        pool_bytes=functools.partial(allocator_pool_bytes, "cuda"),
+        runner_cls=GraphRunner,
         compile_forward=functools.partial(compile_forward, backend=inductor) if compile else None,
     )
 

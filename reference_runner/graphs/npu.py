@@ -9,8 +9,9 @@ from typing import ContextManager
 import torch
 import torch_npu  # noqa: F401  registers torch.npu
 
-from reference_runner.graphs import GraphBackend
+from reference_runner.graphs.base import GraphBackend, allocator_pool_bytes
 from reference_runner.graphs.compiled import compile_forward
+from reference_runner.graphs.runner import NPUGraphRunner
 
 
 class OrderedNPUGraph(torch.npu.NPUGraph):
@@ -38,7 +39,7 @@ class OrderedNPUGraph(torch.npu.NPUGraph):
 
 
 def npu_backend(compile: bool = False) -> GraphBackend:
-    """Capture with auto dispatch so the FIA calls become updatable task groups (NPU_NOTES.md).
+    """Capture with auto dispatch so the FIA calls become updatable task groups (docs/npu.md).
 
     `compile`: torchair compiles the forward per batch size during warmup and NPUGraph captures it,
     as SGLang's npu graph runner does; `update()` then refreshes the host lengths of its FIA calls.
@@ -48,7 +49,8 @@ def npu_backend(compile: bool = False) -> GraphBackend:
         new_graph=OrderedNPUGraph,
         capture=_capture_compiled if compile else _capture,
         graph_pool_handle=torch.npu.graph_pool_handle,
-        updates_host_lists=True,
+        pool_bytes=functools.partial(allocator_pool_bytes, "npu"),
+        runner_cls=NPUGraphRunner,
         compile_forward=functools.partial(compile_forward, backend=torchair_backend()) if compile else None,
     )
 

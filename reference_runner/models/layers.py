@@ -13,13 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reference_runner.parallel import (
-    ParallelState,
-    all_gather_last_dim,
-    all_reduce,
-    divide,
-    kv_heads_per_rank,
-)
+from reference_runner.parallel.collectives import all_gather_last_dim, all_reduce
+from reference_runner.parallel.state import ParallelState, divide, kv_heads_per_rank
 
 
 def _param(*shape: int) -> nn.Parameter:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reference_runner.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.engine.forward_batch import ForwardBatch, ForwardMode
 from reference_runner.models.config import ModelConfig
 from reference_runner.models.layers import (
     ColumnParallelLinear,
@@ -26,7 +26,7 @@ from reference_runner.models.layers import (
     VocabParallelEmbedding,
     apply_rotary,
 )
-from reference_runner.parallel import ParallelState, divide, kv_heads_per_rank
+from reference_runner.parallel.state import ParallelState, divide, kv_heads_per_rank
 
 
 class LlamaAttention(nn.Module):

@@ -7,7 +7,7 @@ from reference_runner.errors import UnsupportedModel
 from reference_runner.models.config import ModelConfig
 from reference_runner.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from reference_runner.models.moe import SparseMoeBlock, expert_params_mapping
-from reference_runner.parallel import ParallelState
+from reference_runner.parallel.state import ParallelState
 
 
 class MixtralDecoderLayer(LlamaDecoderLayer):

@@ -23,7 +23,7 @@ formulation only at bs 1 with many experts (3x), and is 2x slower at bs 8 and 10
 Routing follows transformers op for op (`select_experts`), so that top-k ties break the same way.
 Under tensor parallelism each rank holds every expert's slice of the intermediate dimension, like
 the dense MLP, and the routed output is all-reduced. Under data parallelism the block runs DP
-attention (`reference_runner.dp_attention`): it gathers every DP rank's tokens, shards the experts
+attention (`reference_runner/parallel/dp_attention.py`): it gathers every DP rank's tokens, shards the experts
 over all tp * dp ranks, and hands each rank back its own rows.
 """
 from __future__ import annotations
@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reference_runner.dp_attention import dp_gather, dp_scatter
 from reference_runner.models.config import ModelConfig
 from reference_runner.models.layers import ReplicatedLinear, _param, copy_weight
 from reference_runner.models.llama import LlamaMLP
-from reference_runner.parallel import ParallelState, all_reduce, divide
+from reference_runner.parallel.collectives import all_reduce
+from reference_runner.parallel.dp_attention import dp_gather, dp_scatter
+from reference_runner.parallel.state import ParallelState, divide
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

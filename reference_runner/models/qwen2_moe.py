@@ -6,7 +6,7 @@ from torch import nn
 from reference_runner.models.config import ModelConfig
 from reference_runner.models.llama import LlamaDecoderLayer, LlamaMLP, Qwen2ForCausalLM
 from reference_runner.models.moe import SparseMoeBlock, expert_params_mapping
-from reference_runner.parallel import ParallelState
+from reference_runner.parallel.state import ParallelState
 
 
 class Qwen2MoeDecoderLayer(LlamaDecoderLayer):

@@ -6,17 +6,22 @@ per (model, mode), built with `max_bs=32` so that its graphs cover every benchma
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 
-from harness.checkpoints import ensure_checkpoint
-from reference_runner.device import default_dtype, synchronize
-from reference_runner.engine import Engine
+from harness.inputs.checkpoints import ensure_checkpoint
+from reference_runner.attention import default_dtype
+from reference_runner.device import synchronize
+from reference_runner.engine.args import EngineArgs
+from reference_runner.engine.engine import Engine
+from reference_runner.engine.forward_batch import decode_batch
 
 MAX_BS = 32
 MAX_CONTEXT = 64  # the benchmarks' 16-token prompts + 32 new tokens, in whole 16-token KV blocks
+PROMPT_LEN = 16
 # (warm-up rounds, rounds) of one call each: a step takes ~1 ms, a 32-token loop ~50 ms.
 PEDANTIC = {"step": (10, 200), "loop": (1, 20)}
 
@@ -27,17 +32,48 @@ def dtype(device) -> torch.dtype:
 
 
 @pytest.fixture(scope="session")
-def engines(device, dtype) -> Callable[[str, str], Engine]:
+def engines(device) -> Callable[[str, str], Engine]:
     """`engines(model, mode)`: one engine per model and mode for the whole session."""
     cache: dict[tuple[str, str], Engine] = {}
 
     def get(model: str, mode: str) -> Engine:
         if (model, mode) not in cache:
-            cache[model, mode] = Engine(ensure_checkpoint(model), device=device, dtype=dtype, mode=mode,
-                                        max_bs=MAX_BS, max_context=MAX_CONTEXT)
+            args = EngineArgs(mode=mode, dtype=default_dtype(device), max_bs=MAX_BS, max_context=MAX_CONTEXT)
+            cache[model, mode] = Engine(ensure_checkpoint(model), args, device=device)
         return cache[model, mode]
 
     return get
+
+
+def prompts(bs: int, vocab_size: int) -> list[list[int]]:
+    """`bs` different seeded prompts of `PROMPT_LEN` tokens."""
+    generator = torch.Generator().manual_seed(bs)
+    return torch.randint(3, vocab_size, (bs, PROMPT_LEN), generator=generator).tolist()
+
+
+@pytest.fixture(scope="session")
+def bench_prompts() -> Callable[[int, int], list[list[int]]]:
+    """`bench_prompts(bs, vocab_size)`: the seeded prompts every benchmark of batch size `bs` decodes."""
+    return prompts
+
+
+@pytest.fixture(scope="session")
+def decode_step():
+    """`decode_step(engine, bs, prefix)`: a context giving one decode step of `bs` requests, each writing
+    token `PROMPT_LEN` after a `PROMPT_LEN`-token context; their KV blocks are freed on exit."""
+
+    @contextmanager
+    def step(engine: Engine, bs: int, prefix: str) -> Iterator[Callable[[], tuple[torch.Tensor, bool]]]:
+        rids = [f"{prefix}{i}" for i in range(bs)]
+        last = [row[-1] for row in prompts(bs, engine.model_runner.vocab_size)]
+        batch = decode_batch(engine.kv_cache, rids, [PROMPT_LEN + 1] * bs, torch.tensor(last, device=engine.device))
+        try:
+            yield lambda: engine.model_runner.forward(batch)
+        finally:
+            for rid in rids:
+                engine.kv_cache.free(rid)
+
+    return step
 
 
 @pytest.fixture(scope="session")

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from reference_runner.device import synchronize
-from suites.bench.test_decode_throughput import decode_step
 
 
 @pytest.mark.parametrize("bs", [1, 8])
 @pytest.mark.parametrize("model", ["llama", "qwen2_moe"])
-def test_compiled_step_beats_graph_replay(benchmark, engines, device, model, bs):
+def test_compiled_step_beats_graph_replay(benchmark, engines, decode_step, device, model, bs):
     with (decode_step(engines(model, "compile"), bs, "c") as compiled,
           decode_step(engines(model, "graph"), bs, "g") as graph,
           decode_step(engines(model, "eager"), bs, "e") as eager, torch.no_grad()):

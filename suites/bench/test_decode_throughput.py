@@ -4,47 +4,20 @@ call with Hugging Face `generate` on the same checkpoint and prompts as the peer
 Every mode's speed-up is measured against the same workload on the eager engine, interleaved
 (see the `measure` fixture); the graph modes first check that they really replay a graph.
 """
-from __future__ import annotations
-
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 
-from reference_runner.engine import Engine
-from reference_runner.forward_batch import decode_batch
 from reference_runner.records import Request
 
 MODELS = ["llama", "qwen2_moe"]
 BATCH_SIZES = [1, 8, 32]
-PROMPT_LEN = 16
 NEW_TOKENS = 32
-
-
-def prompts(bs: int, vocab_size: int) -> list[list[int]]:
-    """`bs` different seeded prompts of `PROMPT_LEN` tokens."""
-    generator = torch.Generator().manual_seed(bs)
-    return torch.randint(3, vocab_size, (bs, PROMPT_LEN), generator=generator).tolist()
-
-
-@contextmanager
-def decode_step(engine: Engine, bs: int, prefix: str) -> Iterator[Callable[[], tuple[torch.Tensor, bool]]]:
-    """One decode step of `bs` requests, each writing token `PROMPT_LEN` after a `PROMPT_LEN`-token context."""
-    rids = [f"{prefix}{i}" for i in range(bs)]
-    input_ids = torch.tensor([row[-1] for row in prompts(bs, engine.model_runner.vocab_size)], device=engine.device)
-    batch = decode_batch(engine.kv_cache, rids, [PROMPT_LEN + 1] * bs, input_ids)
-    try:
-        yield lambda: engine.model_runner.forward(batch)
-    finally:
-        for rid in rids:
-            engine.kv_cache.free(rid)
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph", "compile"])
 @pytest.mark.parametrize("bs", BATCH_SIZES)
 @pytest.mark.parametrize("model", MODELS)
-def test_decode_step(measure, engines, model, bs, mode):
+def test_decode_step(measure, engines, decode_step, model, bs, mode):
     with decode_step(engines(model, mode), bs, "run") as step, decode_step(engines(model, "eager"), bs, "ref") as eager:
         with torch.no_grad():
             _, in_graph = step()
@@ -55,17 +28,17 @@ def test_decode_step(measure, engines, model, bs, mode):
 @pytest.mark.parametrize("mode", ["eager", "graph", "compile", "hf"])
 @pytest.mark.parametrize("bs", BATCH_SIZES)
 @pytest.mark.parametrize("model", MODELS)
-def test_decode_loop(measure, engines, hf_models, device, model, bs, mode):
+def test_decode_loop(measure, engines, hf_models, bench_prompts, device, model, bs, mode):
     eager_engine = engines(model, "eager")
     vocab_size = eager_engine.model_runner.vocab_size
-    reqs = [Request(f"bench{i}", prompt, NEW_TOKENS) for i, prompt in enumerate(prompts(bs, vocab_size))]
+    reqs = [Request(f"bench{i}", prompt, NEW_TOKENS) for i, prompt in enumerate(bench_prompts(bs, vocab_size))]
     if mode == "hf":
         hf = hf_models(model)
         input_ids = torch.tensor([r.prompt_ids for r in reqs], device=device)
         # Greedy, exactly NEW_TOKENS tokens (EOS suppressed), as the engine decodes.
         kwargs = dict(attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
                       min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        assert hf.generate(input_ids, **kwargs).shape == (bs, PROMPT_LEN + NEW_TOKENS)
+        assert hf.generate(input_ids, **kwargs).shape == (bs, input_ids.shape[1] + NEW_TOKENS)
         run = lambda: hf.generate(input_ids, **kwargs)  # noqa: E731
     else:
         engine = engines(model, mode)

@@ -20,7 +20,7 @@ from transformers import Qwen2MoeConfig
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
 from reference_runner.models.moe import FusedMoE, select_experts
-from reference_runner.parallel import ParallelState
+from reference_runner.parallel.state import ParallelState
 
 SHAPES = {  # name -> (experts, top_k, hidden, intermediate)
     "tiny": (4, 2, 64, 64),

@@ -1,0 +1,123 @@
+"""pytest plugin for `suites/bench`: baseline storage per machine class, machine info, the ratio gate.
+
+Loaded by the root conftest (`pytest_plugins`). `pyproject.toml` skips benchmarks by default (`--benchmark-skip`);
+naming `suites/bench` (or anything inside it) on the command line runs them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.bench.results import (
+    BASELINES,
+    BENCH_DIR,
+    DEFAULT_TOLERANCE,
+    load_ratios,
+    machine_class,
+    ratio_gate,
+    results_from_benchmarks,
+    save_ratios,
+    speedups,
+)
+from reference_runner.device import DeviceUnavailable, detect_device, device_name, resolve_device
+
+DEFAULT_STORAGE = "file://./.benchmarks"  # pytest-benchmark's own default
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("ratio gate", "speed-ups over eager, measured in one run, against stored ones")
+    group.addoption("--ratio-baseline", type=Path, default=None, metavar="FILE",
+                    help="fail when a stored graph/eager or compile/eager speed-up drops by more than --ratio-tolerance")
+    group.addoption("--ratio-tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="FRACTION",
+                    help=f"largest allowed relative drop of a speed-up (default {DEFAULT_TOLERANCE})")
+    group.addoption("--ratio-save", type=Path, default=None, metavar="FILE", help="store this run's speed-ups here")
+
+
+def _device(config) -> str | None:
+    try:
+        name = config.getoption("device")
+        return resolve_device(name) if name else detect_device()
+    except DeviceUnavailable:
+        return None  # the root conftest reports it
+
+
+def _names_bench_dir(config) -> bool:
+    paths = [Path(arg.split("::")[0]).resolve() for arg in config.args]
+    return bool(paths) and all(p == BENCH_DIR or BENCH_DIR in p.parents for p in paths)
+
+
+def pytest_configure(config):
+    # Runs before pytest-benchmark's own configure (trylast), which reads these options.
+    opt = config.option
+    if not hasattr(opt, "benchmark_skip"):  # pytest-benchmark disabled (-p no:benchmark)
+        return
+    if _names_bench_dir(config):
+        opt.benchmark_skip = False
+    device = _device(config)
+    if device is None:
+        return
+    if opt.benchmark_storage == DEFAULT_STORAGE:
+        opt.benchmark_storage = f"file://{BASELINES / machine_class(device)}"
+    runs = not opt.benchmark_skip or opt.benchmark_only
+    if runs and opt.benchmark_compare is True and opt.benchmark_storage.startswith("file://"):
+        _require_stored_baseline(Path(opt.benchmark_storage.removeprefix("file://")))
+    if opt.ratio_baseline and not opt.ratio_baseline.is_file():
+        raise pytest.UsageError(f"--ratio-baseline {opt.ratio_baseline}: no such file; record one with "
+                                f"`npugraph-harness bench --record` (on {device})")
+
+
+def _require_stored_baseline(storage: Path) -> None:
+    """Fail before any benchmark runs, rather than with pytest-benchmark's usage error after all of them."""
+    from pytest_benchmark.utils import get_machine_id
+
+    folder = storage / get_machine_id()
+    if not list(folder.glob("[0-9][0-9][0-9][0-9]_*.json")):
+        raise pytest.UsageError(
+            f"--benchmark-compare: no stored baseline for this machine class ({folder} is empty or missing). "
+            "Record one on a quiet machine with `npugraph-harness bench --record` (`tox -e bench -- --record`), "
+            "commit baselines/, then compare.")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    device = _device(config) or "unknown"
+    name = machine_info.get("cpu", {}).get("brand_raw") if device == "cpu" else None
+    machine_info["npugraph"] = {
+        "torch": torch.__version__,
+        "device": device,
+        "device_name": name or (device_name(device) if device != "unknown" else "?"),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def pytest_sessionfinish(session):
+    config = session.config
+    opt = config.option
+    bench_session = getattr(config, "_benchmarksession", None)
+    if bench_session is None or not (opt.ratio_baseline or opt.ratio_save):
+        return
+    results = results_from_benchmarks([b.as_dict(include_data=False) for b in bench_session.benchmarks if b])
+    measured = speedups(results)
+    if opt.ratio_save and measured:
+        save_ratios(opt.ratio_save, measured, bench_session.get_machine_info()["npugraph"])
+    if opt.ratio_baseline:
+        config._ratio_checks = ratio_gate(measured, load_ratios(opt.ratio_baseline), opt.ratio_tolerance)
+        if not all(check.passed for check in config._ratio_checks):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    checks = getattr(config, "_ratio_checks", None)
+    if checks is None:
+        return
+    failed = [c for c in checks if not c.passed]
+    terminalreporter.section(f"ratio gate ({config.option.ratio_baseline}, tolerance {config.option.ratio_tolerance:g})",
+                             red=bool(failed), green=not failed)
+    if not checks:
+        terminalreporter.write_line("no stored speed-up was measured in this run: nothing compared")
+    for check in checks:
+        terminalreporter.write_line(str(check), red=not check.passed)
+    if failed:
+        terminalreporter.write_line(f"{len(failed)} of {len(checks)} speed-ups dropped by more than the tolerance",
+                                    red=True, bold=True)

@@ -1,0 +1,194 @@
+"""`npugraph-harness report RESULTS`: a markdown summary and a PNG chart of benchmark (and check) results.
+
+RESULTS is pytest-benchmark's JSON (`--benchmark-json`) or a folder holding `bench.json` and, if the
+correctness check ran, `check.json`. Throughput is compared with this machine class's stored
+baseline and speed-ups with `baselines/ratios-<device>.json`, when they exist.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from harness.bench.results import (
+    BASELINES,
+    GOALS,
+    BenchResult,
+    load_ratios,
+    load_results,
+    machine_class,
+    ratio_gate,
+    ratios_path,
+    speedups,
+)
+from harness.exits import UsageError
+from reference_runner.engine.args import MODES
+
+BENCH_MODES = (*MODES, "hf")  # hf: Hugging Face generate, the peer of the loop benchmark
+COLORS = {"eager": "#7f7f7f", "graph": "#1f77b4", "compile": "#2ca02c", "hf": "#ff7f0e"}
+KINDS = {"step": "one decode step", "loop": "32-token generate"}
+
+
+def stored_baseline(machine_info: dict) -> Path | None:
+    """The newest stored pytest-benchmark file of the machine class that produced `machine_info`."""
+    device, arch = machine_info.get("npugraph", {}).get("device"), machine_info.get("machine")
+    version = ".".join(machine_info.get("python_version", "").split(".")[:2])
+    machine_id = f"{machine_info.get('system')}-{machine_info.get('python_implementation')}-{version}-*"
+    files = sorted((BASELINES / machine_class(device, arch)).glob(f"{machine_id}/[0-9][0-9][0-9][0-9]_*.json"))
+    return files[-1] if files else None
+
+
+def render_markdown(results: list[BenchResult], machine_info: dict, baseline: list[BenchResult],
+                    stored_ratios: dict[str, float], tolerance: float, check: dict | None, sources: dict[str, str]) -> str:
+    """The summary: correctness verdicts, then per model and kind a row per batch size and mode."""
+    info = machine_info.get("npugraph", {})
+    device = info.get("device", "?")
+    lines = ["# npugraph-harness results", "",
+             f"Machine: {info.get('device_name', '?')} ({device}), torch {info.get('torch', '?')}, "
+             f"{info.get('threads', '?')} thread(s), one rank.", ""]
+    lines += [f"- {what}: `{path}`" for what, path in sources.items()] + [""]
+    if check is not None:
+        lines += _check_section(check)
+    measured = speedups(results)
+    checks = {c.key: c for c in ratio_gate(measured, stored_ratios, tolerance)}
+    base = {r.key: r for r in baseline}
+    lines += ["## Throughput", "",
+              "*tok/s* at the median round; *vs baseline*: change of tok/s against the stored run of this machine "
+              "class; *speed-up*: eager's time over the mode's, fastest rounds, with eager run between the mode's "
+              f"rounds; *gate* (decode steps): the speed-up against the stored one, failing below {1 - tolerance:.0%} "
+              "of it.", ""]
+    for model in dict.fromkeys(r.model for r in results):
+        for kind, title in KINDS.items():
+            rows = sorted((r for r in results if (r.model, r.kind) == (model, kind)),
+                          key=lambda r: (r.bs, BENCH_MODES.index(r.mode)))
+            if not rows:
+                continue
+            lines += [f"### {model}: {title}", "",
+                      "| bs | mode | median ms | tok/s | vs baseline | speed-up | gate |", "|---:|---|---:|---:|---:|---:|---|"]
+            for r in rows:
+                b = base.get(r.key)
+                delta = f"{r.tokens_per_s / b.tokens_per_s - 1:+.0%}" if b else "-"
+                speedup = f"{measured[r.key]:.2f}x" if r.key in measured else "1x" if r.mode == "eager" else "-"
+                gate = checks.get(r.key)
+                verdict = "-" if gate is None else f"{'ok' if gate.passed else '**FAIL**'} (stored {gate.stored:.2f}x)"
+                lines.append(f"| {r.bs} | {r.mode} | {r.median_s * 1e3:.3f} | {r.tokens_per_s:,.0f} | {delta} | "
+                             f"{speedup} | {verdict} |")
+            lines.append("")
+    lines += _goals_section(results, device)
+    failed = [c for c in checks.values() if not c.passed]
+    gate_line = (f"{len(failed)} of {len(checks)} speed-ups FAILED the ratio gate: " + ", ".join(c.key for c in failed)
+                 if failed else f"all {len(checks)} gated speed-ups within tolerance" if checks else "no ratio gate")
+    lines += ["## Ratio gate", "", gate_line, ""]
+    return "\n".join(lines)
+
+
+def _check_section(check: dict) -> list[str]:
+    scenarios = check.get("scenarios", [])
+    failed = [s for s in scenarios if not s.get("passed", False)]
+    lines = ["## Correctness (`npugraph-harness check`)", "",
+             f"{'PASSED' if check.get('passed') else 'FAILED'}: {len(scenarios) - len(failed)} of {len(scenarios)} "
+             "scenarios passed.", "",
+             "| scenario | result | match | tie | mismatch | graph steps | eager steps |", "|---|---|---:|---:|---:|---:|---:|"]
+    for s in scenarios:
+        verdicts = s.get("verdicts", {})
+        lines.append(f"| {s.get('name')} | {'pass' if s.get('passed') else '**FAIL**'} | {verdicts.get('match', 0)} | "
+                     f"{verdicts.get('tie', 0)} | {verdicts.get('mismatch', 0)} | {s.get('graph_steps', '-')} | "
+                     f"{s.get('eager_steps', '-')} |")
+    lines.append("")
+    lines += [f"- FAIL `{s.get('name')}`: {'; '.join(s.get('failures', [])) or 'see check.json'}" for s in failed]
+    return lines + ([""] if failed else [])
+
+
+def _goals_section(results: list[BenchResult], device: str) -> list[str]:
+    rows = [(t, t.measure(results)) for t in GOALS if device in t.devices]
+    rows = [(t, value) for t, value in rows if value is not None]
+    if not rows:
+        return []
+    lines = ["## Performance goals", "", "Reported, not gated. Against eager, the measured speed-up; against "
+             "`hf`, the ratio of fastest rounds. `>= 0.77x` is replay within 1.3x of eager's time.", "",
+             "| goal | model | kind | bs | measured | required | met |", "|---|---|---|---:|---:|---:|---|"]
+    for t, value in rows:
+        lines.append(f"| {t.what} | {t.model} | {t.kind} | {t.bs} | {value:.2f}x | >= {t.factor:.2f}x | "
+                     f"{'yes' if value >= t.factor else '**no**'} |")
+    return [*lines, ""]
+
+
+def render_chart(results: list[BenchResult], baseline: list[BenchResult], path: Path) -> None:
+    """Tokens/s per batch size and mode (log scale), one panel per model and kind; a black tick marks
+    the baseline's tokens/s and the label above each bar its speed-up over eager."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in results))
+    measured, base = speedups(results), {r.key: r for r in baseline}
+    fig, axes = plt.subplots(len(models), len(KINDS), figsize=(6.5 * len(KINDS), 4.2 * len(models)), squeeze=False)
+    for row, model in enumerate(models):
+        for col, (kind, title) in enumerate(KINDS.items()):
+            ax = axes[row][col]
+            rows = [r for r in results if (r.model, r.kind) == (model, kind)]
+            if not rows:
+                ax.set_axis_off()
+                continue
+            sizes = sorted({r.bs for r in rows})
+            modes = [m for m in BENCH_MODES if any(r.mode == m for r in rows)]
+            width = 0.8 / max(len(modes), 1)
+            for i, mode in enumerate(modes):
+                for x, bs in enumerate(sizes):
+                    r = next((r for r in rows if (r.mode, r.bs) == (mode, bs)), None)
+                    if r is None:
+                        continue
+                    pos = x - 0.4 + width * (i + 0.5)
+                    ax.bar(pos, r.tokens_per_s, width * 0.92, color=COLORS[mode], label=mode if x == 0 else None)
+                    if r.key in base:
+                        ax.hlines(base[r.key].tokens_per_s, pos - width / 2, pos + width / 2, colors="black",
+                                  linewidth=2, label="baseline" if (i, x) == (0, 0) else None)
+                    if r.key in measured:  # above the bar and its baseline tick, whichever is higher
+                        top = max(r.tokens_per_s, base[r.key].tokens_per_s if r.key in base else 0)
+                        ax.annotate(f"{measured[r.key]:.2f}x", (pos, top), xytext=(0, 3),
+                                    textcoords="offset points", ha="center", fontsize=7.5, rotation=90)
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(sizes)), [f"bs={bs}" for bs in sizes])
+            ax.set_title(f"{model}: {title}")
+            ax.set_ylabel("tokens/s (log)")
+            ax.margins(y=0.25)
+            ax.grid(axis="y", which="both", alpha=0.25)
+            ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle("Decode throughput: bars at the median round, black ticks the stored baseline;\n"
+                 "labels: speed-up over eager (fastest rounds, eager interleaved)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(args: argparse.Namespace) -> int:
+    """Write `summary.md` and `bench.png`; exit 1 when the ratio gate or the check failed."""
+    folder = args.results if args.results.is_dir() else args.results.parent
+    bench_json = args.results / "bench.json" if args.results.is_dir() else args.results
+    if not bench_json.is_file():
+        raise UsageError(f"no benchmark results at {bench_json} (write them with --benchmark-json)")
+    results, machine_info = load_results(bench_json)
+    if not results:
+        raise UsageError(f"{bench_json} holds no suites/bench results")
+    sources = {"results": str(bench_json)}
+    baseline_file = args.baseline or stored_baseline(machine_info)
+    baseline = load_results(baseline_file)[0] if baseline_file else []
+    if baseline_file:
+        sources["baseline"] = str(baseline_file)
+    ratios_file = args.ratios or ratios_path(machine_info.get("npugraph", {}).get("device", "cpu"))
+    stored = load_ratios(ratios_file) if ratios_file.is_file() else {}
+    if stored:
+        sources["stored speed-ups"] = str(ratios_file)
+    check_file = args.check or folder / "check.json"
+    check = json.loads(check_file.read_text()) if check_file.is_file() else None
+    if check is not None:
+        sources["check"] = str(check_file)
+    out = args.out or folder
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(render_markdown(results, machine_info, baseline, stored, args.tolerance, check, sources))
+    render_chart(results, baseline, out / "bench.png")
+    print(f"wrote {out / 'summary.md'} and {out / 'bench.png'}")
+    gate_ok = all(c.passed for c in ratio_gate(speedups(results), stored, args.tolerance))
+    return 0 if gate_ok and (check is None or check.get("passed")) else 1

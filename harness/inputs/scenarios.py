@@ -1,0 +1,49 @@
+"""Scenarios: one model, one engine configuration under test (mode, layout, dtype...), one workload."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from reference_runner.engine.args import EngineArgs
+
+BASELINES = ("oracle", "eager")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """`engine` (its mode above all) is judged against `baseline`: the transformers `oracle`, or the same
+    target run `eager` on one rank."""
+
+    model: str
+    baseline: str
+    engine: EngineArgs = field(default_factory=EngineArgs)
+    workload: str = "mixed"
+    max_new_tokens: int = 32
+    seed: int = 0
+    dp_ranks: tuple[int, ...] | None = None  # the DP rank of each request; None: round robin
+
+    @property
+    def mode(self) -> str:
+        return self.engine.mode
+
+    @property
+    def name(self) -> str:
+        layout = f"-tp{self.engine.tp_size}" if self.engine.tp_size > 1 else ""
+        layout += f"-dp{self.engine.dp_size}" if self.engine.dp_size > 1 else ""
+        return f"{self.model}-{self.mode}{layout}-vs-{self.baseline}-{self.workload}"
+
+    def baseline_engine(self) -> EngineArgs:
+        """The engine the `eager` baseline runs: this one, eager, on one rank."""
+        return dataclasses.replace(self.engine, mode="eager", tp_size=1, dp_size=1)
+
+    def as_dict(self) -> dict:
+        """Flat: the scenario's fields, then its engine's."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "engine"}
+        return {"name": self.name, **fields, **self.engine.as_dict()}
+
+
+def default_matrix(models: list[str], modes: list[str], engine: EngineArgs, **options) -> list[Scenario]:
+    """`eager` against the oracle; every other mode against eager on the same target."""
+    return [Scenario(model=model, baseline="oracle" if mode == "eager" else "eager",
+                     engine=dataclasses.replace(engine, mode=mode), **options)
+            for model in models for mode in modes]

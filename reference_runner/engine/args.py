@@ -1,0 +1,82 @@
+"""EngineArgs: every option of the engine under test, declared once.
+
+Scenarios carry one, rank jobs ship one as JSON, and the command lines (`npugraph-harness check`,
+the rank worker) build their flags from these fields, as SGLang's `ServerArgs` does: an option is
+added by adding a field here. Torch-free, so that `--help` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MODES = ("eager", "graph", "compile")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _option(default: Any, help: str, flag: str | None = None, **argparse_kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, "flag": flag, **argparse_kwargs})
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    items = value.split(",")
+    try:
+        sizes = tuple(int(item) for item in items)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    return sizes
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """How the engine under test runs: decode mode, precision, graph sizes, KV cache, layout."""
+
+    mode: str = _option("eager", "decode mode", choices=MODES)
+    dtype: str = _option("float32", "model and KV cache dtype (the CLI default: float32, bfloat16 on npu)", choices=DTYPES)
+    max_bs: int = _option(8, "largest captured batch; larger batches run eager")
+    graph_bs: tuple[int, ...] | None = _option(None, "capture sizes, e.g. 1,2,4,8 (default: 1, 2, 4, 8, then every 8 "
+                                                     "up to --max-bs)", type=_int_list)
+    block_size: int = _option(16, "tokens per KV-cache block")
+    max_context: int = _option(256, "longest sequence (prompt + generated tokens) a request may reach")
+    num_blocks: int | None = _option(None, "KV-cache blocks (default: room for 2 x max-bs requests of max-context)",
+                                     type=int)
+    top_k: int = _option(5, "logprobs recorded per step")
+    tp_size: int = _option(1, "tensor-parallel ranks", flag="--tp")
+    dp_size: int = _option(1, "data-parallel ranks (DP attention for MoE)", flag="--dp")
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("mode", MODES), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.dp_size
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+        """One flag per field (`--max-bs`, `--tp`, ...), defaults None so that `from_cli_args` can tell
+        a flag given from one left out."""
+        for f in dataclasses.fields(cls):
+            if f.name in exclude:
+                continue
+            meta = dict(f.metadata)
+            flag = meta.pop("flag") or f"--{f.name.replace('_', '-')}"
+            meta.setdefault("type", type(f.default) if f.default is not None else str)
+            parser.add_argument(flag, dest=f.name, default=None, **meta)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineArgs:
+        """The fields given on the command line, then `overrides`, over the defaults."""
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+        return cls(**{**given, **overrides})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineArgs:
+        """The inverse of `as_dict` (after a JSON round trip, which turns tuples into lists)."""
+        graph_bs = d.get("graph_bs")
+        return cls(**{**d, "graph_bs": tuple(graph_bs) if graph_bs is not None else None})

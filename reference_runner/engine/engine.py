@@ -1,0 +1,214 @@
+"""Engine: continuous batching with greedy sampling over a ModelRunner.
+
+Each step prefills the requests the `Scheduler` admits (eagerly; that gives their first token), then
+runs one decode step over every running request that still needs tokens; finished requests free their
+KV blocks. Like SGLang's overlap scheduler, the next tokens
+are taken (argmax, on the device) at once, but a step's logits are read on the host (log_softmax,
+top-k, `.tolist()`) only after the next step's forwards have been launched. A graph runner that
+returns views of its static output buffers instead of copies is therefore caught.
+
+Under TP every rank of a TP group runs the same requests and schedule. Under DP each DP rank runs
+its own requests, and every step the ranks exchange their token counts: all of them run a prefill
+if any rank prefills and a decode if any rank decodes (a rank without work runs an empty, padded
+one), so the collectives of DP attention always pair up, and all pad to the same graph bucket.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reference_runner.device import resolve_device
+from reference_runner.engine.args import EngineArgs
+from reference_runner.engine.forward_batch import ForwardBatch, ForwardMode, decode_batch
+from reference_runner.engine.model_runner import ModelRunner
+from reference_runner.engine.scheduler import Running, ScheduledBatch, Scheduler
+from reference_runner.errors import InvalidRequest, LayoutError
+from reference_runner.graphs.runner import GraphStats, make_graph_runner
+from reference_runner.parallel.state import ParallelState
+from reference_runner.records import Generation, Request
+
+
+@dataclass
+class _StepOutput:
+    """A forward's results, kept on the device until the host reads them."""
+
+    logits: torch.Tensor
+    next_ids: torch.Tensor
+    reqs: list[Running]
+    in_graph: bool
+
+
+class Engine:
+    """Greedy generation for a checkpoint directory; decode runs eager or replays device graphs."""
+
+    def __init__(self, model: str | Path, args: EngineArgs | None = None, *, device: str = "cpu",
+                 parallel: ParallelState | None = None):
+        self.args = args = args or EngineArgs()
+        self.device = resolve_device(device)
+        self.parallel = parallel or ParallelState()
+        if (self.parallel.tp_size, self.parallel.dp_size) != (args.tp_size, args.dp_size):
+            raise LayoutError(f"engine args ask for tp {args.tp_size} x dp {args.dp_size}, but this rank's parallel "
+                              f"state is tp {self.parallel.tp_size} x dp {self.parallel.dp_size}")
+        blocks_per_seq = math.ceil(args.max_context / args.block_size)
+        # Room for 2 * max_bs full-length requests: batches above the graph's max_bs (which must fall
+        # back to eager) still fit. Block 0 is reserved.
+        num_blocks = args.num_blocks or 2 * args.max_bs * blocks_per_seq + 1
+        if num_blocks < blocks_per_seq + 1:
+            raise ValueError(f"num_blocks {num_blocks} cannot hold one request of max_context {args.max_context}")
+        self.model_runner = ModelRunner(model, device=self.device, dtype=getattr(torch, args.dtype),
+                                        max_context=args.max_context, block_size=args.block_size,
+                                        num_blocks=num_blocks, parallel=self.parallel)
+        self.kv_cache = self.model_runner.kv_cache
+        self.stats = GraphStats()
+        if args.mode != "eager":
+            self.model_runner.graph_runner = make_graph_runner(self.model_runner, args.max_bs, args.graph_bs,
+                                                               compile=args.mode == "compile")
+
+    def validate(self, request: Request) -> None:
+        """Raise `InvalidRequest` naming the request and the problem if it cannot be served."""
+        rid, prompt = request.rid, request.prompt_ids
+        vocab, max_context = self.model_runner.vocab_size, self.args.max_context
+        if not prompt:
+            raise InvalidRequest(f"request {rid!r}: empty prompt")
+        if request.max_new_tokens < 1:
+            raise InvalidRequest(f"request {rid!r}: max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        if request.arrival_step < 0:
+            raise InvalidRequest(f"request {rid!r}: arrival_step must be >= 0, got {request.arrival_step}")
+        if len(prompt) + request.max_new_tokens > max_context:
+            raise InvalidRequest(f"request {rid!r}: prompt of {len(prompt)} tokens + max_new_tokens "
+                                 f"{request.max_new_tokens} exceeds max_context {max_context}")
+        for i, t in enumerate(prompt):
+            if not isinstance(t, int):
+                raise InvalidRequest(f"request {rid!r}: token id {t!r} at prompt position {i} is not an int")
+            if not 0 <= t < vocab:
+                raise InvalidRequest(f"request {rid!r}: token id {t} at prompt position {i} is outside "
+                                     f"the vocabulary [0, {vocab})")
+
+    def generate(self, requests: list[Request]) -> list[Generation]:
+        """Greedy-decode `requests`, exactly `max_new_tokens` each; results in request order.
+
+        Invalid requests come back with `error` set; the others still run.
+        """
+        gens = [Generation(r.rid) for r in requests]
+        first_index: dict[str, int] = {}
+        valid = []
+        for i, (req, gen) in enumerate(zip(requests, gens)):
+            try:
+                if req.rid in first_index:
+                    raise InvalidRequest(f"request {req.rid!r}: duplicate rid (also request #{first_index[req.rid]})")
+                first_index[req.rid] = i
+                self.validate(req)
+            except InvalidRequest as e:
+                gen.error = str(e)
+                continue
+            valid.append(Running(req, gen))
+        with torch.no_grad():
+            self._run(Scheduler(valid, self.kv_cache, self.parallel, self.device))
+        return gens
+
+    def _run(self, scheduler: Scheduler) -> None:
+        pending: list[_StepOutput] = []
+        while (prefill := scheduler.next_prefill(results_pending=bool(pending))) is not None:
+            outputs = []
+            if prefill.reqs:
+                outputs.append(self._prefill(prefill))
+            elif prefill.idle:
+                self.model_runner.forward_eager(self._idle_batch(prefill.global_sizes))
+            decode = scheduler.next_decode()
+            if decode.reqs:
+                outputs.append(self._decode(decode))
+            elif decode.idle:  # in a graph: the bucket the other DP ranks replay
+                self.model_runner.forward(self._idle_batch(decode.global_sizes))
+            # Overlap: the previous step's results are read only now, after this step's forwards.
+            for out in pending:
+                self._process(out)
+            pending = outputs
+            scheduler.finish_step()
+
+    def _prefill(self, prefill: ScheduledBatch) -> _StepOutput:
+        kv, device, reqs = self.kv_cache, self.device, prefill.reqs
+        lens = [len(r.req.prompt_ids) for r in reqs]
+        slots = []
+        for r, n in zip(reqs, lens):
+            kv.reserve(r.req.rid, n)
+            slots += kv.slots(r.req.rid, 0, n)
+        batch = ForwardBatch(
+            forward_mode=ForwardMode.EXTEND,
+            batch_size=len(reqs),
+            input_ids=torch.tensor([t for r in reqs for t in r.req.prompt_ids], device=device),
+            positions=torch.tensor([p for n in lens for p in range(n)], device=device),
+            out_cache_loc=torch.tensor(slots, dtype=kv.slot_dtype, device=device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+            seq_lens_cpu=lens,
+            block_tables=kv.block_table_tensor([r.req.rid for r in reqs], device),
+            extend_seq_lens=lens,
+            global_num_tokens=prefill.global_sizes,
+        )
+        return self._sample(batch, reqs)
+
+    def _decode(self, decode: ScheduledBatch) -> _StepOutput:
+        reqs = decode.reqs
+        batch = decode_batch(self.kv_cache, [r.req.rid for r in reqs], [r.seq_len for r in reqs],
+                             self._last_token_ids(reqs), decode.global_sizes)
+        return self._sample(batch, reqs)
+
+    def _idle_batch(self, global_num_tokens: list[int]) -> ForwardBatch:
+        """A decode batch of no request, for a DP rank that has nothing to run while others do
+        (SGLang's idle batch): it joins their collectives with padding rows only."""
+        kv, device = self.kv_cache, self.device
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return ForwardBatch(
+            forward_mode=ForwardMode.DECODE,
+            batch_size=0,
+            input_ids=empty,
+            positions=empty,
+            out_cache_loc=empty.to(kv.slot_dtype),
+            seq_lens=empty.to(torch.int32),
+            seq_lens_cpu=[],
+            block_tables=torch.zeros(0, kv.max_blocks_per_seq, dtype=torch.int32, device=device),
+            global_num_tokens=global_num_tokens,
+        )
+
+    def _last_token_ids(self, reqs: list[Running]) -> torch.Tensor:
+        # The newest tokens are still on the device (not read back yet): gather them from the tensors
+        # of the steps that sampled them, one index_select per source tensor.
+        parts = []
+        for _, group in itertools.groupby(reqs, key=lambda r: id(r.last_ids)):
+            group = list(group)
+            rows = torch.tensor([r.last_row for r in group], device=self.device)
+            parts.append(group[0].last_ids.index_select(0, rows))
+        return torch.cat(parts)
+
+    def _sample(self, batch: ForwardBatch, reqs: list[Running]) -> _StepOutput:
+        logits, in_graph = self.model_runner.forward(batch)
+        if batch.forward_mode is ForwardMode.DECODE:
+            self._count(batch, in_graph)
+        next_ids = logits.argmax(-1)
+        for row, r in enumerate(reqs):
+            r.num_tokens += 1
+            r.last_ids, r.last_row = next_ids, row
+        return _StepOutput(logits, next_ids, reqs, in_graph)
+
+    def _count(self, batch: ForwardBatch, in_graph: bool) -> None:
+        graph_runner = self.model_runner.graph_runner
+        if in_graph:
+            self.stats.graph_steps += 1
+            return
+        self.stats.eager_steps += 1
+        if graph_runner is not None:
+            self.stats.fallback_reasons[graph_runner.fallback_reason(batch)] += 1
+
+    def graph_memory(self) -> dict[str, int] | None:
+        """Bytes held by the captured graphs (largest size alone vs all sizes), None in eager mode."""
+        graph_runner = self.model_runner.graph_runner
+        return None if graph_runner is None else graph_runner.memory_report()
+
+    def _process(self, out: _StepOutput) -> None:
+        top = torch.log_softmax(out.logits, dim=-1).topk(min(self.args.top_k, out.logits.shape[-1]), dim=-1)
+        rows = zip(out.reqs, out.next_ids.tolist(), top.indices.tolist(), top.values.tolist())
+        for r, token, ids, logprobs in rows:
+            r.gen.append(token, list(zip(ids, logprobs)), out.in_graph)

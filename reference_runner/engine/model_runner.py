@@ -1,0 +1,50 @@
+"""ModelRunner: owns the model, its paged KV cache and attention backend; runs one forward.
+
+Decode steps go to `graph_runner` when one is plugged in and can take the batch; everything else,
+and the graph runner's own capture, goes through `forward_eager`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from reference_runner.attention import get_attn_backend
+from reference_runner.engine.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.engine.kv_cache import KVCache
+from reference_runner.models.loader import load_model
+from reference_runner.parallel.dp_attention import dp_buffer_len, set_dp_buffer_len
+from reference_runner.parallel.state import ParallelState, kv_heads_per_rank
+
+
+class ModelRunner:
+    """One model on one device (this rank's shard under TP) with its KV cache and attention backend."""
+
+    def __init__(self, model_path: str | Path, *, device: str, dtype: torch.dtype, max_context: int,
+                 block_size: int, num_blocks: int, parallel: ParallelState | None = None):
+        self.device = device
+        self.dtype = dtype
+        self.parallel = parallel or ParallelState()
+        self.model = load_model(model_path, device=device, dtype=dtype, parallel=self.parallel,
+                                max_positions=max_context)
+        config = self.model.config
+        self.vocab_size = config.vocab_size
+        tp = self.parallel.tp_size
+        self.kv_cache = KVCache(num_layers=config.num_hidden_layers,
+                                num_kv_heads=kv_heads_per_rank(config.num_key_value_heads, tp),
+                                head_dim=config.head_dim, num_blocks=num_blocks, block_size=block_size,
+                                max_context=max_context, dtype=dtype, device=device)
+        self.attn_backend = get_attn_backend(device, self.kv_cache, config.num_attention_heads // tp)
+        self.graph_runner = None  # set by the engine in graph modes
+
+    def forward(self, forward_batch: ForwardBatch) -> tuple[torch.Tensor, bool]:
+        """Float32 logits [bs, vocab] and whether the step ran in a device graph."""
+        if (self.graph_runner is not None and forward_batch.forward_mode is ForwardMode.DECODE
+                and self.graph_runner.can_run(forward_batch)):
+            return self.graph_runner.replay(forward_batch), True
+        return self.forward_eager(forward_batch), False
+
+    def forward_eager(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        """The plain eager forward (also what a graph runner records during capture)."""
+        set_dp_buffer_len(dp_buffer_len(forward_batch))
+        return self.model(forward_batch, self.attn_backend)

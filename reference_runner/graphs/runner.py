@@ -1,0 +1,189 @@
+"""Graph runners: capture the decode step once per batch size, replay it with padded batches.
+
+Shaped like SGLang's `CudaGraphRunner` / `NPUGraphRunner`: static buffers sized `max_bs` shared by
+every captured size, graphs captured largest first into one memory pool, and a replay that pads
+the batch to the next captured size, refreshes every static input, replays and copies the real
+rows of the output out before anything can replay again.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from reference_runner.engine.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.graphs import get_graph_backend
+from reference_runner.graphs.base import DeviceGraph, GraphBackend
+from reference_runner.parallel.dp_attention import dp_buffer_len
+
+
+def get_capture_bs(max_bs: int, graph_bs: tuple[int, ...] | None = None) -> list[int]:
+    """Batch sizes to capture: `[1, 2, 4, 8] + range(16, max_bs + 1, 8)` (plus `max_bs`), or `graph_bs`."""
+    if graph_bs is not None:
+        sizes = sorted(set(graph_bs))
+        if not sizes or sizes[0] < 1 or sizes[-1] > max_bs:
+            raise ValueError(f"graph_bs {graph_bs} must be non-empty batch sizes in 1..max_bs={max_bs}")
+        return sizes
+    sizes = [bs for bs in [1, 2, 4, 8, *range(16, max_bs + 1, 8)] if bs <= max_bs]
+    return sizes if sizes[-1] == max_bs else [*sizes, max_bs]
+
+
+@dataclass
+class GraphStats:
+    """How decode steps ran: replayed graphs, eager steps, and why each eager step fell back."""
+
+    graph_steps: int = 0
+    eager_steps: int = 0
+    fallback_reasons: Counter = field(default_factory=Counter)
+
+
+class GraphRunner:
+    """Captures `model_runner.forward_eager` for each size in `capture_bs` and replays it.
+
+    The attention backend supplies the graph policy: the length of a padded row, and what (if anything)
+    must be refreshed on the host before a replay. This class replays as CUDA graphs do, with no update:
+    attention must read device lengths; `NPUGraphRunner` refreshes host lists.
+    """
+
+    num_warmup = 2
+    refreshes_host_lists: ClassVar[bool] = False
+
+    def __init__(self, model_runner, backend: GraphBackend, max_bs: int, graph_bs: tuple[int, ...] | None = None) -> None:
+        self.model_runner = model_runner
+        self.attn_backend = model_runner.attn_backend
+        if self.attn_backend.host_list is not None and not self.refreshes_host_lists:
+            raise ValueError(f"{type(self.attn_backend).__name__} reads the host list {self.attn_backend.host_list!r}, "
+                             f"which {type(self).__name__} cannot refresh between replays")
+        self.device = model_runner.device
+        self.backend = backend
+        self.capture_bs = get_capture_bs(max_bs, graph_bs)
+        self.max_bs = self.capture_bs[-1]
+        self.seq_len_fill_value = self.attn_backend.seq_len_fill_value
+        self.bucket_hits: Counter = Counter()  # captured size -> replays
+        max_blocks = model_runner.kv_cache.max_blocks_per_seq
+        with torch.device(self.device):
+            self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64)
+            self.positions = torch.zeros(self.max_bs, dtype=torch.int64)
+            self.out_cache_loc = torch.zeros(self.max_bs, dtype=model_runner.kv_cache.slot_dtype)
+            self.seq_lens = torch.full((self.max_bs,), self.seq_len_fill_value, dtype=torch.int32)
+            self.block_tables = torch.zeros(self.max_bs, max_blocks, dtype=torch.int32)
+        self.graphs: dict[int, DeviceGraph] = {}
+        self.output_buffers: dict[int, torch.Tensor] = {}
+        self.capture()
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes held by the graphs and static buffers: the largest size alone (measured right after it
+        was captured, first) and all sizes; sharing one pool keeps the two close."""
+        return {"largest_bucket_bytes": self.largest_bucket_bytes, "all_buckets_bytes": self.graph_memory_bytes()}
+
+    def graph_memory_bytes(self) -> int:
+        """Bytes held by every captured graph plus the static buffers they share."""
+        return self._pool_bytes() + self._static_bytes()
+
+    def _pool_bytes(self) -> int:
+        return self.backend.pool_bytes(self.pool)
+
+    def _static_bytes(self) -> int:
+        buffers = (self.input_ids, self.positions, self.out_cache_loc, self.seq_lens, self.block_tables)
+        return sum(b.untyped_storage().nbytes() for b in buffers)
+
+    def fallback_reason(self, forward_batch: ForwardBatch) -> str | None:
+        """Why this batch cannot replay a graph, or None when it can."""
+        if forward_batch.forward_mode is not ForwardMode.DECODE:
+            return "not a decode batch"
+        if forward_batch.batch_size > self.max_bs:
+            return f"batch size {forward_batch.batch_size} above max_bs {self.max_bs}"
+        if dp_buffer_len(forward_batch) > self.max_bs:  # every DP rank falls back together
+            return f"another DP rank's batch size {dp_buffer_len(forward_batch)} above max_bs {self.max_bs}"
+        return None
+
+    def can_run(self, forward_batch: ForwardBatch) -> bool:
+        """Whether this batch replays a graph (SGLang's `can_run`)."""
+        return self.fallback_reason(forward_batch) is None
+
+    def capture(self) -> None:
+        pool = self.pool = self.backend.graph_pool_handle()
+        forward = self.model_runner.forward_eager
+        if self.backend.compile_forward is not None:
+            forward = self.backend.compile_forward(forward)
+        for bs in reversed(self.capture_bs):  # largest first: smaller graphs reuse its pool memory
+            forward_batch = self.static_batch(bs, [self.seq_len_fill_value] * bs)
+            for _ in range(self.num_warmup):
+                forward(forward_batch)
+            graph = self.backend.new_graph()
+            with self.backend.capture(graph, pool):
+                output = forward(forward_batch)
+            self.graphs[bs], self.output_buffers[bs] = graph, output
+            pool = graph.pool()
+            if bs == self.max_bs:
+                self.largest_bucket_bytes = self.graph_memory_bytes()
+
+    def static_batch(self, bs: int, seq_lens_cpu: list[int]) -> ForwardBatch:
+        """A decode batch made of views of the static buffers: what the graphs were captured on."""
+        return ForwardBatch(
+            forward_mode=ForwardMode.DECODE,
+            batch_size=bs,
+            input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs],
+            out_cache_loc=self.out_cache_loc[:bs],
+            seq_lens=self.seq_lens[:bs],
+            seq_lens_cpu=seq_lens_cpu,
+            block_tables=self.block_tables[:bs],
+        )
+
+    def replay(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Run the decode batch in the graph of the next captured size; returns caller-owned logits."""
+        raw_bs = forward_batch.batch_size
+        # Under DP attention every rank pads to the bucket of the largest rank's batch: one graph shape.
+        bs = self.capture_bs[bisect.bisect_left(self.capture_bs, dp_buffer_len(forward_batch))]
+        self.prepare_static_inputs(forward_batch, bs)
+        seq_lens_cpu = forward_batch.seq_lens_cpu + [self.seq_len_fill_value] * (bs - raw_bs)
+        self.replay_graph(bs, seq_lens_cpu)
+        self.bucket_hits[bs] += 1
+        # The pool is shared: the next replay of any size may overwrite this buffer.
+        return self.output_buffers[bs][:raw_bs].clone()
+
+    def prepare_static_inputs(self, forward_batch: ForwardBatch, bs: int) -> None:
+        raw_bs = forward_batch.batch_size
+        if bs != raw_bs:  # padded rows write the dummy slot 0 and read no live block
+            self.input_ids[raw_bs:bs].zero_()
+            self.positions[raw_bs:bs].zero_()
+            self.out_cache_loc[raw_bs:bs].zero_()
+            self.seq_lens[raw_bs:bs].fill_(self.seq_len_fill_value)
+            self.block_tables[raw_bs:bs].zero_()
+        self.input_ids[:raw_bs].copy_(forward_batch.input_ids)
+        self.positions[:raw_bs].copy_(forward_batch.positions)
+        self.out_cache_loc[:raw_bs].copy_(forward_batch.out_cache_loc)
+        self.seq_lens[:raw_bs].copy_(forward_batch.seq_lens)
+        self.block_tables[:raw_bs].copy_(forward_batch.block_tables)
+
+    def replay_graph(self, bs: int, seq_lens_cpu: list[int]) -> None:
+        """CUDA graphs read the device-side `seq_lens`; nothing on the host to refresh."""
+        self.graphs[bs].replay()
+
+
+class NPUGraphRunner(GraphRunner):
+    """NPUGraph replay: the host list the attention backend names was frozen at capture, so each replay
+    first refreshes it with `graph.update(cpu_update_input=...)`."""
+
+    refreshes_host_lists = True
+
+    def replay_graph(self, bs: int, seq_lens_cpu: list[int]) -> None:
+        graph = self.graphs[bs]
+        update = self.attn_backend.graph_update_input(seq_lens_cpu)
+        if update is not None:
+            # update() is queued before replay(), and on npu OrderedNPUGraph.update() first waits for this
+            # graph's previous replay: an update never races either replay.
+            graph.update(cpu_update_input=update)
+        graph.replay()
+
+
+def make_graph_runner(model_runner, max_bs: int, graph_bs: tuple[int, ...] | None = None,
+                      compile: bool = False) -> GraphRunner:
+    """The runner of the device's graph backend (`NPUGraphRunner` on npu and on the CPU's SimNPUGraph,
+    `GraphRunner` on cuda); `compile` captures compiled graphs (engine mode "compile")."""
+    backend = get_graph_backend(model_runner.device, compile)
+    return backend.runner_cls(model_runner, backend, max_bs, graph_bs)

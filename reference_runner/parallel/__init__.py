@@ -1,0 +1,1 @@
+"""Tensor and data parallelism: the layout (`state`), its collectives, and DP attention."""

@@ -1,0 +1,184 @@
+"""Benchmark results, speed-ups, the ratio gate, speed goals and `npugraph-harness report`, on constructed results."""
+import json
+import subprocess
+
+import pytest
+
+from harness.bench.results import (
+    GOALS,
+    BenchResult,
+    load_ratios,
+    ratio_gate,
+    results_from_benchmarks,
+    save_ratios,
+    speedups,
+)
+from harness.cli import main
+
+
+def bench(mode, bs, min_ms, speedup=1.0, kind="step", model="llama", median_ms=None):
+    """One benchmark as pytest-benchmark's JSON writes it."""
+    tokens = bs if kind == "step" else 32 * bs
+    return {"name": f"test_decode_{kind}[{model}-{bs}-{mode}]",
+            "extra_info": {"model": model, "kind": kind, "mode": mode, "bs": bs, "tokens": tokens,
+                           "speedup_vs_eager": speedup},
+            "stats": {"min": min_ms / 1e3, "median": (median_ms or min_ms) / 1e3}}
+
+
+RUN = [bench("eager", 1, 1.0), bench("graph", 1, 0.5, 2.0), bench("compile", 1, 0.2, 5.0),
+       bench("eager", 8, 1.2), bench("graph", 8, 0.8, 1.5), bench("compile", 8, 0.3, 4.0),
+       bench("eager", 1, 40.0, kind="loop"), bench("compile", 1, 8.0, 5.0, kind="loop"),
+       bench("hf", 1, 60.0, 0.7, kind="loop")]
+
+
+def test_results_read_extra_info_and_skip_foreign_benchmarks():
+    foreign = {"name": "test_other", "extra_info": {}, "stats": {"min": 1.0, "median": 1.0}}
+    results = results_from_benchmarks([bench("graph", 8, 0.5, 1.7, median_ms=0.6), foreign])
+    assert results == [BenchResult("llama", "step", "graph", 8, 8, median_s=0.6e-3, min_s=0.5e-3, speedup=1.7)]
+    assert results[0].key == "llama/step/bs8/graph"
+    assert results[0].tokens_per_s == pytest.approx(8 / 0.6e-3)
+
+
+def test_speedups_are_the_measured_ones_of_every_mode_but_eager():
+    results = results_from_benchmarks([*RUN, bench("graph", 32, 1.0, speedup=None)])  # its eager was deselected
+    assert speedups(results) == {
+        "llama/step/bs1/graph": 2.0, "llama/step/bs1/compile": 5.0,
+        "llama/step/bs8/graph": 1.5, "llama/step/bs8/compile": 4.0,
+        "llama/loop/bs1/compile": 5.0, "llama/loop/bs1/hf": 0.7,
+    }
+
+
+def test_saved_ratios_hold_the_gated_decode_step_speed_ups_only(tmp_path):
+    save_ratios(tmp_path / "ratios.json", speedups(results_from_benchmarks(RUN)), {"device": "cpu"})
+    assert load_ratios(tmp_path / "ratios.json") == {
+        "llama/step/bs1/compile": 5.0, "llama/step/bs1/graph": 2.0,
+        "llama/step/bs8/compile": 4.0, "llama/step/bs8/graph": 1.5,
+    }
+    assert json.loads((tmp_path / "ratios.json").read_text())["machine"] == {"device": "cpu"}
+
+
+STORED = {"llama/step/bs1/graph": 2.0, "llama/step/bs1/compile": 5.0, "llama/step/bs32/graph": 3.0}
+
+
+@pytest.mark.parametrize("graph_speedup, passed", [
+    (2.0, True),    # unchanged
+    (1.42, True),   # a drop of 29%, inside the 30% tolerance
+    (1.38, False),  # a drop of 31%
+    (0.2, False),   # the graph path slowed down
+    (9.0, True),    # faster than stored never fails
+])
+def test_ratio_gate_fails_a_speed_up_that_dropped_beyond_the_tolerance(graph_speedup, passed):
+    results = results_from_benchmarks([bench("eager", 1, 1.0), bench("graph", 1, 0.5, graph_speedup),
+                                       bench("compile", 1, 0.2, 5.0)])
+    checks = ratio_gate(speedups(results), STORED, tolerance=0.3)
+    assert [(c.key, c.passed) for c in checks] == [("llama/step/bs1/compile", True), ("llama/step/bs1/graph", passed)]
+    assert checks[1].floor == pytest.approx(1.4)
+
+
+def test_ratio_check_reads_as_one_line():
+    checks = ratio_gate({"llama/step/bs1/graph": 1.0}, STORED, tolerance=0.3)
+    assert [str(c) for c in checks] == ["llama/step/bs1/graph: 1.00x (stored 2.00x) FAIL: below 1.40x"]
+
+
+def test_goals_take_the_speed_up_over_eager_and_the_fastest_rounds_against_hf():
+    results = results_from_benchmarks(RUN)
+    measured = {(t.what, t.kind, t.bs): t.measure(results) for t in GOALS if t.measure(results) is not None}
+    assert measured == pytest.approx({
+        ("compiled decode step >= 5x eager", "step", 1): 5.0,
+        ("compiled decode step >= 4x eager", "step", 8): 4.0,
+        ("SimNPUGraph replay within 1.3x of eager's time", "step", 1): 2.0,
+        ("SimNPUGraph replay within 1.3x of eager's time", "step", 8): 1.5,
+        ("compiled >= 3x HF generate tokens/s", "loop", 1): 7.5,
+        ("compiled not slower than eager", "step", 1): 5.0,
+        ("compiled not slower than eager", "step", 8): 4.0,
+        ("compiled not slower than eager", "loop", 1): 5.0,
+        ("device graph beats eager", "step", 1): 2.0,
+    })
+
+
+MACHINE = {"machine": "x86_64", "system": "Linux", "python_implementation": "CPython", "python_version": "3.11.9",
+           "npugraph": {"device": "cpu", "device_name": "Test CPU", "torch": "2.x", "threads": 1}}
+
+
+def write_results(folder, benchmarks, check=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.json").write_text(json.dumps({"machine_info": MACHINE, "benchmarks": benchmarks}))
+    if check is not None:
+        (folder / "check.json").write_text(json.dumps(check))
+    return folder
+
+
+@pytest.fixture
+def stored(tmp_path):
+    """A stored baseline run (1.25x the throughput at eager bs=1) and stored speed-ups."""
+    baseline = tmp_path / "0001_cpu.json"
+    baseline.write_text(json.dumps({"machine_info": MACHINE, "benchmarks": [bench("eager", 1, 0.8), *RUN[1:]]}))
+    ratios = tmp_path / "ratios-cpu.json"
+    save_ratios(ratios, {"llama/step/bs1/graph": 2.0, "llama/step/bs1/compile": 5.0}, {})
+    return ["--baseline", str(baseline), "--ratios", str(ratios)]
+
+
+def test_report_writes_markdown_and_png(tmp_path, stored, capsys):
+    check = {"passed": False, "scenarios": [
+        {"name": "llama-graph", "passed": True, "verdicts": {"match": 8}, "graph_steps": 200, "eager_steps": 0},
+        {"name": "qwen2-graph", "passed": False, "failures": ["r3 step 7: mismatch"],
+         "verdicts": {"match": 7, "mismatch": 1}, "graph_steps": 200, "eager_steps": 0}]}
+    results = write_results(tmp_path / "results", RUN, check)
+    assert main(["report", str(results), *stored]) == 1  # the check failed
+    summary = (results / "summary.md").read_text()
+    assert "Machine: Test CPU (cpu), torch 2.x, 1 thread(s), one rank." in summary
+    assert "FAILED: 1 of 2 scenarios passed." in summary
+    assert "| qwen2-graph | **FAIL** | 7 | 0 | 1 | 200 | 0 |" in summary
+    assert "- FAIL `qwen2-graph`: r3 step 7: mismatch" in summary
+    assert "| 1 | eager | 1.000 | 1,000 | -20% | 1x | - |" in summary
+    assert "| 1 | graph | 0.500 | 2,000 | +0% | 2.00x | ok (stored 2.00x) |" in summary
+    assert "| compiled >= 3x HF generate tokens/s | llama | loop | 1 | 7.50x | >= 3.00x | yes |" in summary
+    assert "all 2 gated speed-ups within tolerance" in summary
+    assert (results / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out.strip() == f"wrote {results / 'summary.md'} and {results / 'bench.png'}"
+
+
+def test_report_exits_1_when_a_speed_up_dropped(tmp_path, stored):
+    slowed = [bench("eager", 1, 1.0), bench("graph", 1, 5.0, 0.2), bench("compile", 1, 0.2, 5.0)]
+    results = write_results(tmp_path / "results", slowed)
+    assert main(["report", str(results / "bench.json"), *stored]) == 1
+    summary = (results / "summary.md").read_text()
+    assert "| 1 | graph | 5.000 | 200 | -90% | 0.20x | **FAIL** (stored 2.00x) |" in summary
+    assert "1 of 2 speed-ups FAILED the ratio gate: llama/step/bs1/graph" in summary
+
+
+def test_report_passes_an_unchanged_run(tmp_path, stored):
+    assert main(["report", str(write_results(tmp_path / "results", RUN)), *stored]) == 0
+
+
+def test_report_without_results_exits_2_with_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"npugraph-harness: error: no benchmark results at {tmp_path / 'bench.json'} (write them with --benchmark-json)")
+
+
+@pytest.mark.parametrize(("device", "fails_on_times"), [("cpu", False), ("cuda", True), ("npu", True)])
+def test_bench_fails_on_absolute_times_only_on_accelerator_hosts(tmp_path, monkeypatch, device, fails_on_times):
+    from pytest_benchmark.utils import get_machine_id
+
+    from harness.bench import run as bench_module
+
+    stored = tmp_path / f"{device}-x86_64" / get_machine_id()
+    stored.mkdir(parents=True)
+    (stored / f"0001_{device}.json").write_text("{}")
+    ran, run = [], subprocess.run
+
+    def run_pytest(argv, *args, **kwargs):  # the pytest run is recorded, anything else (machine id) runs
+        if argv[1:3] != ["-m", "pytest"]:
+            return run(argv, *args, **kwargs)
+        ran.append(argv)
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(bench_module, "BASELINES", tmp_path)
+    monkeypatch.setattr(bench_module, "machine_class", lambda device: f"{device}-x86_64")
+    monkeypatch.setattr("reference_runner.device.resolve_device", lambda name: name)
+    monkeypatch.setattr(subprocess, "run", run_pytest)
+    assert main(["bench", "--device", device]) == 0
+    (argv,) = ran
+    assert "--benchmark-compare" in argv
+    assert ("--benchmark-compare-fail=min:30%" in argv) is fails_on_times

@@ -1,0 +1,117 @@
+"""Tiny checkpoints: deterministic, cached, never downloaded; local directories validated."""
+import re
+
+import pytest
+from safetensors import safe_open
+
+import harness.inputs.checkpoints as checkpoints
+from harness.inputs.checkpoints import BUILTIN_MODELS, CheckpointError, ensure_checkpoint, tiny_config
+
+
+def tensor_names(path) -> set[str]:
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        return set(f.keys())
+
+
+def test_a_builtin_is_built_into_a_directory_named_after_its_config_hash(tmp_path):
+    path = ensure_checkpoint("llama", tmp_path)
+    assert re.fullmatch(r"llama-[0-9a-f]{12}", path.name) and path.parent == tmp_path
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def test_builds_are_byte_identical(tmp_path):
+    first = ensure_checkpoint("qwen2_moe", tmp_path / "a")
+    second = ensure_checkpoint("qwen2_moe", tmp_path / "b")
+    assert first.name == second.name
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+
+
+def test_a_cached_checkpoint_is_reused_without_building(tmp_path, monkeypatch):
+    path = ensure_checkpoint("llama", tmp_path)
+    monkeypatch.setattr(checkpoints, "build_model", lambda config: pytest.fail("rebuilt a cached checkpoint"))
+    assert ensure_checkpoint("llama", tmp_path) == path
+
+
+def test_the_default_cache_is_npugraph_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NPUGRAPH_CACHE", str(tmp_path))
+    assert ensure_checkpoint("llama").parent == tmp_path
+
+
+def test_overrides_change_the_config_and_the_directory(tmp_path):
+    path = ensure_checkpoint("llama", tmp_path, num_hidden_layers=3)
+    assert path != ensure_checkpoint("llama", tmp_path)
+    assert '"num_hidden_layers": 3' in (path / "config.json").read_text()
+
+
+def test_a_process_that_loses_the_publishing_race_uses_the_winners_checkpoint(tmp_path, monkeypatch):
+    winner = tmp_path / ensure_checkpoint("llama", tmp_path / "elsewhere").name
+    build_model = checkpoints.build_model
+
+    def build_while_another_process_publishes(config):
+        winner.mkdir()
+        (winner / "config.json").write_text("{}")
+        return build_model(config)
+
+    monkeypatch.setattr(checkpoints, "build_model", build_while_another_process_publishes)
+    assert ensure_checkpoint("llama", tmp_path) == winner
+    assert [p.name for p in tmp_path.iterdir() if p.name != "elsewhere"] == [winner.name]  # no staging left
+
+
+def test_a_checkpoint_directory_is_returned_as_is(tmp_path):
+    path = ensure_checkpoint("llama", tmp_path)
+    assert ensure_checkpoint(path) == path
+    assert ensure_checkpoint(str(path)) == path
+
+
+def test_a_directory_without_config_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"lacks config.json$"):
+        ensure_checkpoint(tmp_path)
+
+
+def test_a_directory_without_weights_is_refused_naming_them(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"lacks \*.safetensors$"):
+        ensure_checkpoint(tmp_path)
+
+
+def test_an_unknown_name_is_refused_listing_the_builtins(tmp_path):
+    with pytest.raises(CheckpointError, match="'gpt2' is neither a checkpoint directory nor a builtin model "
+                                              r"\(llama, llama_kv1, qwen2, qwen2_moe, mixtral\)"):
+        ensure_checkpoint("gpt2", tmp_path)
+
+
+def test_overrides_are_refused_for_a_directory(tmp_path):
+    path = ensure_checkpoint("llama", tmp_path)
+    with pytest.raises(CheckpointError, match="overrides apply to builtin models only"):
+        ensure_checkpoint(path, num_hidden_layers=3)
+
+
+@pytest.mark.parametrize("name", BUILTIN_MODELS)
+def test_sizes_split_evenly_over_two_and_four_ranks(name):
+    config = tiny_config(name)
+    sizes = [config.num_attention_heads, config.vocab_size, config.intermediate_size]
+    sizes += [getattr(config, field) for field in ("moe_intermediate_size", "shared_expert_intermediate_size")
+              if hasattr(config, field)]
+    assert all(size % 4 == 0 for size in sizes)
+    assert config.num_key_value_heads in ((1,) if name == "llama_kv1" else (2,))
+
+
+def test_qwen2_moe_stores_one_tensor_per_expert_and_a_gated_shared_expert(tmp_path):
+    names = tensor_names(ensure_checkpoint("qwen2_moe", tmp_path))
+    mlp = {n.removeprefix("model.layers.0.mlp.") for n in names if n.startswith("model.layers.0.mlp.")}
+    experts = {f"experts.{e}.{proj}.weight" for e in range(4) for proj in ("gate_proj", "up_proj", "down_proj")}
+    shared = {f"shared_expert.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")}
+    assert mlp == experts | shared | {"gate.weight", "shared_expert_gate.weight"}
+
+
+def test_mixtral_stores_one_tensor_per_expert(tmp_path):
+    names = tensor_names(ensure_checkpoint("mixtral", tmp_path))
+    moe = {n.removeprefix("model.layers.0.block_sparse_moe.") for n in names if ".layers.0.block_sparse_moe." in n}
+    assert moe == {f"experts.{e}.w{i}.weight" for e in range(4) for i in (1, 2, 3)} | {"gate.weight"}
+
+
+def test_qwen2_ties_its_lm_head_and_has_qkv_biases(tmp_path):
+    names = tensor_names(ensure_checkpoint("qwen2", tmp_path))
+    assert "lm_head.weight" not in names
+    assert {f"model.layers.0.self_attn.{p}_proj.bias" for p in "qkv"} <= names

@@ -1,0 +1,74 @@
+"""`npugraph-harness check`: exit status, one-line errors, JSON and JUnit reports."""
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from harness.cli import build_parser, main
+from reference_runner.engine.args import EngineArgs
+from reference_runner.graphs.runner import NPUGraphRunner
+
+FAST = ["check", "--model", "llama", "--max-new-tokens", "12"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["check", "--modes", "eager,turbo"], "unknown mode 'turbo'"),
+        (["check", "--max-bs", "0"], "--max-bs must be >= 1, got 0"),
+        (["check", "--max-bs", "4", "--graph-bs", "2,8"], "--graph-bs [2, 8] must lie in 1..--max-bs (4)"),
+        (["check", "--model", "gpt2"], "'gpt2' is neither a checkpoint directory nor a builtin model"),
+        (["check", "--target", "vllm"], "unknown target 'vllm'"),
+        (["check", "--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) - sum(line.startswith("[") for line in err) == 1  # progress lines aside
+    assert message in err[-1]
+
+
+def test_unknown_subcommand_exits_2(capsys):
+    assert main(["frobnicate"]) == 2
+
+
+def test_passing_check_exits_0_and_reports_graph_steps(tmp_path):
+    report, junit = tmp_path / "check.json", tmp_path / "check.xml"
+    assert main([*FAST, "--json", str(report), "--junit", str(junit)]) == 0
+    doc = json.loads(report.read_text())
+    assert doc["passed"] is True
+    scenarios = {s["mode"]: s for s in doc["scenarios"]}
+    assert scenarios["eager"]["baseline"] == "oracle"
+    assert scenarios["graph"]["baseline"] == "eager"
+    assert scenarios["graph"]["graph_steps"] > 0
+    assert scenarios["graph"]["verdicts"] == {"match": 8, "tie": 0, "mismatch": 0}
+    assert {key for key in ("name", "model", "tp_size", "dp_size", "eager_steps", "first_divergence")} <= set(scenarios["graph"])
+    assert ET.parse(junit).getroot().get("failures") == "0"
+
+
+def test_a_graph_bug_makes_check_exit_1(tmp_path, monkeypatch):
+    monkeypatch.setattr(NPUGraphRunner, "replay_graph", lambda self, bs, lens: self.graphs[bs].replay())
+    report, junit = tmp_path / "check.json", tmp_path / "check.xml"
+    assert main([*FAST, "--modes", "graph", "--json", str(report), "--junit", str(junit)]) == 1
+    graph = json.loads(report.read_text())["scenarios"][0]
+    assert graph["passed"] is False
+    assert graph["first_divergence"]["status"] == "mismatch"
+    assert ET.parse(junit).getroot().get("failures") == "1"
+
+
+def test_help_answers_without_importing_torch():
+    # Parsing imports no command module: --help and bad options never wait for torch and transformers.
+    code = ("import sys; from harness.cli import main; status = main(['check', '--help']); "
+            "sys.exit(status if 'torch' not in sys.modules else 99)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--max-bs" in done.stdout and "--tp" in done.stdout
+
+
+def test_engine_flags_come_from_engine_args():
+    args = build_parser().parse_args(["check", "--tp", "2", "--max-bs", "4", "--graph-bs", "1,4", "--dtype", "bfloat16"])
+    assert EngineArgs.from_cli_args(args, mode="graph") == EngineArgs(
+        mode="graph", dtype="bfloat16", max_bs=4, graph_bs=(1, 4), tp_size=2)

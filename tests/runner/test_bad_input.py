@@ -1,0 +1,131 @@
+"""Bad input is refused at the API boundary with a message naming the culprit; the rest of a batch still runs."""
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from harness.inputs.checkpoints import ensure_checkpoint
+from reference_runner.engine.args import EngineArgs
+from reference_runner.engine.engine import Engine
+from reference_runner.errors import CheckpointError, InvalidRequest, UnsupportedModel
+from reference_runner.records import Request
+
+MAX_CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(ensure_checkpoint("llama"), EngineArgs(block_size=8, max_context=MAX_CONTEXT))
+
+
+@pytest.fixture
+def checkpoint_copy(tmp_path):
+    """A writable copy of the tiny llama checkpoint and its (single) weights file."""
+    path = shutil.copytree(ensure_checkpoint("llama"), tmp_path / "llama")
+    (weights,) = path.glob("*.safetensors")
+    return path, weights
+
+
+def edit_config(path, **fields):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **fields}))
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def test_unknown_architecture_names_it_and_the_supported_ones(checkpoint_copy):
+    path, _ = checkpoint_copy
+    edit_config(path, architectures=["GPTNeoXForCausalLM"])
+    with pytest.raises(UnsupportedModel, match="'GPTNeoXForCausalLM' is not supported; supported: LlamaForCausalLM, "
+                                               "MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM"):
+        Engine(path)
+
+
+def test_unsupported_rope_scaling_is_refused(checkpoint_copy):
+    path, _ = checkpoint_copy
+    edit_config(path, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})
+    with pytest.raises(UnsupportedModel, match="rope_type 'yarn'"):
+        Engine(path)
+
+
+def test_missing_config_names_the_file(checkpoint_copy):
+    path, _ = checkpoint_copy
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json not found"):
+        Engine(path)
+
+
+def test_missing_weights_file(checkpoint_copy):
+    path, weights = checkpoint_copy
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"no \*.safetensors file"):
+        Engine(path)
+
+
+def drop(name):
+    return lambda tensors: tensors.pop(name)
+
+
+def put(name, shape):
+    return lambda tensors: tensors.__setitem__(name, torch.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (drop("model.layers.1.mlp.up_proj.weight"), r"missing tensor\(s\) model.layers.1.mlp.up_proj.weight"),
+        (put("model.layers.0.self_attn.k_proj.weight", (16, 64)),
+         r"'model.layers.0.self_attn.k_proj.weight' has shape \(16, 64\), expected \(32, 64\)"),
+        (put("model.layers.0.mlp.experts.0.w1.weight", (4, 4)), "unexpected tensor 'model.layers.0.mlp.experts.0.w1.weight'"),
+    ],
+    ids=["missing", "misshapen", "unexpected"],
+)
+def test_bad_tensor_is_named(checkpoint_copy, edit, message):
+    path, weights = checkpoint_copy
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights)
+    with pytest.raises(CheckpointError, match=message):
+        Engine(path)
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    (Request("empty", [], 4), "request 'empty': empty prompt"),
+    (Request("long", [1] * 60, 5), "request 'long': prompt of 60 tokens + max_new_tokens 5 exceeds max_context 64"),
+    (Request("vocab", [1, 512], 4), "request 'vocab': token id 512 at prompt position 1 is outside the vocabulary"),
+    (Request("negative", [-1], 4), "request 'negative': token id -1 at prompt position 0 is outside the vocabulary"),
+    (Request("float", [1, 2.0], 4), "request 'float': token id 2.0 at prompt position 1 is not an int"),
+    (Request("zero", [1, 2], 0), "request 'zero': max_new_tokens must be >= 1, got 0"),
+    (Request("early", [1, 2], 3, arrival_step=-1), "request 'early': arrival_step must be >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("request_, message", BAD_REQUESTS, ids=[r.rid for r, _ in BAD_REQUESTS])
+def test_validate_raises_invalid_request(engine, request_, message):
+    with pytest.raises(InvalidRequest, match=re.escape(message)) as info:
+        engine.validate(request_)
+    assert isinstance(info.value, ValueError)
+
+
+def test_a_request_that_just_fits_is_valid(engine):
+    engine.validate(Request("fits", [1] * 60, 4))
+
+
+def test_invalid_requests_come_back_with_errors_and_the_batch_still_runs(engine):
+    good = [Request("a", [3, 4, 5], 6), Request("b", list(range(10, 30)), 5, arrival_step=2)]
+    alone = engine.generate([Request(r.rid, r.prompt_ids, r.max_new_tokens) for r in good])
+    duplicate = Request("a", [7], 2)
+    batch = [BAD_REQUESTS[0][0], good[0], *(r for r, _ in BAD_REQUESTS[1:]), duplicate, good[1]]
+    generations = engine.generate(batch)
+    assert [g.rid for g in generations] == [r.rid for r in batch]
+    errors = {g.rid: g.error for g in generations if g.error}
+    for request, message in BAD_REQUESTS:
+        assert errors[request.rid].startswith(message)
+    assert generations[-2].error == "request 'a': duplicate rid (also request #1)"
+    assert [g.output_ids for g in generations if g.error is None] == [g.output_ids for g in alone]
+    assert all(not g.output_ids for g in generations if g.error)
