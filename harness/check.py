@@ -174,11 +174,10 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def check_names(args: argparse.Namespace) -> None:
     """A known device (also in NPUGRAPH_DEVICE), target and workload."""
-    forced = os.environ.get("NPUGRAPH_DEVICE")
-    for where, device in (("--device", args.device), ("NPUGRAPH_DEVICE=", forced)):
-        if device and device not in DEVICES:
-            raise UsageError(f"{where}{' ' if where.startswith('--') else ''}{device}: unknown device {device!r}; "
-                             f"choose one of {', '.join(DEVICES)}")
+    forced = os.environ.get("NPUGRAPH_DEVICE") or None  # empty means unset
+    for where, device in (("--device ", args.device), ("NPUGRAPH_DEVICE=", forced)):
+        if device is not None and device not in DEVICES:
+            raise UsageError(f"{where}{device}: unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if args.target not in TARGETS:
         raise UsageError(f"--target {args.target}: unknown target {args.target!r}; choose one of {', '.join(TARGETS)}")
     if args.workload not in WORKLOADS:
@@ -224,6 +223,15 @@ def check_context(plan: CheckPlan, model: ModelPlan) -> None:
                              f"{engine.max_context}")
 
 
+def check_decode_steps(plan: CheckPlan, model: ModelPlan) -> None:
+    """A graph mode has a decode step to replay: some request wants a token after the one its prefill gives."""
+    graph_modes = [mode for mode in plan.modes if mode != "eager"]
+    if graph_modes and all(r.max_new_tokens < 2 for r in model.requests):
+        raise UsageError(f"--max-new-tokens {plan.max_new_tokens}: no request of workload {model.workload!r} decodes after "
+                         f"its prefill (which gives the first token), so mode {graph_modes[0]!r} would replay nothing: "
+                         "give 2 or more")
+
+
 def check_top_k(plan: CheckPlan, model: ModelPlan) -> None:
     """--top-k within the vocabulary."""
     if plan.engine.top_k > model.config.vocab_size:
@@ -263,7 +271,8 @@ def check_memory(plan: CheckPlan, model: ModelPlan) -> None:
                 f"{available / 2**20:,.0f} MiB are available ({source}): lower --max-bs, --num-blocks or --max-context")
 
 
-MODEL_CHECKS: tuple[Callable[[CheckPlan, ModelPlan], None], ...] = (check_context, check_top_k, check_layout, check_memory)
+MODEL_CHECKS: tuple[Callable[[CheckPlan, ModelPlan], None], ...] = (
+    check_context, check_decode_steps, check_top_k, check_layout, check_memory)
 
 
 def available_memory(device: str) -> tuple[int, str]:

@@ -212,6 +212,9 @@ LIMIT_PROBES = {
                         "beyond --max-context 256"),
     "context-beyond-positions": (["--max-context", "2048"],
                                  "--max-context 2048 exceeds model 'llama''s max_position_embeddings 1024"),
+    "graph-mode-without-a-decode-step": (["--modes", "eager,graph", "--max-new-tokens", "1"],
+                                         "--max-new-tokens 1: no request of workload 'batch1' decodes after its prefill "
+                                         "(which gives the first token), so mode 'graph' would replay nothing: give 2 or more"),
     "top-k-beyond-vocab": (["--top-k", "1000"], "--top-k 1000 exceeds model 'llama''s vocab_size 512"),
     "tp-not-dividing-heads": (["--tp", "3"], "--model llama: tp 3 does not divide num_attention_heads 4"),
     "more-ranks-than-available": (["--tp", "4", "--dp", "4"],
