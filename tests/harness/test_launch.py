@@ -115,10 +115,13 @@ def test_ranks_that_never_finish_are_killed_at_the_run_timeout():
 
 
 @pytest.mark.multirank
-def test_a_rank_stopped_at_start_up_is_named_before_it_joins():
-    signal_rank_at_start(1, signal.SIGSTOP)
-    with pytest.raises(RankFailed, match=r"^rank 1 \(pid \d+\) is stopped \(SIGSTOP\) and has not joined the job after "
-                                         r"\d+ s$"):
+@pytest.mark.parametrize(("sig", "message"), [
+    (signal.SIGSTOP, r"is stopped \(SIGSTOP\) and has not joined the job after \d+ s$"),
+    (signal.SIGKILL, r"was killed by SIGKILL without reporting an error; log tail:"),
+], ids=["stopped", "killed"])
+def test_a_rank_stopped_or_killed_at_start_up_is_named_with_its_pid(sig, message):
+    signal_rank_at_start(1, sig)
+    with pytest.raises(RankFailed, match=r"^rank 1 \(pid \d+\) " + message):
         launch(make_job(tp=2))
     assert live_children() == []
 
@@ -127,15 +130,6 @@ def test_a_rank_stopped_at_start_up_is_named_before_it_joins():
 def test_a_rank_stopped_after_joining_is_named():
     with pytest.raises(RankFailed, match=r"^rank 1 \(pid \d+\) is stopped \(SIGSTOP\) after joining the job$"):
         launch(make_job(tp=2, setup=RANK_FAULTS["stops_itself"]))
-    assert live_children() == []
-
-
-@pytest.mark.multirank
-def test_a_rank_killed_by_a_signal_is_named_with_its_pid_and_the_signal():
-    signal_rank_at_start(1, signal.SIGKILL)
-    with pytest.raises(RankFailed, match=r"^rank 1 \(pid \d+\) was killed by SIGKILL without reporting an error; "
-                                         r"log tail:"):
-        launch(make_job(tp=2))
     assert live_children() == []
 
 
