@@ -29,6 +29,8 @@ from reference_runner.engine.args import MODES, EngineArgs
 from reference_runner.records import Request
 
 if TYPE_CHECKING:
+    import torch
+
     from harness.targets.base import Target
     from reference_runner.models.config import ModelConfig
 
@@ -76,6 +78,7 @@ def check(args: argparse.Namespace) -> int:
 
     scenarios = plan.scenarios
     judge = Judge(plan.target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr))
+    judge.progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(scenarios)} scenario(s)")
     try:
         results = []
         for i, scenario in enumerate(scenarios, 1):
@@ -122,7 +125,7 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     return plan
 
 
-def resolve_model(name: str, workload: str, max_new_tokens: int, dtype) -> ModelPlan:
+def resolve_model(name: str, workload: str, max_new_tokens: int, dtype: torch.dtype) -> ModelPlan:
     """Model `name`'s checkpoint (built, or validated tensor by tensor for a run in `dtype`) and its requests."""
     from harness.inputs.checkpoints import ensure_checkpoint
     from reference_runner.errors import CheckpointError, UnsupportedModel
