@@ -153,12 +153,13 @@ def merge(job: RankJob, results: list[RankResult]) -> list[Generation]:
     return [next(per_dp[d]) for d in job.dp_rank_of()]
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+# Looked up here, in the parent: between fork and exec the child only makes the call.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
 def _die_with_parent() -> None:
     # In the child, before exec: the kernel sends it SIGKILL when the launching process dies, however it dies.
-    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
 def _wait(procs: list[subprocess.Popen], out: Path, timeout_s: float) -> None:
