@@ -207,9 +207,6 @@ def _failures(procs: list[subprocess.Popen], out: Path) -> str:
     failed = sorted((rank for rank, p in enumerate(procs) if p.poll() not in (None, 0)),
                     key=lambda rank: _failure_time(out, rank))
     message = _failure(out, failed[0], procs[failed[0]])
-    absent = [f"{rank} (pid {p.pid})" for rank, p in enumerate(procs) if not _joined(out, rank)]
-    if absent and len(absent) < len(procs):  # some joined, these never did: the likely cause
-        message += f"\n(rank(s) {', '.join(absent)} never joined the job)"
     return message + (f"\n(then rank(s) {failed[1:]} failed too)" if failed[1:] else "")
 
 
