@@ -1,60 +1,298 @@
 """`npugraph-harness check`: judge the engine under test on a matrix of scenarios, print the table,
-write the reports; exit 0 only if every scenario passed."""
+write the reports; exit 0 only if every scenario passed.
+
+Everything is resolved and validated before the first scenario runs (`plan_check`), so that a bad input
+costs one line and exit 2 at once, never a run thrown away: first the options alone, before torch is
+imported (`OPTION_CHECKS`); then the device and the target, and per model its checkpoint (a builtin
+built, a directory validated tensor by tensor) and its requests (`MODEL_CHECKS`: context, top-k,
+layout, KV-cache memory). A new check is one function added to either tuple.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.exits import EXIT_FAIL, EXIT_PASS, UsageError
-from harness.inputs.scenarios import default_matrix
+from harness.inputs.scenarios import Scenario, default_matrix
+from harness.inputs.workloads import WORKLOADS, make_requests
+from harness.targets import TARGETS
+from reference_runner.device import DEVICES
 from reference_runner.engine.args import MODES, EngineArgs
+from reference_runner.records import Request
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.targets.base import Target
+    from reference_runner.models.config import ModelConfig
+
+# Decode graphs are captured at [1, 2, 4, 8] and every 8 up to --max-bs: beyond this, capture alone takes ages.
+MAX_BS = 1024
+OUTPUTS = ("json", "junit")  # the report options, each a file path
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model of the check: as named on the command line, its validated checkpoint and config, its requests."""
+
+    name: str
+    checkpoint: Path
+    config: ModelConfig
+    workload: str
+    requests: list[Request]
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """Everything a check runs, resolved and validated before its first scenario."""
+
+    device: str
+    target: Target
+    engine: EngineArgs  # every mode's options; each scenario sets its own mode
+    modes: list[str]
+    workload: str
+    max_new_tokens: int
+    models: list[ModelPlan]
+    json: Path | None = None
+    junit: Path | None = None
+
+    @property
+    def scenarios(self) -> list[Scenario]:
+        return default_matrix([m.name for m in self.models], self.modes, self.engine, workload=self.workload,
+                              max_new_tokens=self.max_new_tokens)
 
 
 def check(args: argparse.Namespace) -> int:
-    import transformers
-
+    """Plan, run every scenario, print the table, write the reports; EXIT_PASS only if every scenario passed."""
+    plan = plan_check(args)
     from harness.judge import SETUP_ERRORS, Judge
     from harness.report import table, write_json, write_junit
-    from harness.targets import get_target
-    from reference_runner.attention import default_dtype
-    from reference_runner.device import detect_device, resolve_device
 
-    transformers.logging.disable_progress_bar()  # checkpoint writes and the oracle: the check prints its own lines
-    validate_options(args)
+    scenarios = plan.scenarios
+    judge = Judge(plan.target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr))
+    judge.progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(scenarios)} scenario(s)")
     try:
-        device = resolve_device(args.device) if args.device else detect_device()
-        target = get_target(args.target, device)
-    except (ValueError, *SETUP_ERRORS) as error:
-        raise UsageError(str(error)) from None
-    engine = EngineArgs.from_cli_args(args, dtype=args.dtype or default_dtype(device))
-    try:
-        scenarios = default_matrix(args.model, args.modes, engine, workload=args.workload,
-                                   max_new_tokens=args.max_new_tokens)
-        judge = Judge(target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr))
         results = []
         for i, scenario in enumerate(scenarios, 1):
             judge.progress(f"scenario {i}/{len(scenarios)}: {scenario.name}")
             results.append(judge.run(scenario))
         print(table(results))
-        if args.json:
-            write_json(results, args.json, device=device, target=args.target)
-        if args.junit:
-            write_junit(results, args.junit)
+        if plan.json:
+            write_json(results, plan.json, device=plan.device, target=plan.target.name)
+        if plan.junit:
+            write_junit(results, plan.junit)
     except (OSError, *SETUP_ERRORS) as error:
         raise UsageError(str(error)) from None
-    return EXIT_PASS if all(r.passed for r in results) else EXIT_FAIL
+    return EXIT_PASS if results and all(r.passed for r in results) else EXIT_FAIL
 
 
-def validate_options(args: argparse.Namespace) -> None:
-    """Reject option values that no scenario could run with, before any work starts."""
+def plan_check(args: argparse.Namespace) -> CheckPlan:
+    """Resolve and validate everything `args` asks for, or raise UsageError naming the culprit."""
+    for option_check in OPTION_CHECKS:
+        option_check(args)
+    import torch
+    import transformers
+
+    from harness.targets import get_target
+    from harness.targets.base import TargetUnavailable
+    from reference_runner.attention import default_dtype
+    from reference_runner.device import DeviceUnavailable, detect_device, resolve_device
+
+    transformers.logging.disable_progress_bar()  # checkpoint writes and the oracle: the check prints its own lines
+    try:
+        device = resolve_device(args.device) if args.device else detect_device()
+        target = get_target(args.target, device)
+    except (DeviceUnavailable, TargetUnavailable) as error:
+        raise UsageError(str(error)) from None
+    engine = EngineArgs.from_cli_args(args, dtype=args.dtype or default_dtype(device))
+    plan = CheckPlan(device, target, engine, list(args.modes), args.workload, args.max_new_tokens, models=[],
+                     **{output: getattr(args, output) for output in OUTPUTS})
+    for name in args.model:  # all of them before any scenario: a bad last model costs nothing
+        model = resolve_model(name, args.workload, args.max_new_tokens, getattr(torch, engine.dtype))
+        for model_check in MODEL_CHECKS:
+            model_check(plan, model)
+        plan.models.append(model)
+    if not plan.scenarios:
+        raise UsageError("no scenario to run: give at least one --model and one of --modes")
+    return plan
+
+
+def resolve_model(name: str, workload: str, max_new_tokens: int, dtype: torch.dtype) -> ModelPlan:
+    """Model `name`'s checkpoint (built, or validated tensor by tensor for a run in `dtype`) and its requests."""
+    from harness.inputs.checkpoints import ensure_checkpoint
+    from reference_runner.errors import CheckpointError, UnsupportedModel
+    from reference_runner.models.loader import validate_checkpoint
+
+    try:
+        checkpoint = ensure_checkpoint(name)
+        config = validate_checkpoint(checkpoint, dtype)
+    except (CheckpointError, UnsupportedModel) as error:
+        raise UsageError(f"--model {name}: {error}") from None
+    requests = make_requests(workload, config.vocab_size, max_new_tokens)
+    if not requests:
+        raise UsageError(f"--workload {workload} has no request for model {name!r}: the check would compare nothing")
+    return ModelPlan(name, checkpoint, config, workload, requests)
+
+
+# --- option checks: the parsed options alone, before torch is imported ---------------------------
+
+def check_lists(args: argparse.Namespace) -> None:
+    """Known modes; no item twice (the parser already refused empty items)."""
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
-        raise UsageError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
-    for name in ("max_bs", "tp_size", "dp_size", "max_new_tokens"):
-        value = getattr(args, name)
+        raise UsageError(f"--modes: unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    for option, items in (("--modes", args.modes), ("--model", args.model), ("--graph-bs", args.graph_bs or ())):
+        twice = [item for i, item in enumerate(items) if item in items[:i]]
+        if twice:
+            raise UsageError(f"{option} lists {twice[0]!r} twice")
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every count at least 1, --max-bs at most MAX_BS, --graph-bs within 1..--max-bs, and --num-blocks
+    enough for one request of --max-context."""
+    numbers = {"--max-new-tokens": args.max_new_tokens}
+    numbers |= {EngineArgs.flag(f.name): getattr(args, f.name) for f in dataclasses.fields(EngineArgs)
+                if f.name not in ("mode", "dtype", "graph_bs")}
+    for flag, value in numbers.items():
         if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_size', '').replace('_', '-')} must be >= 1, got {value}")
-    max_bs = args.max_bs or EngineArgs.max_bs
-    if args.graph_bs and not all(1 <= bs <= max_bs for bs in args.graph_bs):
-        raise UsageError(f"--graph-bs {list(args.graph_bs)} must lie in 1..--max-bs ({max_bs})")
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    engine = EngineArgs.from_cli_args(args)
+    if engine.max_bs > MAX_BS:
+        raise UsageError(f"--max-bs {engine.max_bs} is above {MAX_BS}: that many captured batch sizes would take "
+                         f"ages to capture")
+    if engine.graph_bs and not all(1 <= bs <= engine.max_bs for bs in engine.graph_bs):
+        raise UsageError(f"--graph-bs {list(engine.graph_bs)} must lie in 1..--max-bs ({engine.max_bs})")
+    if engine.kv_num_blocks() < engine.blocks_per_seq + 1:
+        raise UsageError(f"--num-blocks {engine.num_blocks} cannot hold one request of --max-context {engine.max_context}: "
+                         f"that takes {engine.blocks_per_seq} blocks of {engine.block_size} tokens, plus block 0 (reserved)")
+
+
+def check_names(args: argparse.Namespace) -> None:
+    """A known device (also in NPUGRAPH_DEVICE), target and workload."""
+    forced = os.environ.get("NPUGRAPH_DEVICE") or None  # empty means unset
+    for where, device in (("--device ", args.device), ("NPUGRAPH_DEVICE=", forced)):
+        if device is not None and device not in DEVICES:
+            raise UsageError(f"{where}{device}: unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if args.target not in TARGETS:
+        raise UsageError(f"--target {args.target}: unknown target {args.target!r}; choose one of {', '.join(TARGETS)}")
+    if args.workload not in WORKLOADS:
+        raise UsageError(f"--workload {args.workload}: unknown workload {args.workload!r}; choose one of "
+                         f"{', '.join(WORKLOADS)}")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Each report path is a file we can write (its folders are made now), and no two options share one."""
+    paths = {option: getattr(args, option) for option in OUTPUTS if getattr(args, option) is not None}
+    seen: dict[Path, str] = {}
+    for option, path in paths.items():
+        if path.resolve() in seen:
+            raise UsageError(f"--{seen[path.resolve()]} and --{option} both write {path}")
+        seen[path.resolve()] = option
+        if path.is_dir():
+            raise UsageError(f"--{option} {path}: is a directory, not a file")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path.parent):  # the folder takes a new file
+                pass
+            if path.exists() and not os.access(path, os.W_OK):
+                raise PermissionError(f"{path} is read-only")
+        except OSError as error:
+            raise UsageError(f"--{option} {path}: cannot write there ({error})") from None
+
+
+OPTION_CHECKS: tuple[Callable[[argparse.Namespace], None], ...] = (check_names, check_lists, check_numbers, check_outputs)
+
+
+# --- model checks: each model's config and requests against the engine's limits -----------------
+
+def check_context(plan: CheckPlan, model: ModelPlan) -> None:
+    """--max-context within the model's positions, and every request within --max-context."""
+    engine, positions = plan.engine, model.config.max_position_embeddings
+    if engine.max_context > positions:
+        raise UsageError(f"--max-context {engine.max_context} exceeds model {model.name!r}'s max_position_embeddings "
+                         f"{positions}")
+    for r in model.requests:
+        if len(r.prompt_ids) + r.max_new_tokens > engine.max_context:
+            raise UsageError(f"--max-new-tokens {plan.max_new_tokens}: request {r.rid!r} of workload {model.workload!r} "
+                             f"needs {len(r.prompt_ids)} prompt + {r.max_new_tokens} new tokens, beyond --max-context "
+                             f"{engine.max_context}")
+
+
+def check_decode_steps(plan: CheckPlan, model: ModelPlan) -> None:
+    """A graph mode has a decode step to replay: some request wants a token after the one its prefill gives."""
+    graph_modes = [mode for mode in plan.modes if mode != "eager"]
+    if graph_modes and all(r.max_new_tokens < 2 for r in model.requests):
+        raise UsageError(f"--max-new-tokens {plan.max_new_tokens}: no request of workload {model.workload!r} decodes after "
+                         f"its prefill (which gives the first token), so mode {graph_modes[0]!r} would replay nothing: "
+                         "give 2 or more")
+
+
+def check_top_k(plan: CheckPlan, model: ModelPlan) -> None:
+    """--top-k within the vocabulary."""
+    if plan.engine.top_k > model.config.vocab_size:
+        raise UsageError(f"--top-k {plan.engine.top_k} exceeds model {model.name!r}'s vocab_size {model.config.vocab_size}")
+
+
+def check_layout(plan: CheckPlan, model: ModelPlan) -> None:
+    """A multi-rank layout of the reference target fits the model and the ranks available."""
+    if plan.engine.world_size == 1 or plan.target.name != "reference":
+        return
+    from harness.targets.launch import RankJob, validate_layout
+    from reference_runner.errors import LayoutError
+
+    try:
+        validate_layout(RankJob(str(model.checkpoint), model.requests, plan.engine, device=plan.device))
+    except LayoutError as error:
+        raise UsageError(f"--model {model.name}: {error}") from None
+
+
+def check_memory(plan: CheckPlan, model: ModelPlan) -> None:
+    """The KV cache fits the memory available: the one-rank eager baseline's, and every rank's (ranks on the CPU
+    share its memory; on an accelerator each has its own)."""
+    from reference_runner.parallel.state import kv_heads_per_rank
+
+    engine, config = plan.engine, model.config
+    blocks, itemsize = engine.kv_num_blocks(), _itemsize(engine.dtype)
+    available, source = available_memory(plan.device)
+    # (tp size, ranks sharing the memory): the eager baseline on one rank, then the layout under test.
+    for tp, ranks in ((1, 1), (engine.tp_size, engine.world_size if plan.device == "cpu" else 1)):
+        kv_heads = kv_heads_per_rank(config.num_key_value_heads, tp)
+        need = blocks * engine.block_size * config.num_hidden_layers * kv_heads * config.head_dim * 2 * itemsize * ranks
+        if need > available:
+            raise UsageError(
+                f"the KV cache of model {model.name!r} needs {need / 2**20:,.0f} MiB ({blocks:,} blocks x "
+                f"{engine.block_size} tokens x {config.num_hidden_layers} layers x {kv_heads} KV heads x "
+                f"{config.head_dim} x 2 (K, V) x {itemsize} bytes{f' x {ranks} ranks' if ranks > 1 else ''}), but "
+                f"{available / 2**20:,.0f} MiB are available ({source}): lower --max-bs, --num-blocks or --max-context")
+
+
+MODEL_CHECKS: tuple[Callable[[CheckPlan, ModelPlan], None], ...] = (
+    check_context, check_decode_steps, check_top_k, check_layout, check_memory)
+
+
+def available_memory(device: str) -> tuple[int, str]:
+    """Bytes free for a new allocation on `device` (the first accelerator), and where the figure comes from."""
+    if device != "cpu":
+        import torch
+
+        return getattr(torch, device).mem_get_info()[0], f"torch.{device}.mem_get_info"
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024, "MemAvailable in /proc/meminfo"
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free physical pages"
+
+
+def _itemsize(dtype: str) -> int:
+    import torch
+
+    return getattr(torch, dtype).itemsize

@@ -1,7 +1,8 @@
 """`npugraph-harness` command line: `check` (exit 0 only if every verdict passes), `bench`, `report`.
 
 Parsing imports nothing heavy: each command's module (and torch with it) is imported only once its
-options have parsed, so `--help` and bad options answer at once.
+options have parsed, so `--help` and bad options answer at once. Every bad input is one line on stderr
+and exit 2; Ctrl-C (SIGINT) and SIGTERM stop a command cleanly, with one line and exit 130 or 143.
 """
 from __future__ import annotations
 
@@ -11,26 +12,29 @@ import sys
 from pathlib import Path
 
 from harness.bench.results import DEFAULT_TOLERANCE
-from harness.exits import EXIT_PASS, EXIT_USAGE, UsageError
-from reference_runner.engine.args import MODES, EngineArgs
+from harness.exits import EXIT_PASS, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, Terminated, UsageError, sigterm_raises
+from reference_runner.engine.args import MODES, EngineArgs, csv_items
 
 DEFAULT_MODELS = "llama,qwen2_moe"  # one dense, one MoE
 COMMANDS = {"check": "harness.check:check", "bench": "harness.bench.run:bench", "report": "harness.bench.report:report"}
 
 
-def _csv(value: str) -> list[str]:
-    return value.split(",")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a UsageError), like every other bad input, instead of usage + error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="npugraph-harness", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="npugraph-harness", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="graph vs eager (and eager vs transformers) token by token")
-    check.add_argument("--model", type=_csv, default=_csv(DEFAULT_MODELS),
+    check.add_argument("--model", type=csv_items, default=csv_items(DEFAULT_MODELS),
                        help="built-in names (llama, qwen2, qwen2_moe, mixtral, llama_kv1) or checkpoint dirs, "
                             f"comma-separated (default: {DEFAULT_MODELS})")
-    check.add_argument("--modes", type=_csv, default=["eager", "graph"], help=f"comma-separated of {', '.join(MODES)}")
+    check.add_argument("--modes", type=csv_items, default=["eager", "graph"], help=f"comma-separated of {', '.join(MODES)}")
     check.add_argument("--device", default=None, help="cpu, cuda or npu (default: detected)")
     check.add_argument("--target", default="reference", help="engine under test: reference or sglang")
     check.add_argument("--workload", default="mixed", help="request mix (mixed, join_leave, skewed, batch1, batch3, ...)")
@@ -63,14 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `npugraph-harness` and `python -m harness`; returns the exit status."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:
-        return EXIT_USAGE if exit_.code else EXIT_PASS
-    module, name = COMMANDS[args.command].split(":")
-    command = getattr(importlib.import_module(module), name)
-    try:
-        return command(args)
-    except UsageError as error:
-        print(f"npugraph-harness: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    with sigterm_raises():
+        try:
+            args = build_parser().parse_args(argv)
+            module, name = COMMANDS[args.command].split(":")
+            return getattr(importlib.import_module(module), name)(args)
+        except SystemExit as exit_:  # --help
+            return EXIT_USAGE if exit_.code else EXIT_PASS
+        except UsageError as error:
+            return _stop(f"error: {error}", EXIT_USAGE)
+        except KeyboardInterrupt:
+            return _stop("stopped by SIGINT (Ctrl-C)", EXIT_SIGINT)
+        except Terminated:
+            return _stop("stopped by SIGTERM", EXIT_SIGTERM)
+
+
+def _stop(line: str, status: int) -> int:
+    print(f"npugraph-harness: {line}", file=sys.stderr)
+    return status

@@ -63,9 +63,11 @@ class ScenarioResult:
 
 
 def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRun) -> list[str]:
-    """Failed verdicts, and a graph scenario in which no step replayed a graph (silent fallback), where
-    the target counts graph steps at all."""
+    """Failed verdicts, a scenario that judged no request (a pass must have compared something), and a graph
+    scenario in which no step replayed a graph (silent fallback), where the target counts graph steps at all."""
     failures = [f"{v.rid}: {v.reason}" for v in verdicts if not v.passed]
+    if not verdicts:
+        failures.append("no request was judged: a scenario that compared nothing cannot pass")
     if scenario.mode != "eager" and run.counts_graph_steps and run.graph_steps == 0:
         failures.append(f"no decode step replayed a graph in mode {scenario.mode!r} (silent eager fallback)")
     return failures

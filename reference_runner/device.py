@@ -7,13 +7,14 @@ libraries (`libhccl.so: cannot open shared object file` otherwise). On an Ascend
 CANN first (`source /usr/local/Ascend/ascend-toolkit/set_env.sh`); where torch_npu is installed but
 CANN is not, set `TORCH_DEVICE_BACKEND_AUTOLOAD=0` and torch imports without it (npu then reads as
 unavailable).
+
+torch itself is imported only by the functions that need it, so that a device name can be checked
+(`DEVICES`) before the seconds that importing torch takes.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-
-import torch
 
 DEVICES = ("cpu", "cuda", "npu")
 
@@ -24,6 +25,8 @@ class DeviceUnavailable(RuntimeError):
 
 def npu_available() -> bool:
     """True when torch_npu imports and sees at least one NPU."""
+    import torch
+
     if importlib.util.find_spec("torch_npu") is None:
         return False
     try:
@@ -34,10 +37,15 @@ def npu_available() -> bool:
 
 
 def detect_device() -> str:
-    """The best device here: `npu`, then `cuda`, then `cpu` (`NPUGRAPH_DEVICE` overrides)."""
+    """The best device here: `npu`, then `cuda`, then `cpu` (`NPUGRAPH_DEVICE` overrides; empty means unset)."""
+    import torch
+
     forced = os.environ.get("NPUGRAPH_DEVICE")
     if forced:
-        return resolve_device(forced)
+        try:
+            return resolve_device(forced)
+        except DeviceUnavailable as e:
+            raise DeviceUnavailable(f"NPUGRAPH_DEVICE={forced}: {e}") from None
     if npu_available():
         return "npu"
     if torch.cuda.is_available():
@@ -47,6 +55,8 @@ def detect_device() -> str:
 
 def resolve_device(name: str) -> str:
     """Check that `name` is a known device that is present, or raise `DeviceUnavailable`."""
+    import torch
+
     if name not in DEVICES:
         raise DeviceUnavailable(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
     if name == "npu" and not npu_available():
@@ -62,12 +72,16 @@ def resolve_device(name: str) -> str:
 def synchronize(device: str) -> None:
     """Wait for queued work on `device` (a no-op on the CPU)."""
     if device != "cpu":
+        import torch
+
         getattr(torch, device).synchronize()
 
 
 def device_name(device: str) -> str:
     """The accelerator's name (`NVIDIA H200`, ...), or the processor's on the CPU."""
     if device != "cpu":
+        import torch
+
         return getattr(torch, device).get_device_name()
     import platform
 

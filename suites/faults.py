@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -197,6 +199,12 @@ def every_rank_hangs(parallel) -> None:
     time.sleep(3600)
 
 
+def stops_itself(parallel) -> None:
+    """Rank 1 stops (SIGSTOP) once it has joined, as under a stray Ctrl-Z; its peers wait in their first collective."""
+    if parallel.rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 RANK_FAULTS = {f.__name__: f"{__name__}:{f.__name__}" for f in (
     all_reduce_missing_in_graph, pads_to_its_own_bucket, raises_mid_run, raises_at_start, hangs_outside_collectives,
-    every_rank_hangs)}
+    every_rank_hangs, stops_itself)}

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from harness.bench.results import (
     BASELINES,
@@ -163,26 +165,42 @@ def render_chart(results: list[BenchResult], baseline: list[BenchResult], path: 
     plt.close(fig)
 
 
+def load_check(path: Path) -> dict:
+    """The document `npugraph-harness check --json` wrote: `passed` and a list of scenario objects."""
+    check = json.loads(Path(path).read_text())
+    if not (isinstance(check, dict) and isinstance(check.get("scenarios"), list)
+            and all(isinstance(s, dict) for s in check["scenarios"])):
+        raise ValueError("expected an object with a list of scenarios, as `check --json` writes")
+    return check
+
+
+def _load(path: Path, what: str, loader: Callable[[Path], Any]) -> Any:
+    try:
+        return loader(path)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UsageError(f"{path}: not readable as {what} ({type(error).__name__}: {error})") from None
+
+
 def report(args: argparse.Namespace) -> int:
     """Write `summary.md` and `bench.png`; exit 1 when the ratio gate or the check failed."""
     folder = args.results if args.results.is_dir() else args.results.parent
     bench_json = args.results / "bench.json" if args.results.is_dir() else args.results
     if not bench_json.is_file():
         raise UsageError(f"no benchmark results at {bench_json} (write them with --benchmark-json)")
-    results, machine_info = load_results(bench_json)
+    results, machine_info = _load(bench_json, "pytest-benchmark results", load_results)
     if not results:
         raise UsageError(f"{bench_json} holds no suites/bench results")
     sources = {"results": str(bench_json)}
     baseline_file = args.baseline or stored_baseline(machine_info)
-    baseline = load_results(baseline_file)[0] if baseline_file else []
+    baseline = _load(baseline_file, "pytest-benchmark results", load_results)[0] if baseline_file else []
     if baseline_file:
         sources["baseline"] = str(baseline_file)
     ratios_file = args.ratios or ratios_path(machine_info.get("npugraph", {}).get("device", "cpu"))
-    stored = load_ratios(ratios_file) if ratios_file.is_file() else {}
+    stored = _load(ratios_file, "stored speed-ups", load_ratios) if ratios_file.is_file() else {}
     if stored:
         sources["stored speed-ups"] = str(ratios_file)
     check_file = args.check or folder / "check.json"
-    check = json.loads(check_file.read_text()) if check_file.is_file() else None
+    check = _load(check_file, "check results", load_check) if check_file.is_file() else None
     if check is not None:
         sources["check"] = str(check_file)
     out = args.out or folder

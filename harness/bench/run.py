@@ -1,13 +1,31 @@
 """`npugraph-harness bench`: run `suites/bench` with pytest, gated by the baselines stored for this machine
-class and device (or, with `--record`, store new ones)."""
+class and device (or, with `--record`, store new ones).
+
+pytest runs in the source checkout (`--rootdir` and working directory: its conftest, pyproject.toml and
+baselines/), whatever directory `bench` is started from; its exit statuses map onto the command line's.
+"""
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
 
-from harness.bench.results import BASELINES, BENCH_DIR, COMPARE_FAIL, GATED_TIMES_DEVICES, machine_class, ratios_path
-from harness.exits import UsageError
+from harness.bench.results import (
+    BASELINES,
+    BENCH_DIR,
+    COMPARE_FAIL,
+    GATED_TIMES_DEVICES,
+    ROOT,
+    machine_class,
+    ratios_path,
+)
+from harness.exits import EXIT_FAIL, EXIT_PASS, EXIT_SIGINT, UsageError
+
+# pytest's exit statuses: 0 passed, 1 tests failed, 2 interrupted, 3 internal error, 4 usage error, 5 nothing collected.
+PYTEST_EXITS = {0: EXIT_PASS, 1: EXIT_FAIL, 2: EXIT_SIGINT}
+PYTEST_SETUP_ERRORS = {3: "pytest stopped with an internal error (exit 3; its output above says where)",
+                       4: "pytest refused its arguments (exit 4; see above)",
+                       5: "no benchmark was collected (pytest exit 5): nothing was measured"}
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -40,6 +58,11 @@ def bench(args: argparse.Namespace) -> int:
             print(f"bench: no stored speed-ups {ratios}: ratio gate off (`npugraph-harness bench --record` stores them)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        argv.append(f"--benchmark-json={args.json}")
+        argv.append(f"--benchmark-json={args.json.resolve()}")  # pytest runs in the checkout, not here
     sys.stdout.flush()  # the notes above come before pytest's output
-    return subprocess.run(argv + args.pytest_args).returncode
+    code = subprocess.run([*argv, f"--rootdir={ROOT}", *args.pytest_args], cwd=ROOT).returncode
+    if code in PYTEST_SETUP_ERRORS:
+        raise UsageError(f"bench: {PYTEST_SETUP_ERRORS[code]}")
+    if code not in PYTEST_EXITS:
+        raise UsageError(f"bench: pytest exited with status {code}")
+    return PYTEST_EXITS[code]

@@ -2,20 +2,26 @@
 
 A builtin name (`llama`, `qwen2`, `qwen2_moe`, `mixtral`, `llama_kv1`) is built from a small config
 with seeded weights and saved with `save_pretrained`; any local checkpoint directory works the same
-way. Builds are cached under `<cache_dir>/<name>-<config hash>` and published with an atomic rename,
-so ranks and processes that race on the same checkpoint all end up reading one complete directory.
+way. Builds are cached under `<cache_dir>/<name>-<recipe hash>`: built in a staging directory (removed
+on any exit; a dead process's by the next build), given a manifest (hashes of config.json and of each
+weights file, every tensor's name, dtype and shape), then published with an atomic rename, so ranks and
+processes that race on the same checkpoint all end up reading one complete directory. Every reuse
+checks the entry against its manifest, and an entry that does not match (a truncated file, an edit) is
+replaced by a fresh build.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -25,7 +31,9 @@ from transformers import (
     Qwen2MoeConfig,
 )
 
+from harness.scratch import make_scratch, scratch
 from reference_runner.errors import CheckpointError
+from reference_runner.models.loader import weight_files
 
 # Every size divides by tp=2 and tp=4: attention heads, KV heads (except llama_kv1, whose single KV
 # head is replicated across TP ranks), vocab and all intermediates.
@@ -77,6 +85,9 @@ BUILTIN_MODELS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     ),
 }
 
+CACHE_ENV = "NPUGRAPH_CACHE"
+MANIFEST = "manifest.json"
+CACHE_FORMAT = 2  # part of the recipe hash: entries written before manifests existed live under other names
 SEED = 0
 INIT_STD = 0.25  # every linear layer, bias and router
 VOCAB_INIT_STD = 0.5  # embedding and LM head
@@ -92,12 +103,13 @@ def tiny_config(name: str, **overrides: Any) -> PretrainedConfig:
 
 
 def default_cache_dir() -> Path:
-    """`$NPUGRAPH_CACHE`, else `~/.cache/npugraph-harness`."""
-    return Path(os.environ.get("NPUGRAPH_CACHE", Path.home() / ".cache" / "npugraph-harness"))
+    """`$NPUGRAPH_CACHE` (empty means unset), else `~/.cache/npugraph-harness`."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "npugraph-harness")
 
 
 def ensure_checkpoint(name_or_path: str | Path, cache_dir: Path | None = None, **overrides: Any) -> Path:
-    """The directory of a usable checkpoint: a builtin name is built (or reused), a directory is validated.
+    """The directory of a usable checkpoint: a builtin name is built (or reused once its manifest matches), a
+    directory is checked for config.json and the weights files transformers reads (`loader.weight_files`).
 
     A `str` equal to a builtin name means that model; a `Path`, or any other string, means a directory.
     """
@@ -111,31 +123,78 @@ def ensure_checkpoint(name_or_path: str | Path, cache_dir: Path | None = None, *
             f"{str(name_or_path)!r} is neither a checkpoint directory nor a builtin model "
             f"({', '.join(BUILTIN_MODELS)})"
         )
-    missing = [what for what, present in [
-        ("config.json", (path / "config.json").is_file()),
-        ("*.safetensors", any(path.glob("*.safetensors"))),
-    ] if not present]
-    if missing:
-        raise CheckpointError(f"checkpoint directory {path} lacks {' and '.join(missing)}")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"checkpoint directory {path} lacks config.json")
+    weight_files(path)
     return path
+
+
+def manifest(path: Path) -> dict[str, Any]:
+    """What a cache entry holds: the hash of its config.json and, per weights file, its size, hash and tensors
+    (name: dtype and shape)."""
+    files = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            tensors = {name: [f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()] for name in f.keys()}  # noqa: SIM118
+        files[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file), "tensors": tensors}
+    return {"config_sha256": _sha256(path / "config.json"), "files": files}
+
+
+def entry_problem(entry: Path) -> str | None:
+    """Why cache entry `entry` cannot be used (missing, no manifest, not matching it), or None if it can."""
+    if not entry.is_dir():
+        return "is missing"
+    try:
+        stored = json.loads((entry / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"has no readable {MANIFEST}"
+    try:
+        current = manifest(entry)
+    except (OSError, SafetensorError) as e:
+        return f"is unreadable ({e})"
+    return None if current == stored else f"does not match its {MANIFEST}"
 
 
 def _build_cached(name: str, cache_dir: Path, overrides: dict[str, Any]) -> Path:
     config = tiny_config(name, **overrides)
     target = cache_dir / f"{name}-{_fingerprint(config)}"
-    if target.is_dir():
+    problem = entry_problem(target)
+    if problem is None:
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
     try:
-        build_model(config).save_pretrained(staging, safe_serialization=True)
-        os.rename(staging, target)  # atomic; fails if another process published first
-    except OSError:
-        if not target.is_dir():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            print(f"npugraph-harness: cached checkpoint {target} {problem}: rebuilding it", file=sys.stderr)
+            _discard(target, cache_dir)
+        with scratch(cache_dir, f".{target.name}.") as staging:
+            build_model(config).save_pretrained(staging, safe_serialization=True)
+            (staging / MANIFEST).write_text(json.dumps(manifest(staging), indent=1))
+            try:
+                os.rename(staging, target)  # atomic; fails if another process published first
+            except OSError:
+                if entry_problem(target) is not None:
+                    raise
+    except OSError as e:
+        raise CheckpointError(f"{_describe(cache_dir)}: cannot build {name!r} there ({type(e).__name__}: {e})") from None
     return target
+
+
+def _discard(entry: Path, cache_dir: Path) -> None:
+    # Moved aside first (atomic), so that no reader ever sees a half-deleted entry under its name.
+    trash = make_scratch(cache_dir, f".{entry.name}.")
+    with contextlib.suppress(FileNotFoundError):  # another process discarded it first
+        os.rename(entry, trash)  # onto the empty scratch directory
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _describe(cache_dir: Path) -> str:
+    """The cache as the user set it: naming NPUGRAPH_CACHE when it comes from there."""
+    from_env = os.environ.get(CACHE_ENV)
+    return f"{CACHE_ENV}={from_env}" if from_env and Path(from_env) == cache_dir else f"checkpoint cache {cache_dir}"
+
+
+def _sha256(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def _fingerprint(config: PretrainedConfig) -> str:
@@ -143,6 +202,7 @@ def _fingerprint(config: PretrainedConfig) -> str:
     fields = config.to_dict()
     fields.pop("transformers_version", None)  # the same weights under any transformers release
     recipe = {
+        "format": CACHE_FORMAT,
         "config": fields,
         "seed": SEED,
         "init_std": INIT_STD,

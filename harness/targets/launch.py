@@ -5,8 +5,12 @@ Every rank is `python -m harness.targets.launch` (the worker entry below): it jo
 rank's share of the requests and writes `rank{R}.json` (or `rank{R}.error`) into `--out`.
 `launch` starts tp * dp local ranks that way, each in its own process group, waits for them and
 reads their files back. The first rank that fails fails the run with that rank's message, and the
-others are killed at once; every collective also times out (`dist_timeout_s`), so a rank stuck in
-a collective whose peer died gives up too. Nothing outlives `launch`.
+others are killed at once; a rank stopped (SIGSTOP) for STOPPED_GRACE_S fails it too, named with its
+pid and whether it had joined the job (`rank{R}.joined`); every collective also times out
+(`dist_timeout_s`), so a rank stuck in a collective whose peer died gives up too. Nothing outlives
+`launch`: however it ends (SIGINT and SIGTERM included), every rank's process group is killed and its
+scratch directory removed, and on Linux a rank dies with the process that launched it even if that
+one is killed outright (SIGKILL); the next launch removes the scratch directories of dead launchers.
 
 Under torchrun (one line per node; `--nnodes 1` on a single host):
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import importlib
 import json
@@ -33,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from harness.scratch import scratch, signals_deferred
 from reference_runner.engine.args import EngineArgs
 from reference_runner.errors import LayoutError
 from reference_runner.parallel.state import DIST_TIMEOUT_S
@@ -40,6 +46,8 @@ from reference_runner.records import Generation, Request
 
 MAX_CPU_RANKS = 8  # gloo ranks on the CPU share its cores: beyond 8 a run only gets slower
 PEER_FAILURE_GRACE_S = 2.0
+STOPPED_GRACE_S = 2.0  # a rank stopped this long (SIGSTOP, Ctrl-Z of its own) fails the run instead of hanging it
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class RankFailed(RuntimeError):
@@ -116,8 +124,7 @@ def launch(job: RankJob, timeout_s: float = 600.0) -> list[RankResult]:
     any rank if the layout cannot run, RankFailed if a rank fails."""
     validate_layout(job)
     world = job.engine.world_size
-    with tempfile.TemporaryDirectory(prefix="npugraph-launch-") as tmp:
-        out = Path(tmp)
+    with scratch(Path(tempfile.gettempdir()), "npugraph-launch-") as out:
         (out / "job.json").write_text(json.dumps(dataclasses.asdict(job)))
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
@@ -131,10 +138,12 @@ def launch(job: RankJob, timeout_s: float = 600.0) -> list[RankResult]:
                         [sys.executable, "-m", "harness.targets.launch", "--job", str(out / "job.json"), "--out", str(out)],
                         env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log,
                         stderr=subprocess.STDOUT, start_new_session=True,  # its own process group: killed whole
+                        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                     ))
             _wait(procs, out, timeout_s)
         finally:
-            _kill(procs)
+            with signals_deferred():  # a second Ctrl-C must not leave ranks behind
+                _kill(procs)
         return [_read_result(out / f"rank{rank}.json") for rank in range(world)]
 
 
@@ -144,18 +153,50 @@ def merge(job: RankJob, results: list[RankResult]) -> list[Generation]:
     return [next(per_dp[d]) for d in job.dp_rank_of()]
 
 
+# Looked up here, in the parent: between fork and exec the child only makes the call.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    # In the child, before exec: the kernel sends it SIGKILL when the launching process dies, however it dies.
+    _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+
 def _wait(procs: list[subprocess.Popen], out: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    stopped_since: dict[int, float] = {}
     while True:
         codes = [p.poll() for p in procs]
         if any(code not in (None, 0) for code in codes):
             raise RankFailed(_failures(procs, out))
         if all(code == 0 for code in codes):
             return
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        for rank, p in enumerate(procs):
+            if codes[rank] is None and _is_stopped(p.pid):
+                since = stopped_since.setdefault(rank, now)
+                if now - since >= STOPPED_GRACE_S:
+                    joined = ("after joining the job" if _joined(out, rank)
+                              else f"and has not joined the job after {now - start:.0f} s")
+                    raise RankFailed(f"rank {rank} (pid {p.pid}) is stopped (SIGSTOP) {joined}")
+            else:
+                stopped_since.pop(rank, None)
+        if now - start > timeout_s:
             stuck = [rank for rank, code in enumerate(codes) if code is None]
             raise RankFailed(f"rank(s) {stuck} did not finish within {timeout_s:g} s")
         time.sleep(0.05)
+
+
+def _is_stopped(pid: int) -> bool:
+    # State T in /proc/PID/stat: stopped by a signal (not `t`, a debugger's tracing stop). Off Linux: never known.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
+def _joined(out: Path, rank: int) -> bool:
+    return (out / f"rank{rank}.joined").is_file()
 
 
 def _failures(procs: list[subprocess.Popen], out: Path) -> str:
@@ -165,7 +206,7 @@ def _failures(procs: list[subprocess.Popen], out: Path) -> str:
         time.sleep(0.05)
     failed = sorted((rank for rank, p in enumerate(procs) if p.poll() not in (None, 0)),
                     key=lambda rank: _failure_time(out, rank))
-    message = _failure(out, failed[0], procs[failed[0]].returncode)
+    message = _failure(out, failed[0], procs[failed[0]])
     return message + (f"\n(then rank(s) {failed[1:]} failed too)" if failed[1:] else "")
 
 
@@ -175,12 +216,21 @@ def _failure_time(out: Path, rank: int) -> int:
     return (error if error.is_file() else out / f"rank{rank}.log").stat().st_mtime_ns
 
 
-def _failure(out: Path, rank: int, code: int) -> str:
+def _failure(out: Path, rank: int, proc: subprocess.Popen) -> str:
     error = out / f"rank{rank}.error"
     if error.is_file():
         return error.read_text()
+    code = proc.returncode
+    how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
     tail = (out / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()[-5:]
-    return f"rank {rank} exited with status {code} without reporting an error; log tail:\n" + "\n".join(tail)
+    return f"rank {rank} (pid {proc.pid}) {how} without reporting an error; log tail:\n" + "\n".join(tail)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _kill(procs: list[subprocess.Popen]) -> None:
@@ -189,6 +239,7 @@ def _kill(procs: list[subprocess.Popen]) -> None:
         for p in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, sig)
+                os.killpg(p.pid, signal.SIGCONT)  # a stopped rank acts on SIGTERM only once continued
         for p in alive:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=grace)
@@ -217,6 +268,7 @@ def run_rank(job: RankJob, out: Path) -> None:
     from reference_runner.parallel.state import destroy_parallel, init_parallel
 
     parallel = init_parallel(job.engine.tp_size, job.engine.dp_size, job.device, job.dist_timeout_s)
+    (out / f"rank{parallel.rank}.joined").touch()
     if job.setup:
         module, function = job.setup.split(":")
         getattr(importlib.import_module(module), function)(parallel)

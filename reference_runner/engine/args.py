@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +20,17 @@ def _option(default: Any, help: str, flag: str | None = None, **argparse_kwargs:
     return field(default=default, metadata={"help": help, "flag": flag, **argparse_kwargs})
 
 
+def csv_items(value: str) -> list[str]:
+    """The items of a comma-separated option value. An empty item (`''`, `,`, `a,`) is an error, never dropped:
+    dropping it could leave a list that checks nothing."""
+    items = [item.strip() for item in value.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"empty item in {value!r}")
+    return items
+
+
 def _int_list(value: str) -> tuple[int, ...]:
-    items = value.split(",")
+    items = csv_items(value)
     try:
         sizes = tuple(int(item) for item in items)
     except ValueError:
@@ -54,6 +64,22 @@ class EngineArgs:
     def world_size(self) -> int:
         return self.tp_size * self.dp_size
 
+    @property
+    def blocks_per_seq(self) -> int:
+        """KV blocks one request of `max_context` tokens takes."""
+        return math.ceil(self.max_context / self.block_size)
+
+    def kv_num_blocks(self) -> int:
+        """KV-cache blocks: `num_blocks`, else room for 2 * max_bs full-length requests, so that batches above the
+        graphs' max_bs (which must fall back to eager) still fit; plus block 0, reserved."""
+        return self.num_blocks or 2 * self.max_bs * self.blocks_per_seq + 1
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """The command-line flag of field `name` (`--max-bs`, `--tp`)."""
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return f.metadata["flag"] or f"--{name.replace('_', '-')}"
+
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
         """One flag per field (`--max-bs`, `--tp`, ...), defaults None so that `from_cli_args` can tell
@@ -62,7 +88,8 @@ class EngineArgs:
             if f.name in exclude:
                 continue
             meta = dict(f.metadata)
-            flag = meta.pop("flag") or f"--{f.name.replace('_', '-')}"
+            meta.pop("flag")
+            flag = cls.flag(f.name)
             meta.setdefault("type", type(f.default) if f.default is not None else str)
             parser.add_argument(flag, dest=f.name, default=None, **meta)
 

@@ -15,7 +15,6 @@ one), so the collectives of DP attention always pair up, and all pad to the same
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +52,8 @@ class Engine:
         if (self.parallel.tp_size, self.parallel.dp_size) != (args.tp_size, args.dp_size):
             raise LayoutError(f"engine args ask for tp {args.tp_size} x dp {args.dp_size}, but this rank's parallel "
                               f"state is tp {self.parallel.tp_size} x dp {self.parallel.dp_size}")
-        blocks_per_seq = math.ceil(args.max_context / args.block_size)
-        # Room for 2 * max_bs full-length requests: batches above the graph's max_bs (which must fall
-        # back to eager) still fit. Block 0 is reserved.
-        num_blocks = args.num_blocks or 2 * args.max_bs * blocks_per_seq + 1
-        if num_blocks < blocks_per_seq + 1:
+        num_blocks = args.kv_num_blocks()
+        if num_blocks < args.blocks_per_seq + 1:
             raise ValueError(f"num_blocks {num_blocks} cannot hold one request of max_context {args.max_context}")
         self.model_runner = ModelRunner(model, device=self.device, dtype=getattr(torch, args.dtype),
                                         max_context=args.max_context, block_size=args.block_size,

@@ -22,15 +22,33 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+def check_shape(loaded_weight, expected: tuple[int, ...]) -> None:
+    """Refuse a checkpoint tensor (a tensor or a lazy safetensors slice) whose whole shape is not `expected`:
+    checked before a loader cuts out its shard, so that a tensor larger than the config says is never cut to size."""
+    shape = tuple(loaded_weight.get_shape() if hasattr(loaded_weight, "get_shape") else loaded_weight.shape)
+    if shape != tuple(expected):
+        raise ValueError(f"has shape {shape}, expected {tuple(expected)}")
+
+
 def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """`dst.copy_(src)` that refuses to broadcast: a shape mismatch is a checkpoint error, not a silent fill."""
+    """`dst.copy_(src)` that refuses to broadcast, and refuses a value that is not finite once cast to `dst`'s dtype
+    (NaN, inf, or beyond the range of a 16-bit dtype): a checkpoint error, not a silent fill or a poisoned run."""
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-    dst.copy_(src)
+    cast = src.to(dst.dtype)
+    finite = torch.isfinite(cast)
+    if not bool(finite.all()):
+        index = int((~finite).flatten().nonzero()[0])
+        value = float(src.flatten()[index])
+        where = f"at flat index {index} of the loaded part"
+        raise ValueError(f"holds {value} {where}" if not math.isfinite(value)
+                         else f"holds {value:g} {where}, beyond the range of {dst.dtype}")
+    dst.copy_(cast)
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight) -> None:
     """Load a replicated parameter whole."""
+    check_shape(loaded_weight, param.shape)
     copy_weight(param.data, loaded_weight[:])
 
 
@@ -121,6 +139,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, parallel: ParallelState):
         super().__init__()
         self.parallel = parallel
+        self.output_sizes = list(output_sizes)  # each part's rows in the checkpoint
         self.part_sizes = [divide(size, parallel.tp_size) for size in output_sizes]
         self.weight = _param(sum(self.part_sizes), input_size)
         self.bias = _param(sum(self.part_sizes)) if bias else None
@@ -133,6 +152,7 @@ class ColumnParallelLinear(nn.Module):
         return self.parallel.tp_rank
 
     def weight_loader(self, param: nn.Parameter, loaded_weight, shard_id: int = 0) -> None:
+        check_shape(loaded_weight, (self.output_sizes[shard_id], *param.shape[1:]))
         size = self.part_sizes[shard_id]
         offset = sum(self.part_sizes[:shard_id])
         start = self.shard_rank(shard_id) * size
@@ -154,6 +174,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.kv_replicas = max(1, tp // num_kv_heads)
         kv_size = head_dim * kv_heads_per_rank(num_kv_heads, tp) * tp  # the replicated size, split over ranks
         super().__init__(hidden_size, [head_dim * num_heads, kv_size, kv_size], bias, parallel)
+        self.output_sizes = [head_dim * num_heads, head_dim * num_kv_heads, head_dim * num_kv_heads]
 
     def shard_rank(self, shard_id: int) -> int:
         return self.parallel.tp_rank // (self.kv_replicas if shard_id else 1)
@@ -165,6 +186,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, parallel: ParallelState):
         super().__init__()
         self.parallel = parallel
+        self.full_input_size = input_size
         self.input_size = divide(input_size, parallel.tp_size)
         self.weight = _param(output_size, self.input_size)
         self.weight.weight_loader = self.weight_loader
@@ -173,6 +195,7 @@ class RowParallelLinear(nn.Module):
             self.bias.weight_loader = default_weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded_weight) -> None:
+        check_shape(loaded_weight, (param.shape[0], self.full_input_size))
         start = self.parallel.tp_rank * self.input_size
         copy_weight(param.data, loaded_weight[:, start:start + self.input_size])
 
@@ -198,6 +221,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded_weight) -> None:
+        check_shape(loaded_weight, (self.vocab_size, param.shape[1]))  # rows == vocab_size, never cut to it
         end = min(self.start + self.rows, self.vocab_size)
         param.data.zero_()  # padding rows of the last rank stay zero
         copy_weight(param.data[: end - self.start], loaded_weight[self.start:end])

@@ -1,4 +1,12 @@
-"""Load a model from a local Hugging Face checkpoint directory (config.json + *.safetensors).
+"""Load a model from a local Hugging Face checkpoint directory (config.json + safetensors weights).
+
+The weights are read from the files transformers reads: the shards `model.safetensors.index.json`
+maps, else `model.safetensors`. Any other `*.safetensors` file in the directory is refused, never
+loaded, so that a stray copy (`zz-old.safetensors`) can neither override nor add a tensor. Every
+tensor is validated as it loads, at any TP size: one file per name, a floating-point dtype (cast to
+the run dtype), its whole shape against the config (before a rank cuts out its shard), and finite
+values in the run dtype. `validate_checkpoint` runs all of it on a meta-device model: the whole
+checkpoint checked without the memory of its model, once, before any work starts.
 
 Each tensor is handed to its parameter's `weight_loader` as a lazy safetensors slice, so under
 tensor parallelism a rank reads only its shard. Fused parameters (qkv, gate_up, stacked experts) are
@@ -12,7 +20,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from reference_runner.errors import CheckpointError
@@ -21,25 +29,92 @@ from reference_runner.models.config import ModelConfig
 from reference_runner.models.layers import default_weight_loader
 from reference_runner.parallel.state import ParallelState
 
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' dtype names; cast to the run dtype
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def read_config(path: str | Path) -> ModelConfig:
-    """Parse `path/config.json`; an unknown architecture raises `UnsupportedModel`."""
+    """Parse `path/config.json`: a malformed file or field raises `CheckpointError` naming it, an unknown
+    architecture `UnsupportedModel`."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path}: {file.name} not found ({file})")
     try:
         hf = json.loads(file.read_text())
-        architecture = hf["architectures"][0]
-    except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-        raise CheckpointError(f"{file}: not a usable Hugging Face config ({type(e).__name__}: {e})") from None
-    get_model_class(architecture)  # unknown architectures fail before their fields are read
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got a {type(hf).__name__}")
+    architectures = hf.get("architectures")
+    if not (isinstance(architectures, list) and architectures and isinstance(architectures[0], str)):
+        raise CheckpointError(f"{file}: 'architectures' must list the model class, got {architectures!r}")
+    get_model_class(architectures[0])  # unknown architectures fail before their fields are read
     try:
         return ModelConfig.from_hf(hf)
-    except KeyError as e:
-        raise CheckpointError(f"{file}: missing field {e}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def weight_files(path: str | Path) -> dict[str, Path]:
+    """Each tensor name and the file holding it: the index's shards, else `model.safetensors`. A file the index
+    does not list (or, without an index, any file but `model.safetensors`), a name in two files, or a name the
+    index maps elsewhere raises `CheckpointError`."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    if index.is_file():
+        weight_map = _read_index(index)
+        files = sorted(set(weight_map.values()))
+        absent = [name for name in files if not (path / name).is_file()]
+        if absent:
+            raise CheckpointError(f"{index}: lists {absent[0]}, which is not in {path}")
+        unused = f"is not listed in {INDEX_NAME}"
+    else:
+        weight_map, files = None, [WEIGHTS_NAME]
+        if not (path / WEIGHTS_NAME).is_file():
+            found = ", ".join(p.name for p in sorted(path.glob("*.safetensors")))
+            raise CheckpointError(f"checkpoint {path}: neither {WEIGHTS_NAME} nor {INDEX_NAME}"
+                                  + (f" (transformers would not read {found})" if found else ""))
+        unused = f"is neither {WEIGHTS_NAME} nor listed in a {INDEX_NAME}"
+    strays = [p.name for p in sorted(path.glob("*.safetensors")) if p.name not in files]
+    if strays:
+        raise CheckpointError(f"checkpoint {path}: {strays[0]} {unused}: refused rather than loaded (remove it, or "
+                              f"list its tensors in {INDEX_NAME})")
+    where: dict[str, Path] = {}
+    for name in files:
+        for tensor in _tensor_names(path / name):
+            if tensor in where:
+                raise CheckpointError(f"checkpoint {path}: tensor {tensor!r} is in both {where[tensor].name} and {name}")
+            where[tensor] = path / name
+    if weight_map is not None:
+        for tensor, file in where.items():
+            if weight_map.get(tensor) != file.name:
+                listed = f"maps it to {weight_map[tensor]}" if tensor in weight_map else "does not list it"
+                raise CheckpointError(f"{file}: holds tensor {tensor!r}, but {INDEX_NAME} {listed}")
+        lost = sorted(set(weight_map) - set(where))
+        if lost:
+            raise CheckpointError(f"{index}: maps tensor {lost[0]!r} to {weight_map[lost[0]]}, which does not hold it")
+    return where
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a JSON object with a weight_map ({type(e).__name__}: {e})") from None
+    if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to file names, got {weight_map!r:.80}")
+    return weight_map
+
+
+def _tensor_names(file: Path) -> list[str]:
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
 
 
 def load_model(path: str | Path, *, device: str | torch.device, dtype: torch.dtype,
@@ -47,35 +122,51 @@ def load_model(path: str | Path, *, device: str | torch.device, dtype: torch.dty
     """Build the checkpoint's model on `device` in `dtype` (this rank's shard under TP) and load its weights."""
     path = Path(path)
     config = read_config(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"checkpoint {path}: no *.safetensors file")
+    tensors = weight_files(path)
     with torch.device(device), _default_dtype(dtype):
-        model = get_model_class(config.architecture)(config, parallel or ParallelState(), max_positions)
-    load_weights(model, files)
+        try:
+            model = get_model_class(config.architecture)(config, parallel or ParallelState(), max_positions)
+        except KeyError as e:  # a field only this architecture reads (num_experts, ...)
+            raise CheckpointError(f"{path / 'config.json'}: missing field {e} of {config.architecture}") from None
+    load_weights(model, tensors)
     return model.eval()
 
 
-def load_weights(model: nn.Module, files: list[Path]) -> None:
-    """Fill every parameter of `model` from `files`; a missing, unexpected or misshapen tensor raises."""
+def validate_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> ModelConfig:
+    """Every check `load_model` makes, on every tensor of the checkpoint, for a run in `dtype`; its config if all pass.
+    The model is built on the meta device: the checkpoint is read once, its model never held in memory."""
+    return load_model(path, device="meta", dtype=dtype).config
+
+
+def load_weights(model: nn.Module, tensors: dict[str, Path]) -> None:
+    """Fill every parameter of `model` from `tensors` (name -> file); a missing, unexpected, misshapen,
+    non-float or non-finite tensor raises `CheckpointError` naming it and its file."""
     params = dict(model.named_parameters())  # a tied lm_head shares the embedding and is not listed
     mapping = getattr(model, "stacked_params_mapping", [])
     loaded = set()
     whole = set()  # parameters filled by one tensor (e.g. fused experts): their per-part names are not needed
-    for file in files:
+    by_file: dict[Path, list[str]] = {}
+    for name, file in tensors.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
         with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            for name in names:
+                # A tied checkpoint may still carry lm_head.weight: transformers ignores it too.
                 if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and "lm_head.weight" not in params):
                     continue
                 target, shard_id = _fused_name(name, mapping)
                 if target not in params:
                     raise CheckpointError(f"{file}: unexpected tensor {name!r} (no parameter {target!r} in the model)")
+                weight = f.get_slice(name)
+                if weight.get_dtype() not in FLOAT_DTYPES:
+                    raise CheckpointError(f"{file}: tensor {name!r} has dtype {weight.get_dtype()}; a float model "
+                                          f"takes {', '.join(FLOAT_DTYPES)}")
                 param = params[target]
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 args = () if shard_id is None else (shard_id,)
                 try:
-                    loader(param, f.get_slice(name), *args)
-                except ValueError as e:
+                    loader(param, weight, *args)
+                except (ValueError, SafetensorError) as e:
                     raise CheckpointError(f"{file}: tensor {name!r} {e}") from None
                 loaded.add(name)
                 if shard_id is None:
@@ -83,7 +174,8 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
     missing = sorted(name for name in _checkpoint_names(params, mapping) - loaded
                      if _fused_name(name, mapping)[0] not in whole)
     if missing:
-        raise CheckpointError(f"checkpoint {files[0].parent}: missing tensor(s) {', '.join(missing)}")
+        folder = next(iter(tensors.values())).parent if tensors else "(no tensors)"
+        raise CheckpointError(f"checkpoint {folder}: missing tensor(s) {', '.join(missing)}")
 
 
 def _fused_name(name: str, mapping) -> tuple[str, int | None]:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reference_runner.models.config import ModelConfig
-from reference_runner.models.layers import ReplicatedLinear, _param, copy_weight
+from reference_runner.models.layers import ReplicatedLinear, _param, check_shape, copy_weight
 from reference_runner.models.llama import LlamaMLP
 from reference_runner.parallel.collectives import all_reduce
 from reference_runner.parallel.dp_attention import dp_gather, dp_scatter
@@ -72,13 +72,15 @@ class FusedMoE(nn.Module):
 
     def load_gate_up(self, param: nn.Parameter, loaded_weight, shard_id: tuple[int, int] | None = None) -> None:
         """One expert's gate (part 0) or up (part 1) [I, H], or the fused [E, 2 * I, H] whole."""
-        size = self.intermediate_size
+        size, hidden = self.intermediate_size, param.shape[2]
+        full = size * self.parallel.tp_size
         start = self.parallel.tp_rank * size
         if shard_id is not None:
+            check_shape(loaded_weight, (full, hidden))
             expert, part = shard_id
             copy_weight(param.data[expert, part * size:(part + 1) * size], loaded_weight[start:start + size])
             return
-        full = size * self.parallel.tp_size
+        check_shape(loaded_weight, (self.num_experts, 2 * full, hidden))
         for part in (0, 1):
             rows = slice(part * full + start, part * full + start + size)
             copy_weight(param.data[:, part * size:(part + 1) * size], loaded_weight[:, rows])
@@ -87,9 +89,12 @@ class FusedMoE(nn.Module):
         """One expert's down projection [H, I], or the fused [E, H, I] whole."""
         start = self.parallel.tp_rank * self.intermediate_size
         columns = slice(start, start + self.intermediate_size)
+        expert_shape = (param.shape[1], self.intermediate_size * self.parallel.tp_size)
         if shard_id is not None:
+            check_shape(loaded_weight, expert_shape)
             copy_weight(param.data[shard_id[0]], loaded_weight[:, columns])
         else:
+            check_shape(loaded_weight, (self.num_experts, *expert_shape))
             copy_weight(param.data, loaded_weight[:, :, columns])
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Benchmark results, speed-ups, the ratio gate, speed goals and `npugraph-harness report`, on constructed results."""
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -182,3 +184,46 @@ def test_bench_fails_on_absolute_times_only_on_accelerator_hosts(tmp_path, monke
     (argv,) = ran
     assert "--benchmark-compare" in argv
     assert ("--benchmark-compare-fail=min:30%" in argv) is fails_on_times
+
+
+@pytest.mark.parametrize("corrupt", ["bench.json", "check.json"])
+@pytest.mark.parametrize("content", ["{truncated", "[]", json.dumps({"benchmarks": [{**bench("eager", 1, 1.0), "stats": {}}]})],
+                         ids=["not-json", "json-list", "fields-missing"])
+def test_report_on_corrupt_results_exits_2_with_one_line(tmp_path, stored, capsys, corrupt, content):
+    results = write_results(tmp_path / "results", RUN, check={"passed": True, "scenarios": []})
+    (results / corrupt).write_text(content)
+    assert main(["report", str(results), *stored]) == 2
+    what = "pytest-benchmark results" if corrupt == "bench.json" else "check results"
+    err = capsys.readouterr().err
+    assert err.startswith(f"npugraph-harness: error: {results / corrupt}: not readable as {what} (")
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("pytest_status", "status", "line"), [
+    (0, 0, None),
+    (1, 1, None),
+    (2, 130, None),  # pytest interrupted
+    (3, 2, "bench: pytest stopped with an internal error (exit 3; its output above says where)"),
+    (4, 2, "bench: pytest refused its arguments (exit 4; see above)"),
+    (5, 2, "bench: no benchmark was collected (pytest exit 5): nothing was measured"),
+])
+def test_bench_maps_pytest_exit_statuses_onto_the_command_lines(monkeypatch, capsys, pytest_status, status, line):
+    run = subprocess.run
+
+    def run_pytest(argv, *args, **kwargs):
+        return run(argv, *args, **kwargs) if argv[1:3] != ["-m", "pytest"] else subprocess.CompletedProcess(argv, pytest_status)
+
+    monkeypatch.setattr(subprocess, "run", run_pytest)
+    assert main(["bench", "--device", "cpu"]) == status
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("npugraph-harness")]
+    assert errors == ([f"npugraph-harness: error: {line}"] if line else [])
+
+
+def test_bench_runs_from_any_directory(tmp_path):
+    # From outside the checkout pytest-benchmark used to crash (exit 3) on baselines it could not place under the cwd.
+    done = subprocess.run([sys.executable, "-m", "harness", "bench", "--", "-k", "no_such_benchmark"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "INTERNALERROR" not in done.stdout + done.stderr
+    assert (done.returncode, done.stderr.splitlines()[-1]) == (
+        2, "npugraph-harness: error: bench: no benchmark was collected (pytest exit 5): nothing was measured")

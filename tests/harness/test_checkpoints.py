@@ -1,11 +1,26 @@
-"""Tiny checkpoints: deterministic, cached, never downloaded; local directories validated."""
+"""Tiny checkpoints: deterministic, cached, never downloaded; cache entries checked against their manifest and
+rebuilt when wrong, published atomically, no staging left behind; local directories validated."""
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 from safetensors import safe_open
 
 import harness.inputs.checkpoints as checkpoints
-from harness.inputs.checkpoints import BUILTIN_MODELS, CheckpointError, ensure_checkpoint, tiny_config
+from harness.inputs.checkpoints import (
+    BUILTIN_MODELS,
+    MANIFEST,
+    CheckpointError,
+    default_cache_dir,
+    ensure_checkpoint,
+    entry_problem,
+    manifest,
+    tiny_config,
+)
 
 
 def tensor_names(path) -> set[str]:
@@ -16,7 +31,8 @@ def tensor_names(path) -> set[str]:
 def test_a_builtin_is_built_into_a_directory_named_after_its_config_hash(tmp_path):
     path = ensure_checkpoint("llama", tmp_path)
     assert re.fullmatch(r"llama-[0-9a-f]{12}", path.name) and path.parent == tmp_path
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "generation_config.json", MANIFEST, "model.safetensors"]
+    assert json.loads((path / MANIFEST).read_text()) == manifest(path)
 
 
 def test_builds_are_byte_identical(tmp_path):
@@ -37,6 +53,70 @@ def test_the_default_cache_is_npugraph_cache(tmp_path, monkeypatch):
     assert ensure_checkpoint("llama").parent == tmp_path
 
 
+def test_an_empty_npugraph_cache_means_unset(tmp_path, monkeypatch):
+    monkeypatch.setenv("NPUGRAPH_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / ".cache" / "npugraph-harness"
+
+
+def test_an_unusable_npugraph_cache_is_named(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("NPUGRAPH_CACHE", str(tmp_path / "file"))
+    with pytest.raises(CheckpointError, match=rf"^NPUGRAPH_CACHE={re.escape(str(tmp_path / 'file'))}: cannot build 'llama' "
+                                              r"there \(FileExistsError: "):
+        ensure_checkpoint("llama")
+
+
+def truncate(file):
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def append_to_config(path):
+    with open(path / "config.json", "a") as config:
+        config.write(" ")
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (lambda path: truncate(path / "model.safetensors"), "is unreadable (Error while deserializing header: "),
+    (lambda path: (path / MANIFEST).unlink(), f"has no readable {MANIFEST}"),
+    (append_to_config, f"does not match its {MANIFEST}"),
+    (lambda path: shutil.rmtree(path) or path.mkdir(), f"has no readable {MANIFEST}"),  # a bare directory
+], ids=["truncated-weights", "no-manifest", "edited-config", "empty-directory"])
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path, capsys, damage, problem):
+    path = ensure_checkpoint("llama", tmp_path / "cache")
+    good = (path / "model.safetensors").read_bytes()
+    damage(path)
+    assert entry_problem(path).startswith(problem)
+    capsys.readouterr()
+    assert ensure_checkpoint("llama", tmp_path / "cache") == path
+    assert entry_problem(path) is None and (path / "model.safetensors").read_bytes() == good
+    assert f"npugraph-harness: cached checkpoint {path} {problem}" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # nothing set aside is left
+
+
+def test_staging_directories_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    name = f"llama-{checkpoints._fingerprint(tiny_config('llama'))}"
+    stale = tmp_path / f".{name}.{dead.stdout.strip()}-abc123"
+    live = tmp_path / f".{name}.{os.getpid()}-def456"  # another build of this very process, under way
+    stale.mkdir(parents=True)
+    live.mkdir()
+    ensure_checkpoint("llama", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, name])
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_build_stopped_midway_leaves_no_staging_directory(tmp_path, monkeypatch, stop):
+    def build_then_stop(config):
+        raise stop
+
+    monkeypatch.setattr(checkpoints, "build_model", build_then_stop)
+    with pytest.raises(stop):
+        ensure_checkpoint("llama", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_overrides_change_the_config_and_the_directory(tmp_path):
     path = ensure_checkpoint("llama", tmp_path, num_hidden_layers=3)
     assert path != ensure_checkpoint("llama", tmp_path)
@@ -44,12 +124,12 @@ def test_overrides_change_the_config_and_the_directory(tmp_path):
 
 
 def test_a_process_that_loses_the_publishing_race_uses_the_winners_checkpoint(tmp_path, monkeypatch):
-    winner = tmp_path / ensure_checkpoint("llama", tmp_path / "elsewhere").name
+    built = ensure_checkpoint("llama", tmp_path / "elsewhere")
+    winner = tmp_path / built.name
     build_model = checkpoints.build_model
 
     def build_while_another_process_publishes(config):
-        winner.mkdir()
-        (winner / "config.json").write_text("{}")
+        shutil.copytree(built, winner)
         return build_model(config)
 
     monkeypatch.setattr(checkpoints, "build_model", build_while_another_process_publishes)
@@ -71,7 +151,7 @@ def test_a_directory_without_config_is_refused_naming_the_file(tmp_path):
 
 def test_a_directory_without_weights_is_refused_naming_them(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match=r"lacks \*.safetensors$"):
+    with pytest.raises(CheckpointError, match=r"neither model\.safetensors nor model\.safetensors\.index\.json$"):
         ensure_checkpoint(tmp_path)
 
 

@@ -1,10 +1,8 @@
-"""`npugraph-harness check`: exit status, one-line errors, JSON and JUnit reports."""
+"""`npugraph-harness check`: exit status, JSON and JUnit reports (bad input: test_validation.py)."""
 import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-
-import pytest
 
 from harness.cli import build_parser, main
 from reference_runner.engine.args import EngineArgs
@@ -13,30 +11,8 @@ from reference_runner.graphs.runner import NPUGraphRunner
 FAST = ["check", "--model", "llama", "--max-new-tokens", "12"]
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["check", "--modes", "eager,turbo"], "unknown mode 'turbo'"),
-        (["check", "--max-bs", "0"], "--max-bs must be >= 1, got 0"),
-        (["check", "--max-bs", "4", "--graph-bs", "2,8"], "--graph-bs [2, 8] must lie in 1..--max-bs (4)"),
-        (["check", "--model", "gpt2"], "'gpt2' is neither a checkpoint directory nor a builtin model"),
-        (["check", "--target", "vllm"], "unknown target 'vllm'"),
-        (["check", "--device", "tpu"], "unknown device 'tpu'"),
-    ],
-)
-def test_bad_options_exit_2_with_one_line(capsys, argv, message):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) - sum(line.startswith("[") for line in err) == 1  # progress lines aside
-    assert message in err[-1]
-
-
-def test_unknown_subcommand_exits_2(capsys):
-    assert main(["frobnicate"]) == 2
-
-
 def test_passing_check_exits_0_and_reports_graph_steps(tmp_path):
-    report, junit = tmp_path / "check.json", tmp_path / "check.xml"
+    report, junit = tmp_path / "check.json", tmp_path / "reports" / "ci" / "check.xml"  # folders made as needed
     assert main([*FAST, "--json", str(report), "--junit", str(junit)]) == 0
     doc = json.loads(report.read_text())
     assert doc["passed"] is True

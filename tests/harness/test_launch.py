@@ -1,15 +1,17 @@
-"""The launcher: a bad layout is refused before any rank starts; a rank that fails or hangs fails the
-run with its own message in bounded time; no rank outlives the run; torchrun runs the same worker."""
+"""The launcher: a bad layout is refused before any rank starts; a rank that fails, hangs, dies or stops fails
+the run with its own message (its pid where it could not say) in bounded time; no rank outlives the run; torchrun
+runs the same worker."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from harness.cli import main
 from harness.inputs.checkpoints import ensure_checkpoint
 from harness.inputs.workloads import make_requests
 from harness.targets.launch import RankFailed, RankJob, RankResult, launch, merge, validate_layout
@@ -24,6 +26,25 @@ EXIT_WITHIN_S = 60
 def make_job(model: str = "llama", tp: int = 1, dp: int = 1, **fields) -> RankJob:
     engine = EngineArgs(tp_size=tp, dp_size=dp)
     return RankJob(str(ensure_checkpoint(model)), make_requests("mixed", 512, 4), engine, **fields)
+
+
+def signal_rank_at_start(rank: int, sig: signal.Signals) -> None:
+    """In the background: send `sig` to launched rank `rank` as soon as its process exists."""
+
+    def send() -> None:
+        deadline = time.monotonic() + EXIT_WITHIN_S
+        while time.monotonic() < deadline:
+            for pid in live_children():
+                try:
+                    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if f"RANK={rank}".encode() in environ:
+                    os.kill(pid, sig)
+                    return
+            time.sleep(0.01)
+
+    threading.Thread(target=send, daemon=True).start()
 
 
 def live_children() -> list[int]:
@@ -61,11 +82,6 @@ def test_dp_ranks_must_cover_every_request():
         validate_layout(make_job(dp=2, dp_ranks=[0, 1, 2, 0, 1, 0, 1, 0]))
 
 
-def test_cli_exits_2_on_a_bad_layout(capsys):
-    assert main(["check", "--model", "llama", "--modes", "graph", "--tp", "3", "--max-new-tokens", "4"]) == 2
-    assert "npugraph-harness: error: tp 3 does not divide num_attention_heads 4" in capsys.readouterr().err
-
-
 def test_merge_puts_each_dp_rank_generation_back_in_request_order():
     job = RankJob("unused", make_requests("batch5", 512, 4), EngineArgs(dp_size=2), dp_ranks=[1, 0, 1, 1, 0])
     results = [RankResult(rank=d, tp_rank=0, dp_rank=d, generations=[Generation(rid) for rid in rids])
@@ -95,6 +111,25 @@ def test_rank_stuck_outside_collectives_times_out_its_peers_collective():
 def test_ranks_that_never_finish_are_killed_at_the_run_timeout():
     with pytest.raises(RankFailed, match=r"^rank\(s\) \[0, 1\] did not finish within 5 s$"):
         launch(make_job(tp=2, setup=RANK_FAULTS["every_rank_hangs"]), timeout_s=5)
+    assert live_children() == []
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize(("sig", "message"), [
+    (signal.SIGSTOP, r"is stopped \(SIGSTOP\) and has not joined the job after \d+ s$"),
+    (signal.SIGKILL, r"was killed by SIGKILL without reporting an error; log tail:"),
+], ids=["stopped", "killed"])
+def test_a_rank_stopped_or_killed_at_start_up_is_named_with_its_pid(sig, message):
+    signal_rank_at_start(1, sig)
+    with pytest.raises(RankFailed, match=r"^rank 1 \(pid \d+\) " + message):
+        launch(make_job(tp=2))
+    assert live_children() == []
+
+
+@pytest.mark.multirank
+def test_a_rank_stopped_after_joining_is_named():
+    with pytest.raises(RankFailed, match=r"^rank 1 \(pid \d+\) is stopped \(SIGSTOP\) after joining the job$"):
+        launch(make_job(tp=2, setup=RANK_FAULTS["stops_itself"]))
     assert live_children() == []
 
 

@@ -13,6 +13,7 @@ from harness.inputs.scenarios import Scenario
 from harness.judge import scenario_failures
 from harness.targets.base import TargetRun, TargetUnavailable
 from harness.targets.sglang import SGLangTarget, engine_args, sampling_params, to_generation
+from harness.verdicts.compare import Verdict
 from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
 
@@ -88,12 +89,12 @@ def test_sampling_is_greedy_for_exactly_max_new_tokens():
 
 def test_a_graph_run_that_cannot_count_graph_steps_is_not_failed_for_zero():
     scenario = Scenario(model="llama", baseline="eager", engine=EngineArgs(mode="graph"))
-    assert scenario_failures(scenario, [], TargetRun([], counts_graph_steps=False)) == []
+    assert scenario_failures(scenario, [Verdict("r0", "match", "")], TargetRun([], counts_graph_steps=False)) == []
 
 
 def test_a_graph_run_that_counts_zero_graph_steps_still_fails():
     scenario = Scenario(model="llama", baseline="eager", engine=EngineArgs(mode="graph"))
-    assert scenario_failures(scenario, [], TargetRun([])) == [
+    assert scenario_failures(scenario, [Verdict("r0", "match", "")], TargetRun([])) == [
         "no decode step replayed a graph in mode 'graph' (silent eager fallback)"]
 
 
