@@ -27,7 +27,10 @@ def check(args: argparse.Namespace) -> int:
         target = get_target(args.target, device)
     except (ValueError, *SETUP_ERRORS) as error:
         raise UsageError(str(error)) from None
-    engine = EngineArgs.from_cli_args(args, dtype=args.dtype or default_dtype(device))
+    try:
+        engine = EngineArgs.from_cli_args(args, dtype=args.dtype or default_dtype(device))
+    except ValueError as error:  # a value no engine can take (--replay-timeout 0)
+        raise UsageError(str(error)) from None
     try:
         scenarios = default_matrix(args.model, args.modes, engine, workload=args.workload,
                                    max_new_tokens=args.max_new_tokens)
