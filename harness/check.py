@@ -14,6 +14,7 @@ from reference_runner.engine.args import MODES, EngineArgs
 def check(args: argparse.Namespace) -> int:
     import transformers
 
+    from harness.environment import ascend_environment
     from harness.judge import SETUP_ERRORS, Judge
     from harness.report import table, write_json, write_junit
     from harness.targets import get_target
@@ -35,13 +36,16 @@ def check(args: argparse.Namespace) -> int:
         scenarios = default_matrix(args.model, args.modes, engine, workload=args.workload,
                                    max_new_tokens=args.max_new_tokens)
         judge = Judge(target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr))
+        environment = ascend_environment(device)
+        for warning in environment.get("warnings", []):
+            print(f"npugraph-harness: warning: {warning}", file=sys.stderr)
         results = []
         for i, scenario in enumerate(scenarios, 1):
             judge.progress(f"scenario {i}/{len(scenarios)}: {scenario.name}")
             results.append(judge.run(scenario))
         print(table(results))
         if args.json:
-            write_json(results, args.json, device=device, target=args.target)
+            write_json(results, args.json, device=device, target=args.target, environment=environment)
         if args.junit:
             write_junit(results, args.junit)
     except (OSError, *SETUP_ERRORS) as error:

@@ -1,4 +1,9 @@
-"""`torch.npu.NPUGraph` (ACL graph) through torch_npu, imported only on Ascend hosts."""
+"""`torch.npu.NPUGraph` (ACL graph) through torch_npu, imported only on Ascend hosts.
+
+Plain NPUGraphs: `NPUGraphRunner` waits for each replay before the next update, and counts the task groups
+torch_npu recorded (its dispatch records), naming the installed release when they are not the step's
+attention calls. Written from torch_npu's `graphs.py` (docs/npu.md); not run on a device here.
+"""
 from __future__ import annotations
 
 import functools
