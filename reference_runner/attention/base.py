@@ -35,9 +35,11 @@ class AttentionBackend(ABC):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 forward_batch: ForwardBatch) -> torch.Tensor:
-        if forward_batch.forward_mode is ForwardMode.DECODE:
-            return self.mask_padded_rows(self.forward_decode(q, k, v, layer_id, forward_batch), forward_batch)
-        return self.forward_extend(q, k, v, layer_id, forward_batch)
+        if forward_batch.forward_mode is not ForwardMode.DECODE:
+            return self.forward_extend(q, k, v, layer_id, forward_batch)
+        out = self.forward_decode(q, k, v, layer_id, forward_batch)
+        # Where padded rows attend to the dummy slot instead (length 1, cuda), there is nothing to mask.
+        return self.mask_padded_rows(out, forward_batch) if self.seq_len_fill_value == 0 else out
 
     def mask_padded_rows(self, out: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         """Zero the rows of length 0 (a replayed batch's padding), read from the device `seq_lens`.
