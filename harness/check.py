@@ -73,12 +73,16 @@ class CheckPlan:
 def check(args: argparse.Namespace) -> int:
     """Plan, run every scenario, print the table, write the reports; EXIT_PASS only if every scenario passed."""
     plan = plan_check(args)
+    from harness.environment import ascend_environment
     from harness.judge import SETUP_ERRORS, Judge
     from harness.report import table, write_json, write_junit
 
     scenarios = plan.scenarios
     judge = Judge(plan.target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr))
     judge.progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(scenarios)} scenario(s)")
+    environment = ascend_environment(plan.device)
+    for warning in environment.get("warnings", []):
+        print(f"npugraph-harness: warning: {warning}", file=sys.stderr)
     try:
         results = []
         for i, scenario in enumerate(scenarios, 1):
@@ -86,7 +90,7 @@ def check(args: argparse.Namespace) -> int:
             results.append(judge.run(scenario))
         print(table(results))
         if plan.json:
-            write_json(results, plan.json, device=plan.device, target=plan.target.name)
+            write_json(results, plan.json, device=plan.device, target=plan.target.name, environment=environment)
         if plan.junit:
             write_junit(results, plan.junit)
     except (OSError, *SETUP_ERRORS) as error:
@@ -160,11 +164,14 @@ def check_numbers(args: argparse.Namespace) -> None:
     enough for one request of --max-context."""
     numbers = {"--max-new-tokens": args.max_new_tokens}
     numbers |= {EngineArgs.flag(f.name): getattr(args, f.name) for f in dataclasses.fields(EngineArgs)
-                if f.name not in ("mode", "dtype", "graph_bs")}
+                if f.type in ("int", "int | None")}  # counts; graph_bs and the timeout are checked below
     for flag, value in numbers.items():
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    engine = EngineArgs.from_cli_args(args)
+    try:
+        engine = EngineArgs.from_cli_args(args)
+    except ValueError as error:  # a value no engine takes, e.g. --replay-timeout 0
+        raise UsageError(str(error)) from None
     if engine.max_bs > MAX_BS:
         raise UsageError(f"--max-bs {engine.max_bs} is above {MAX_BS}: that many captured batch sizes would take "
                          f"ages to capture")

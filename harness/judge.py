@@ -18,12 +18,12 @@ from harness.verdicts.compare import Verdict, compare_generations, summarize
 from harness.verdicts.routing import RoutingTie, first_routing_tie
 from harness.verdicts.tolerances import Tolerance
 from reference_runner.device import DeviceUnavailable
-from reference_runner.errors import CheckpointError, LayoutError, UnsupportedModel
+from reference_runner.errors import CheckpointError, LayoutError, TaskGroupMismatch, UnsupportedModel
 from reference_runner.models.loader import read_config
 from reference_runner.records import Generation, Request
 
 # Problems of the setup, not of the engine under test: the check stops with exit status 2.
-SETUP_ERRORS = (CheckpointError, UnsupportedModel, DeviceUnavailable, TargetUnavailable, LayoutError)
+SETUP_ERRORS = (CheckpointError, UnsupportedModel, DeviceUnavailable, TargetUnavailable, LayoutError, TaskGroupMismatch)
 
 
 @dataclass

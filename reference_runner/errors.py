@@ -16,3 +16,13 @@ class LayoutError(ValueError):
 
 class InvalidRequest(ValueError):
     """A request that cannot be served (empty prompt, too long, token outside the vocabulary, ...)."""
+
+
+class TaskGroupMismatch(RuntimeError):
+    """A captured graph whose updatable task groups are not the step's updatable attention calls: `update()` would
+    leave some of them frozen at capture (docs/npu.md: FIA is recorded by op name, per torch_npu release)."""
+
+
+class ReplayHang(RuntimeError):
+    """A graph replay that waits forever on the device: a task group waits for an ExternalEvent that only
+    `update()` records, and each replay consumes one (docs/npu.md)."""

@@ -11,35 +11,55 @@ import bisect
 import itertools
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
+import torch
 import torch.nn.functional as F
 
+from reference_runner.attention.base import AttentionBackend
+from reference_runner.attention.ops import paged_decode_attention
+from reference_runner.attention.torch_native import TorchNativeAttnBackend
 from reference_runner.engine.model_runner import ModelRunner
+from reference_runner.graphs import cpu as cpu_graphs
 from reference_runner.graphs import runner as runner_module
+from reference_runner.graphs.releases import RELEASES
 from reference_runner.graphs.runner import GraphRunner, NPUGraphRunner
 from reference_runner.models.layers import RowParallelLinear
-from reference_runner.models.moe import SparseMoeBlock, select_experts
+from reference_runner.models.moe import FusedMoE, SparseMoeBlock, select_experts
 
 # The correct methods, taken before any patch.
 prepare_static_inputs, replay, capture = GraphRunner.prepare_static_inputs, GraphRunner.replay, GraphRunner.capture
+update_graph, experts_forward = NPUGraphRunner.update_graph, FusedMoE.forward
+
+HANG, RACE = "would wait forever", "UpdateRace"  # how a failure names a replay that hangs, an update that races
 
 
 @dataclass(frozen=True)
 class Fault:
-    """`replacement` patched over `owner.attribute`; `lengths` names the kind of KV lengths a stale-lengths
-    fault corrupts ("host" lists or "device" seq_lens), which shows only where attention reads that kind."""
+    """`replacement` patched over `owner.attribute` (a class's method, or a module's global).
 
-    owner: type
+    `lengths` names the kind of KV lengths a stale-lengths fault corrupts ("host" lists or "device" seq_lens),
+    which shows only where attention reads that kind. `symptom` is what the scenario's failure says (None: a
+    token mismatch). `release`: the torch_npu release line the CPU emulation takes for the bug to exist.
+    `cpu_only`: why the fault shows only in the CPU emulation, where it does.
+    """
+
+    owner: Any
     attribute: str
-    replacement: Callable
+    replacement: Any
     lengths: str | None = None
+    symptom: str | None = None
+    release: str | None = None
+    cpu_only: str | None = None
 
     def inject(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(self.owner, self.attribute, self.replacement)
+        if self.release is not None:
+            monkeypatch.setattr(cpu_graphs, "EMULATED_RELEASE", RELEASES[self.release])
 
     def skip_reason(self, device: str) -> str | None:
         """Why this fault cannot show on `device`, or None."""
@@ -48,21 +68,38 @@ class Fault:
         if self.lengths == "device" and device != "cuda":
             return (f"attention on {device} reads the host lengths (tests/runner/test_devices.py injects this on the "
                     "CPU with the cuda backend)")
+        if self.cpu_only is not None and device != "cpu":
+            return self.cpu_only
         return None
 
+    def assert_caught(self, result) -> None:
+        """The scenario `result` failed as this fault fails it: with its symptom and no mismatch, or a mismatch."""
+        assert not result.passed
+        statuses = {v.status for v in result.verdicts}
+        if self.symptom is None:
+            assert "mismatch" in statuses
+        else:
+            assert any(self.symptom in failure for failure in result.failures), result.failures
+            assert "mismatch" not in statuses
 
-# --- stale lengths ------------------------------------------------------------------------------
+
+# --- stale lengths and hangs: each replay consumes its update -----------------------------------
 
 def skip_host_list_update(self, bs, seq_lens_cpu):
-    self.graphs[bs].replay()  # lengths stay those frozen at capture
+    pass  # lengths stay those frozen at capture; on an NPU the replay waits forever for its update
 
 
 def update_with_previous_step_lengths(self, bs, seq_lens_cpu):
     stale = getattr(self, "_previous_seq_lens", seq_lens_cpu)
     self._previous_seq_lens = seq_lens_cpu
-    stale = (stale + [self.seq_len_fill_value] * bs)[:bs]
-    self.graphs[bs].update(cpu_update_input=self.attn_backend.graph_update_input(stale))  # the update raced replay
-    self.graphs[bs].replay()
+    update_graph(self, bs, (stale + [self.seq_len_fill_value] * bs)[:bs])  # the update raced replay
+
+
+def update_only_on_bucket_change(self, bs, seq_lens_cpu):
+    """The bug: update() only when the step moves to another captured size, as if an update lasted until the next."""
+    if getattr(self, "_updated_bs", None) != bs:
+        update_graph(self, bs, seq_lens_cpu)
+    self._updated_bs = bs
 
 
 def seq_lens_not_refreshed(self, forward_batch, bs):
@@ -110,18 +147,111 @@ def never_replay(self, forward_batch):
     return False  # e.g. a wrong graph key: every step silently runs eager
 
 
+# --- ordering: replays in flight, the shared update stream --------------------------------------
+
+def replay_not_awaited(self, bs):
+    pass  # the host runs ahead: the next update() of this graph may land while this replay still runs
+
+
+class _OtherThreadInside(dict):
+    """Host arguments whose reading (inside update(), between graph_task_update_begin and _end) runs `other` on
+    another thread and waits for it: the interleaving that two update threads reach by chance, made certain."""
+
+    def __init__(self, items: dict, other) -> None:
+        super().__init__(items)
+        self.other = other
+
+    def __getitem__(self, key):
+        if self.other is not None:
+            other, self.other = self.other, None
+            errors = []
+            thread = threading.Thread(target=lambda: _collect(other, errors))
+            thread.start()
+            thread.join()
+            if errors:
+                raise errors[0]
+        return super().__getitem__(key)
+
+
+def _collect(fn, errors: list) -> None:
+    try:
+        fn()
+    except Exception as error:  # handed to the thread that waits
+        errors.append(error)
+
+
+def pre_update_next_bucket_on_a_thread(self, bs, seq_lens_cpu):
+    """The bug: while this step's graph is updated, a second thread updates the next larger size's graph (so that a
+    growing batch finds it ready): two graphs updated at once, on the update stream torch_npu 7.3+ shares."""
+    larger = [size for size in self.capture_bs if size > bs]
+    if not larger:
+        return update_graph(self, bs, seq_lens_cpu)
+    other = larger[0]
+    padded = seq_lens_cpu + [self.seq_len_fill_value] * (other - bs)
+    pre_update = lambda: update_graph(self, other, padded)  # noqa: E731
+    (update,) = self.attn_backend.graph_update_input(seq_lens_cpu)
+    graph = self.graphs[bs]
+    graph.update(cpu_update_input=[_OtherThreadInside(update, pre_update)] * self.backend.task_groups(graph))
+
+
 FAULTS = {
-    "host_list_update_skipped": Fault(NPUGraphRunner, "replay_graph", skip_host_list_update, lengths="host"),
-    "update_fed_previous_step_lengths": Fault(NPUGraphRunner, "replay_graph", update_with_previous_step_lengths,
+    "host_list_update_skipped": Fault(NPUGraphRunner, "update_graph", skip_host_list_update, lengths="host",
+                                      symptom=HANG),
+    "update_skipped_when_the_size_repeats": Fault(NPUGraphRunner, "update_graph", update_only_on_bucket_change,
+                                                  lengths="host", symptom=HANG),
+    "update_fed_previous_step_lengths": Fault(NPUGraphRunner, "update_graph", update_with_previous_step_lengths,
                                               lengths="host"),
     "device_seq_lens_not_refreshed": Fault(GraphRunner, "prepare_static_inputs", seq_lens_not_refreshed,
                                            lengths="device"),
     "padded_rows_write_live_slots": Fault(GraphRunner, "prepare_static_inputs", padded_rows_keep_stale_slots),
     "positions_not_refreshed": Fault(GraphRunner, "prepare_static_inputs", positions_not_refreshed),
     "output_read_after_next_replay": Fault(GraphRunner, "replay", return_static_output_view),
-    "graph_never_replayed": Fault(GraphRunner, "can_run", never_replay),
+    "graph_never_replayed": Fault(GraphRunner, "can_run", never_replay,
+                                  symptom="no decode step replayed a graph in mode 'graph' (silent eager fallback)"),
+    "update_while_replay_in_flight": Fault(
+        NPUGraphRunner, "wait_for_replay", replay_not_awaited, symptom="may still be in flight",
+        cpu_only="on an NPU the race shows only when the host outruns the device (SimNPUGraph keeps replays in flight)"),
+    "two_graphs_updated_at_once": Fault(
+        NPUGraphRunner, "update_graph", pre_update_next_bucket_on_a_thread, symptom="same update stream",
+        release="7.3", cpu_only="the two threads meet inside update() for certain only in the emulation"),
 }
 STALE_LENGTHS = sorted(name for name, fault in FAULTS.items() if fault.lengths)
+
+
+# --- FIA not captured as a task group: setup fails (exit 2) ---------------------------------------
+
+def decode_as_plain_kernel(self, q, k, v, layer_id, forward_batch):
+    """The bug: decode through a kernel torch_npu does not intercept: its lengths, a tensor made from the host
+    list, are a constant of the graph, and no task group exists for update() to refresh."""
+    cache = self.kv_cache
+    cache.write(layer_id, forward_batch.out_cache_loc, k, v)
+    lens = torch.tensor(forward_batch.seq_lens_cpu, device=q.device)
+    return paged_decode_attention(q, cache.key_caches[layer_id], cache.value_caches[layer_id],
+                                  forward_batch.block_tables, lens, scale=self.scale)
+
+
+NOT_INTERCEPTED = {
+    "decode_kernel_not_updatable": Fault(TorchNativeAttnBackend, "forward_decode", decode_as_plain_kernel,
+                                         cpu_only="patches the CPU's attention backend"),
+    # The runner calls FIA plainly (`.default`), which torch_npu 7.1 does not match: the `ascend` extra's floor.
+    "torch_npu_7_1_skips_fia_default": Fault(cpu_graphs, "EMULATED_RELEASE", RELEASES["7.1"],
+                                             cpu_only="emulates an older torch_npu: on npu the installed one decides"),
+}
+
+
+# --- padded rows: FIA's unspecified rows of length 0 meet an op that mixes rows ---------------------
+
+def experts_dispatched_by_matmul(self, x, topk_weights, topk_ids):
+    """Not a bug: tokens reach the experts through a one-hot matmul over the batch (GShard's dispatch, capacity =
+    tokens), exact for finite rows; but 0 * NaN is NaN, so one NaN row, padding included, reaches every row."""
+    dispatch = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
+    return experts_forward(self, dispatch @ x, topk_weights, topk_ids)
+
+
+CROSS_ROW_MOE = Fault(FusedMoE, "forward", experts_dispatched_by_matmul)
+PADDED_ROWS_UNMASKED = Fault(
+    AttentionBackend, "mask_padded_rows", lambda self, out, forward_batch: out,
+    cpu_only="what FIA writes in a row of length 0 is unspecified: the CPU's FIA stand-in writes NaN there")
 
 
 # --- MoE ----------------------------------------------------------------------------------------

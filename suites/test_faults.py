@@ -2,29 +2,41 @@
 caught, and the unpatched runner passes the very same scenario.
 
 Stale lengths have two forms: a host list that `update()` did not refresh where attention reads host
-lists (npu, cpu), and a device `seq_lens` that was not refreshed where it reads those (cuda).
+lists (npu, cpu), and a device `seq_lens` that was not refreshed where it reads those (cuda). A replay
+with no update since the previous one fails as the hang it would be on an NPU, not as a mismatch; an
+update racing a replay, or another graph's update, fails naming the race; FIA not captured as a task
+group stops the check before any replay, with exit status 2.
 """
 import dataclasses
 
 import pytest
 
+from harness.cli import main
+from harness.exits import EXIT_USAGE
 from harness.inputs.scenarios import Scenario
+from reference_runner.attention import default_dtype
 from reference_runner.engine.args import EngineArgs
-from suites.faults import FAULTS
+from reference_runner.graphs import cpu as emulation
+from reference_runner.graphs.releases import RELEASES, TORCH_NPU_FLOOR
+from suites.faults import CROSS_ROW_MOE, FAULTS, NOT_INTERCEPTED, PADDED_ROWS_UNMASKED
 
 SCENARIO = Scenario(model="llama", baseline="eager", engine=EngineArgs(mode="graph"), workload="mixed", max_new_tokens=32)
 
-# float32 becomes the device's default dtype; bfloat16 is where float noise between kernels is widest.
+# bfloat16 is where float noise between kernels is widest; float32 exists only where attention has it.
 DTYPES = ["float32", "bfloat16"]
+SUPPORTED = [name for name, release in RELEASES.items() if float(name) >= float(TORCH_NPU_FLOOR.name)]
 
 
-def in_dtype(dtype: str) -> Scenario:
-    return dataclasses.replace(SCENARIO, engine=dataclasses.replace(SCENARIO.engine, dtype=dtype))
+def in_dtype(device: str, dtype: str, scenario: Scenario = SCENARIO) -> Scenario:
+    """`scenario` in `dtype`, or a skip where the device's attention has no float32 (npu: FIA)."""
+    if dtype == "float32" and default_dtype(device) != "float32":
+        pytest.skip(f"{device} attention has no float32: its bfloat16 case is this test there")
+    return dataclasses.replace(scenario, engine=dataclasses.replace(scenario.engine, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_correct_runner_passes_the_fault_scenario(check, dtype):
-    result = check(in_dtype(dtype))
+def test_correct_runner_passes_the_fault_scenario(check, device, dtype):
+    result = check(in_dtype(device, dtype))
     assert result.failures == []
     assert result.run.graph_steps > 0
 
@@ -34,10 +46,45 @@ def test_correct_runner_passes_the_fault_scenario(check, dtype):
 def test_injected_fault_is_caught(check, monkeypatch, device, fault, dtype):
     if reason := FAULTS[fault].skip_reason(device):
         pytest.skip(reason)
+    scenario = in_dtype(device, dtype)
     FAULTS[fault].inject(monkeypatch)
-    result = check(in_dtype(dtype))
-    assert not result.passed
-    if fault == "graph_never_replayed":
-        assert result.failures == ["no decode step replayed a graph in mode 'graph' (silent eager fallback)"]
+    FAULTS[fault].assert_caught(check(scenario))
+
+
+@pytest.mark.parametrize("release", SUPPORTED)
+def test_correct_runner_passes_under_every_torch_npu_release_from_the_floor(check, monkeypatch, device, release):
+    if device != "cpu":
+        pytest.skip(f"the torch_npu release is emulated on the CPU only; on {device} the installed one runs")
+    monkeypatch.setattr(emulation, "EMULATED_RELEASE", RELEASES[release])
+    result = check(SCENARIO)
+    assert result.failures == []
+    assert result.run.graph_steps > 0
+
+
+@pytest.mark.parametrize("fault", NOT_INTERCEPTED)
+def test_fia_not_captured_as_task_groups_exits_2_naming_the_release(monkeypatch, capsys, device, fault):
+    if reason := NOT_INTERCEPTED[fault].skip_reason(device):
+        pytest.skip(reason)
+    NOT_INTERCEPTED[fault].inject(monkeypatch)
+    release = emulation.EMULATED_RELEASE
+    assert main(["check", "--model", "llama", "--modes", "graph", "--device", device, "--max-new-tokens", "4"]) == EXIT_USAGE
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]  # progress aside
+    assert errors == [
+        f"npugraph-harness: error: graph bs=8: 0 updatable task groups captured for the step's 2 attention calls: "
+        f"{release} (emulated by SimNPUGraph) did not capture FIA (npu_fused_infer_attention_score) as one updatable "
+        "task group per call, so update() would change nothing and the lengths would stay frozen at capture"]
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
+def test_padded_rows_reach_a_cross_row_moe_only_unmasked(check, monkeypatch, device, masked):
+    if not masked and (reason := PADDED_ROWS_UNMASKED.skip_reason(device)):
+        pytest.skip(reason)
+    CROSS_ROW_MOE.inject(monkeypatch)
+    if not masked:
+        PADDED_ROWS_UNMASKED.inject(monkeypatch)
+    result = check(dataclasses.replace(SCENARIO, model="qwen2_moe"))
+    assert result.run.graph_steps > 0
+    if masked:
+        assert result.failures == []
     else:
-        assert "mismatch" in {v.status for v in result.verdicts}
+        PADDED_ROWS_UNMASKED.assert_caught(result)

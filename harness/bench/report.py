@@ -98,7 +98,11 @@ def _check_section(check: dict) -> list[str]:
                      f"{s.get('eager_steps', '-')} |")
     lines.append("")
     lines += [f"- FAIL `{s.get('name')}`: {'; '.join(s.get('failures', [])) or 'see check.json'}" for s in failed]
-    return lines + ([""] if failed else [])
+    environment = {k: v for k, v in check.get("environment", {}).items() if k not in ("warnings", "skipped")}
+    if environment:
+        lines += ["", "Environment: " + ", ".join(f"{k} {v if v is not None else '-'}" for k, v in environment.items())]
+    lines += [f"- **WARNING**: {w}" for w in check.get("environment", {}).get("warnings", [])]
+    return lines + ([""] if failed or environment else [])
 
 
 def _goals_section(results: list[BenchResult], device: str) -> list[str]:

@@ -35,9 +35,20 @@ class AttentionBackend(ABC):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 forward_batch: ForwardBatch) -> torch.Tensor:
-        if forward_batch.forward_mode is ForwardMode.DECODE:
-            return self.forward_decode(q, k, v, layer_id, forward_batch)
-        return self.forward_extend(q, k, v, layer_id, forward_batch)
+        if forward_batch.forward_mode is not ForwardMode.DECODE:
+            return self.forward_extend(q, k, v, layer_id, forward_batch)
+        out = self.forward_decode(q, k, v, layer_id, forward_batch)
+        # Where padded rows attend to the dummy slot instead (length 1, cuda), there is nothing to mask.
+        return self.mask_padded_rows(out, forward_batch) if self.seq_len_fill_value == 0 else out
+
+    def mask_padded_rows(self, out: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Zero the rows of length 0 (a replayed batch's padding), read from the device `seq_lens`.
+
+        What FIA writes for a row it skips is not specified (the captured `.out` form writes into an empty
+        buffer), and a row of NaN or garbage would spread to every row at the first op that mixes rows
+        (a matmul over the batch in a MoE dispatch, vLLM #38436): zeroed, it cannot.
+        """
+        return out.masked_fill((forward_batch.seq_lens == 0)[:, None, None], 0.0)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                        forward_batch: ForwardBatch) -> torch.Tensor:
@@ -49,6 +60,11 @@ class AttentionBackend(ABC):
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                        forward_batch: ForwardBatch) -> torch.Tensor:
         """One token per request, attending over its whole cached sequence."""
+
+    def graph_task_groups(self) -> int:
+        """Updatable task groups a captured decode step must hold: one per attention layer where the kernel
+        takes the host list, none where it reads device lengths."""
+        return 0 if self.host_list is None else len(self.kv_cache.key_caches)
 
     def graph_update_input(self, seq_lens_cpu: list[int]) -> list[dict] | None:
         """The `cpu_update_input` that refreshes a captured decode's host list before a replay (one dict,

@@ -18,7 +18,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     num_key_value_heads: int, scale: float, block_size: int) -> torch.Tensor:
     """Decode attention: query [B, num_heads, head_dim] over each row's first `actual_seq_lengths_kv[b]`
     cached tokens (caches [num_blocks, block_size, kv_heads, head_dim], block_table int32 [B, max_blocks]).
-    Rows of length 0 (padding) give zeros. Computed in float32.
+    Rows of length 0 (padding) are FIA's unspecified rows: NaN here. Computed in float32.
     """
     batch = query.shape[0]
     if len(actual_seq_lengths_kv) != batch:
@@ -28,10 +28,18 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if num_blocks > block_table.shape[1]:
         raise ValueError(f"sequence length {max_len} exceeds block_table capacity {block_table.shape[1] * block_size}")
     if num_blocks == 0:
-        return torch.zeros_like(query)
+        return torch.full_like(query, float("nan"))
     # Gather only the blocks the longest row needs; positions past each row's length are masked.
     lens = torch.tensor(actual_seq_lengths_kv, device=query.device)
-    return paged_decode_attention(query, key_cache, value_cache, block_table[:, :num_blocks], lens, scale=scale)
+    out = paged_decode_attention(query, key_cache, value_cache, block_table[:, :num_blocks], lens, scale=scale)
+    return _skipped_rows_unspecified(out, lens)
+
+
+def _skipped_rows_unspecified(out: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """FIA skips rows of length 0 and specifies nothing for them: captured, its `.out` form writes into a buffer
+    made by `torch.empty_like(query)` (torch_npu 7.1 and 7.2, graphs.py), so they hold whatever that memory held.
+    NaN stands for that here, so that a caller relying on any value there is caught."""
+    return out.masked_fill((lens == 0)[:, None, None], float("nan"))
 
 
 @paged_attention.register_fake
@@ -45,7 +53,8 @@ def paged_attention_static(query: torch.Tensor, key_cache: torch.Tensor, value_c
                            num_key_value_heads: int, scale: float, block_size: int) -> torch.Tensor:
     """`paged_attention` with its host lengths as a tensor, over the whole block table: the static
     shapes a compiled graph needs, the lengths still refreshed on every replay."""
-    return paged_decode_attention(query, key_cache, value_cache, block_table, actual_seq_lengths_kv, scale=scale)
+    out = paged_decode_attention(query, key_cache, value_cache, block_table, actual_seq_lengths_kv, scale=scale)
+    return _skipped_rows_unspecified(out, actual_seq_lengths_kv)
 
 
 register_updatable_op(torch.ops.npugraph.paged_attention, "actual_seq_lengths_kv", static_form=paged_attention_static)

@@ -54,11 +54,16 @@ class EngineArgs:
     top_k: int = _option(5, "logprobs recorded per step")
     tp_size: int = _option(1, "tensor-parallel ranks", flag="--tp")
     dp_size: int = _option(1, "data-parallel ranks (DP attention for MoE)", flag="--dp")
+    replay_timeout_s: float = _option(60.0, "seconds a graph replay may take before it is failed as a hang (a replay "
+                                            "whose task groups were not updated waits forever on an NPU)",
+                                      flag="--replay-timeout")
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("dtype", DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not self.replay_timeout_s > 0:
+            raise ValueError(f"replay_timeout_s (--replay-timeout) must be > 0, got {self.replay_timeout_s}")
 
     @property
     def world_size(self) -> int:

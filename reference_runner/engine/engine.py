@@ -62,7 +62,8 @@ class Engine:
         self.stats = GraphStats()
         if args.mode != "eager":
             self.model_runner.graph_runner = make_graph_runner(self.model_runner, args.max_bs, args.graph_bs,
-                                                               compile=args.mode == "compile")
+                                                               compile=args.mode == "compile",
+                                                               replay_timeout_s=args.replay_timeout_s)
 
     def validate(self, request: Request) -> None:
         """Raise `InvalidRequest` naming the request and the problem if it cannot be served."""

@@ -17,18 +17,32 @@ class DeviceGraph(Protocol):
     def pool(self) -> Any: ...
 
 
+class DeviceEvent(Protocol):
+    """`torch.npu.Event` or `SimEvent`: recorded on the current stream, complete once the work queued before is."""
+
+    def record(self) -> None: ...
+
+    def query(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class GraphBackend:
     """How one device captures: a graph factory, a capture context, a pool, and the runner that drives them."""
 
     device: str
-    new_graph: Callable[[], DeviceGraph]
+    new_graph: Callable[[str], DeviceGraph]  # new_graph(name): the name errors about the graph use
     capture: Callable[[DeviceGraph, Any], ContextManager]  # capture(graph, pool)
     graph_pool_handle: Callable[[], Any]
     pool_bytes: Callable[[Any], int]  # bytes the graphs hold in a pool
     runner_cls: type[GraphRunner]  # NPUGraphRunner where graphs take update(cpu_update_input), else GraphRunner
     # Compile-then-capture: warmup and capture run this wrapping of the forward (None: run it as is).
     compile_forward: Callable[[Callable], Callable] | None = None
+    # What NPUGraphRunner needs besides (graphs with task groups):
+    new_event: Callable[[], DeviceEvent] | None = None  # to learn that a replay finished, polled under a timeout
+    task_groups: Callable[[DeviceGraph], int] | None = None  # updatable task groups a captured graph holds
+    release: str = ""  # the torch_npu release whose NPUGraph this is (named in errors)
+    # Let a replay that timed out waiting for its task groups' events run to its end (None: it cannot hang).
+    unblock: Callable[[DeviceGraph], None] | None = None
 
 
 def allocator_pool_bytes(device: str, pool: Any) -> int:

@@ -1,10 +1,16 @@
 """The CPU's graphs: SimNPUGraph, the emulation of `torch.npu.NPUGraph`, driven by the real NPUGraphRunner."""
 from __future__ import annotations
 
+import functools
+
 from reference_runner.graphs.base import GraphBackend
+from reference_runner.graphs.releases import TORCH_NPU_FLOOR
 from reference_runner.graphs.runner import NPUGraphRunner
-from reference_runner.sim.graph import SimNPUGraph, graph, graph_pool_handle
+from reference_runner.sim.graph import SimEvent, SimNPUGraph, graph, graph_pool_handle
 from reference_runner.sim.pool import SimGraphPool
+
+# The torch_npu release SimNPUGraph behaves as: the floor the `ascend` extra pins (tests emulate the others).
+EMULATED_RELEASE = TORCH_NPU_FLOOR
 
 
 def sim_backend(compile: bool = False) -> GraphBackend:
@@ -17,9 +23,12 @@ def sim_backend(compile: bool = False) -> GraphBackend:
         capture = lambda g, pool: graph(g, pool=pool, auto_dispatch_capture=True)  # noqa: E731
     return GraphBackend(
         device="cpu",
-        new_graph=SimNPUGraph,
+        new_graph=functools.partial(SimNPUGraph, release=EMULATED_RELEASE),
         capture=capture,
         graph_pool_handle=graph_pool_handle,
         pool_bytes=SimGraphPool.nbytes,
         runner_cls=NPUGraphRunner,
+        new_event=SimEvent,
+        task_groups=lambda g: g.num_task_groups,
+        release=f"{EMULATED_RELEASE} (emulated by SimNPUGraph)",
     )

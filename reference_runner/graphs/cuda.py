@@ -15,7 +15,7 @@ def cuda_backend(compile: bool = False) -> GraphBackend:
     `compile`: inductor compiles the forward per batch size during warmup, and our pool captures it."""
     return GraphBackend(
         device="cuda",
-        new_graph=torch.cuda.CUDAGraph,
+        new_graph=lambda name: torch.cuda.CUDAGraph(),
         capture=lambda g, pool: torch.cuda.graph(g, pool=pool),
         graph_pool_handle=torch.cuda.graph_pool_handle,
         pool_bytes=functools.partial(allocator_pool_bytes, "cuda"),

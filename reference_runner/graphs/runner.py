@@ -8,13 +8,16 @@ rows of the output out before anything can replay again.
 from __future__ import annotations
 
 import bisect
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
+from reference_runner.engine.args import EngineArgs
 from reference_runner.engine.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.errors import ReplayHang, TaskGroupMismatch
 from reference_runner.graphs import get_graph_backend
 from reference_runner.graphs.base import DeviceGraph, GraphBackend
 from reference_runner.parallel.dp_attention import dp_buffer_len
@@ -51,8 +54,10 @@ class GraphRunner:
     num_warmup = 2
     refreshes_host_lists: ClassVar[bool] = False
 
-    def __init__(self, model_runner, backend: GraphBackend, max_bs: int, graph_bs: tuple[int, ...] | None = None) -> None:
+    def __init__(self, model_runner, backend: GraphBackend, max_bs: int, graph_bs: tuple[int, ...] | None = None,
+                 replay_timeout_s: float = EngineArgs.replay_timeout_s) -> None:
         self.model_runner = model_runner
+        self.replay_timeout_s = replay_timeout_s
         self.attn_backend = model_runner.attn_backend
         if self.attn_backend.host_list is not None and not self.refreshes_host_lists:
             raise ValueError(f"{type(self.attn_backend).__name__} reads the host list {self.attn_backend.host_list!r}, "
@@ -113,7 +118,7 @@ class GraphRunner:
             forward_batch = self.static_batch(bs, [self.seq_len_fill_value] * bs)
             for _ in range(self.num_warmup):
                 forward(forward_batch)
-            graph = self.backend.new_graph()
+            graph = self.backend.new_graph(f"graph bs={bs}")
             with self.backend.capture(graph, pool):
                 output = forward(forward_batch)
             self.graphs[bs], self.output_buffers[bs] = graph, output
@@ -167,23 +172,60 @@ class GraphRunner:
 
 class NPUGraphRunner(GraphRunner):
     """NPUGraph replay: the host list the attention backend names was frozen at capture, so each replay
-    first refreshes it with `graph.update(cpu_update_input=...)`."""
+    first refreshes it with `graph.update(cpu_update_input=...)`, and each replay consumes its update.
+
+    After capture it counts each graph's task groups: one per attention call, or `update()` would leave the
+    others frozen. After each replay it waits for the replay to finish, under a timeout: a replay whose
+    task groups were not all updated waits forever on the device, and the next `update()` must not land
+    while this replay still runs (it would read the next step's lengths: SGLang #16498).
+    """
 
     refreshes_host_lists = True
 
+    def capture(self) -> None:
+        super().capture()
+        expected = self.attn_backend.graph_task_groups()
+        for bs, graph in self.graphs.items():
+            found = self.backend.task_groups(graph)
+            if found != expected:
+                raise TaskGroupMismatch(
+                    f"graph bs={bs}: {found} updatable task groups captured for the step's {expected} attention calls: "
+                    f"{self.backend.release} did not capture FIA (npu_fused_infer_attention_score) as one updatable "
+                    "task group per call, so update() would change nothing and the lengths would stay frozen at capture")
+
     def replay_graph(self, bs: int, seq_lens_cpu: list[int]) -> None:
-        graph = self.graphs[bs]
+        self.update_graph(bs, seq_lens_cpu)
+        self.graphs[bs].replay()
+        self.wait_for_replay(bs)
+
+    def update_graph(self, bs: int, seq_lens_cpu: list[int]) -> None:
+        """Refresh the host list of every task group of this graph (one dict, broadcast)."""
         update = self.attn_backend.graph_update_input(seq_lens_cpu)
         if update is not None:
-            # update() is queued before replay(), and on npu OrderedNPUGraph.update() first waits for this
-            # graph's previous replay: an update never races either replay.
-            graph.update(cpu_update_input=update)
-        graph.replay()
+            self.graphs[bs].update(cpu_update_input=update)
+
+    def wait_for_replay(self, bs: int) -> None:
+        """Poll an event recorded after the replay until it completes; past `replay_timeout_s` raise ReplayHang
+        (the process never blocks on a device that waits forever). Also orders the next `update()` after it."""
+        # vLLM-Ascend synchronises before each replay for the same ordering; a poll rather than a blocking
+        # synchronize is what lets a hang be turned into an error.
+        done = self.backend.new_event()
+        done.record()
+        deadline, pause = time.monotonic() + self.replay_timeout_s, 1e-5
+        while not done.query():
+            if time.monotonic() > deadline:
+                if self.backend.unblock is not None:
+                    self.backend.unblock(self.graphs[bs])
+                raise ReplayHang(
+                    f"graph bs={bs}: replay not finished after {self.replay_timeout_s:g} s: it would wait forever, "
+                    "for a task group's ExternalEvent that no update() recorded since the previous replay")
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
 
 
 def make_graph_runner(model_runner, max_bs: int, graph_bs: tuple[int, ...] | None = None,
-                      compile: bool = False) -> GraphRunner:
+                      compile: bool = False, replay_timeout_s: float = EngineArgs.replay_timeout_s) -> GraphRunner:
     """The runner of the device's graph backend (`NPUGraphRunner` on npu and on the CPU's SimNPUGraph,
     `GraphRunner` on cuda); `compile` captures compiled graphs (engine mode "compile")."""
     backend = get_graph_backend(model_runner.device, compile)
-    return backend.runner_cls(model_runner, backend, max_bs, graph_bs)
+    return backend.runner_cls(model_runner, backend, max_bs, graph_bs, replay_timeout_s)

@@ -10,9 +10,16 @@ at capture, so it reproduces what matters for correctness on an NPU:
    (KV cache writes) are undone at `capture_end`;
 3. frozen host values: every non-tensor argument is deep-copied at capture; Python control flow
    is resolved at capture; host reads of device values (`.item()`, data-dependent shapes) refuse;
-4. task groups: each updatable op (`graphs/updatable.py`) is recorded with its host arguments,
-   which `update(cpu_update_input=...)` replaces under NPUGraph's broadcast/per-op rules;
-5. lifecycle errors: replay/pool/update before capture, capturing twice.
+4. task groups: each call of an updatable op (`graphs/updatable.py`) that the emulated torch_npu release
+   (`graphs/releases.py`) intercepts is recorded with its host arguments, which
+   `update(cpu_update_input=...)` replaces under that release's rules;
+5. each replay consumes its update: a task group waits for an ExternalEvent that only `update()` records,
+   so a replay with a task group not updated since the previous replay (or capture) would wait forever on
+   an NPU: here it raises `ReplayHang`;
+6. replays are in flight until the host observes an event recorded after them (`SimEvent`): an `update()`
+   of a graph whose replay may still run raises `UpdateRace`, as does an update that interleaves with
+   another graph's on a shared update stream;
+7. lifecycle errors: replay/pool/update before capture, capturing twice.
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from reference_runner.errors import ReplayHang
+from reference_runner.graphs.releases import TORCH_NPU_FLOOR, TorchNpuRelease
 from reference_runner.graphs.updatable import updatable_op
 from reference_runner.sim.pool import SimGraphPool
 from reference_runner.sim.recording import Kind, Op, Program, Recording, has_tensor
@@ -38,6 +47,58 @@ class CaptureError(RuntimeError):
     """An operation that an NPU graph cannot capture was called during capture."""
 
 
+class UpdateRace(RuntimeError):
+    """An `update()` that races a replay of its graph still in flight, or another graph's update on the same
+    update stream: on an NPU a replay would run with arguments of another step or another graph."""
+
+
+class _UpdateStream:
+    """torch_npu's update stream: `update()` re-issues each task group on it between `graph_task_update_begin`
+    and `_end`, a bracket that takes in whatever is issued on the stream meanwhile, from any thread."""
+
+    def __init__(self) -> None:
+        self.open_for: str | None = None  # the graph whose task group is inside the bracket
+
+    @contextlib.contextmanager
+    def task_update(self, graph: str, release: TorchNpuRelease) -> Iterator[None]:
+        if self.open_for is not None:
+            raise UpdateRace(
+                f"{graph}: update() began while {self.open_for}'s update() was still open on the same update stream "
+                f"({release} has one for every graph of the process): their graph_task_update_begin/end brackets "
+                "interleave and one graph's task group takes the other's arguments; update graphs one at a time")
+        self.open_for = graph
+        try:
+            yield
+        finally:
+            self.open_for = None
+
+
+_SHARED_UPDATE_STREAMS: dict[str, _UpdateStream] = {}  # per release that has one stream for every graph
+
+# Replays queued on the emulated device that the host has not yet seen finish (see SimEvent).
+_in_flight: weakref.WeakSet[SimNPUGraph] = weakref.WeakSet()
+
+
+class SimEvent:
+    """`torch.npu.Event` on the emulated device. Replay runs on the CPU as it is called, but on an NPU it is only
+    queued: the host knows it is over once an event recorded after it completes (`query`, `synchronize`), and
+    until then it is in flight."""
+
+    def __init__(self) -> None:
+        self._after: list[SimNPUGraph] = []
+
+    def record(self) -> None:
+        self._after = list(_in_flight)
+
+    def query(self) -> bool:
+        self.synchronize()
+        return True
+
+    def synchronize(self) -> None:
+        for graph in self._after:
+            _in_flight.discard(graph)
+
+
 def graph_pool_handle() -> SimGraphPool:
     """A pool to share between graphs, like `torch.npu.graph_pool_handle()`."""
     return SimGraphPool()
@@ -48,10 +109,11 @@ def _op_name(func: Any) -> str:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, recording: Recording, auto_dispatch: bool) -> None:
+    def __init__(self, recording: Recording, auto_dispatch: bool, release: TorchNpuRelease) -> None:
         super().__init__()
         self.recording = recording
         self.auto_dispatch = auto_dispatch
+        self.release = release
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -67,7 +129,9 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         mutates = name == "__setitem__" or name.endswith("_")
         if has_tensor(out) or mutates:
-            updatable = self.auto_dispatch and updatable_op(func) is not None
+            spec = updatable_op(func) if self.auto_dispatch else None
+            # torch_npu intercepts by name, per release: any other call is captured as a plain kernel.
+            updatable = spec is not None and self.release.intercepts(spec.dispatched_name(func, kwargs))
             self.recording.record(func, args, kwargs, out, updatable)
         return out
 
@@ -128,15 +192,24 @@ def _bool_index(indices: list) -> bool:
 
 
 class SimNPUGraph:
-    """NPUGraph semantics on the CPU: `capture_begin/capture_end`, `replay`, `update`, `pool`, `reset`."""
+    """NPUGraph semantics on the CPU: `capture_begin/capture_end`, `replay`, `update`, `pool`, `reset`, as the torch_npu
+    `release` behaves; `name` says which graph an error is about."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "graph", release: TorchNpuRelease = TORCH_NPU_FLOOR) -> None:
+        self.name = name
+        self.release = release
         self._recording: Recording | None = None
         self._modes: contextlib.ExitStack | None = None
         self._replay_fn: Callable[[], None] | None = None
         self._pool: SimGraphPool | None = None
         self._auto_dispatch = False
         self._tasks: list[dict[str, Any]] = []
+        self._recorded: list[bool] = []  # per task group: its ExternalEvent recorded since its last replay
+        self._replays = 0
+        if release.shared_update_stream:
+            self._update_stream = _SHARED_UPDATE_STREAMS.setdefault(release.name, _UpdateStream())
+        else:
+            self._update_stream = _UpdateStream()
         self.program: Program | None = None
         self.outputs: list[torch.Tensor] = []
 
@@ -149,7 +222,7 @@ class SimNPUGraph:
         self._modes = contextlib.ExitStack()
         self._modes.enter_context(torch.inference_mode())
         self._modes.enter_context(_CaptureGuard(self._recording))
-        self._modes.enter_context(_Recorder(self._recording, auto_dispatch_capture))
+        self._modes.enter_context(_Recorder(self._recording, auto_dispatch_capture, self.release))
 
     def capture_end(self) -> None:
         if self._recording is None:
@@ -174,6 +247,7 @@ class SimNPUGraph:
         for t in self.outputs:  # replay ends by writing each output into its pool buffer
             program.ops.append(Op(copy_, (program.new_ref(Kind.OUTPUT, t), values[id(t)])))
         self._tasks = recording.tasks
+        self._recorded = [False] * len(self._tasks)  # capture waits and resets each event
         self._replay_fn = program.compile()
 
     def recompile(self, make_replay: Callable[[Program], Callable[[], None]]) -> None:
@@ -193,27 +267,48 @@ class SimNPUGraph:
     def replay(self) -> None:
         if self._replay_fn is None:
             raise RuntimeError("Called NPUGraph::replay without a preceding successful capture.")
+        if not all(self._recorded):
+            raise ReplayHang(self._hang())
+        self._recorded = [False] * len(self._recorded)  # each captured wait consumes its event's record
         with torch.inference_mode():
             self._replay_fn()
+        self._replays += 1
+        _in_flight.add(self)
+
+    def _hang(self) -> str:
+        missing, count = self._recorded.index(False), len(self._recorded)
+        if any(self._recorded):
+            why = (f"task group {missing + 1} of {count} left out of the last update() ({self.release} zips a "
+                   "cpu_update_input shorter than its task groups without a word)")
+        else:
+            why = f"no update() since its {'previous replay' if self._replays else 'capture'}"
+        return (f"{self.name}: replayed with {why}: task group {missing + 1} waits for an ExternalEvent that only "
+                "update() records, so on an NPU this replay would wait forever")
 
     def update(self, cpu_update_input: list[dict[str, Any]]) -> None:
-        """Replace host arguments of the recorded task groups; the change persists across replays."""
+        """Replace host arguments of the recorded task groups and record their events, as `release` does."""
         if self._replay_fn is None:
             raise RuntimeError("Called NPUGraph::update without a preceding successful capture.")
         if not self._auto_dispatch:
-            raise RuntimeError("update() needs a graph captured with auto_dispatch_capture=True")
+            raise RuntimeError("The current graph configuration does not support update,"
+                               "Try to capture by setting auto_dispatch_capture=True during capture")
+        if self in _in_flight:
+            raise UpdateRace(
+                f"{self.name}: update() issued while this graph's previous replay may still be in flight (queued, and "
+                "no event after it seen complete): on an NPU that replay may run with this update's host lengths and "
+                "its own step's block table (SGLang #16498); wait for the replay before updating")
         if len(cpu_update_input) == 1:
-            cpu_update_input = cpu_update_input * len(self._tasks)
-        if len(cpu_update_input) != len(self._tasks):
+            cpu_update_input = [cpu_update_input[0].copy() for _ in self._tasks]
+        if self.release.update_length_checked and len(cpu_update_input) != len(self._tasks):
             raise RuntimeError(
-                f"The length of cpu_update_input does not match the captured graph: there are "
-                f"{len(self._tasks)} operators to update, but cpu_update_input has "
-                f"{len(cpu_update_input)} elements"
-            )
-        for task, new_args in zip(self._tasks, cpu_update_input):
-            for key, value in new_args.items():
-                if key in task:
-                    task[key] = copy.deepcopy(value)
+                f"Currently, there are {len(self._tasks)} operators that need to be updated by capture, and there "
+                f"are only {len(cpu_update_input)} elements in the incoming cpu_update_input list")
+        for i, (task, new_args) in enumerate(zip(self._tasks, cpu_update_input)):  # zip: too long or short, silently
+            with self._update_stream.task_update(self.name, self.release):
+                for key in new_args:
+                    if key in task or not self.release.captured_keys_only:
+                        task[key] = copy.deepcopy(new_args[key])
+            self._recorded[i] = True
 
     @property
     def num_task_groups(self) -> int:
@@ -228,6 +323,8 @@ class SimNPUGraph:
         self.abort_capture()
         self._replay_fn = None
         self._tasks = []
+        self._recorded = []
+        _in_flight.discard(self)
         self.program = None
         self.outputs = []
         self._pool = None

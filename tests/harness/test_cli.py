@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 from harness.cli import build_parser, main
 from reference_runner.engine.args import EngineArgs
-from reference_runner.graphs.runner import NPUGraphRunner
+from suites.faults import FAULTS
 
 FAST = ["check", "--model", "llama", "--max-new-tokens", "12"]
 
@@ -26,7 +26,7 @@ def test_passing_check_exits_0_and_reports_graph_steps(tmp_path):
 
 
 def test_a_graph_bug_makes_check_exit_1(tmp_path, monkeypatch):
-    monkeypatch.setattr(NPUGraphRunner, "replay_graph", lambda self, bs, lens: self.graphs[bs].replay())
+    FAULTS["update_fed_previous_step_lengths"].inject(monkeypatch)
     report, junit = tmp_path / "check.json", tmp_path / "check.xml"
     assert main([*FAST, "--modes", "graph", "--json", str(report), "--junit", str(junit)]) == 1
     graph = json.loads(report.read_text())["scenarios"][0]

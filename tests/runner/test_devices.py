@@ -90,13 +90,25 @@ def test_collectives_backend_per_device():
 # --- CUDA: device-side lengths -------------------------------------------------------------------
 
 @pytest.mark.parametrize("lens", [[1], [4, 5, 9, 1, 24], [3, 0, 8]], ids=["one", "block-boundaries", "padded-row"])
-def test_device_lens_decode_equals_the_host_list_op(lens):
+def test_device_lens_decode_equals_the_host_list_op_on_rows_of_nonzero_length(lens):
     kv, batch, q, _, _ = decode_case([max(n, 1) for n in lens])
     key_cache, value_cache = kv.key_caches[0], kv.value_caches[0]
     table = batch.block_tables.clone()
     table[[i for i, n in enumerate(lens) if n == 0]] = 0  # a padded row reads no live block
     out = paged_decode_attention(q, key_cache, value_cache, table, torch.tensor(lens, dtype=torch.int32), scale=SCALE)
-    torch.testing.assert_close(out, paged_attention(q, key_cache, value_cache, table, lens), atol=1e-6, rtol=1e-6)
+    live = [i for i, n in enumerate(lens) if n > 0]
+    torch.testing.assert_close(out[live], paged_attention(q, key_cache, value_cache, table, lens)[live], atol=1e-6, rtol=1e-6)
+
+
+def test_fia_stand_in_leaves_rows_of_length_0_unspecified_and_the_backend_zeroes_them():
+    kv, batch, q, k, v = decode_case([3, 1, 8])
+    batch.seq_lens[1], batch.seq_lens_cpu[1] = 0, 0  # a padded row, as the graph runner fills one
+    batch.block_tables[1] = 0
+    out = TorchNativeAttnBackend(kv, HEADS).forward(q, k, v, 0, batch)  # writes k, v, then attends
+    raw = paged_attention(q, kv.key_caches[0], kv.value_caches[0], batch.block_tables, batch.seq_lens_cpu)
+    assert raw[1].isnan().all() and not raw[[0, 2]].isnan().any()
+    assert out[1].eq(0).all()
+    torch.testing.assert_close(out[[0, 2]], raw[[0, 2]])
 
 
 def test_cuda_backend_decode_equals_the_cpu_backend():
@@ -212,38 +224,44 @@ def test_ascend_backend_refuses_float32(ascend_backend_module):
         ascend_backend_module.AscendAttnBackend(kv, HEADS)
 
 
-# --- npu: update/replay ordering, against a stand-in of torch.npu --------------------------------
+# --- npu: the graph backend, against a stand-in of torch.npu --------------------------------------
+
+class ExternalEvent:
+    """torch.npu.ExternalEvent as update() uses it: recorded on a stream."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def record(self, stream):
+        self.log.append(("record", stream))
+
 
 @pytest.fixture
-def npu_calls(monkeypatch):
-    """Import `graphs.npu` over a fake `torch.npu` whose graphs and events log what the device would do."""
-    calls = []
+def npu_graphs(monkeypatch):
+    """`graphs.npu` imported over a stand-in of `torch.npu`, whose graphs hold dispatch records as torch_npu's do
+    (`graph.graph_dispatch_mode.graph_dispatch_records`, each with its ExternalEvent)."""
 
-    class Graph:
-        def replay(self):
-            calls.append("replay")
+    class NPUGraph:
+        def __init__(self, log, records=2):
+            events = [types.SimpleNamespace(event=ExternalEvent(log)) for _ in range(records)]
+            self.graph_dispatch_mode = types.SimpleNamespace(graph_dispatch_records=events, update_stream="update stream")
 
-        def update(self, cpu_update_input):
-            calls.append(("update", cpu_update_input[0]["actual_seq_lengths_kv"]))
-
-    class Event:
-        def record(self):
-            calls.append("record")
-
-        def synchronize(self):
-            calls.append("synchronize")
-
-    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(NPUGraph=Graph, Event=Event), raising=False)
-    monkeypatch.setitem(sys.modules, "torch_npu", types.SimpleNamespace())
+    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(NPUGraph=NPUGraph, Event=object, graph_pool_handle=object),
+                        raising=False)
+    monkeypatch.setitem(sys.modules, "torch_npu", types.SimpleNamespace(__version__="2.8.0.post2"))
     monkeypatch.delitem(sys.modules, "reference_runner.graphs.npu", raising=False)
-    module = importlib.import_module("reference_runner.graphs.npu")
-    return module.OrderedNPUGraph(), calls
+    return importlib.import_module("reference_runner.graphs.npu")
 
 
-def test_npu_graph_update_waits_for_the_same_graphs_previous_replay(npu_calls):
-    g, calls = npu_calls
-    g.update(cpu_update_input=[{"actual_seq_lengths_kv": [3]}])  # no replay yet: nothing to wait for
-    g.replay()
-    g.update(cpu_update_input=[{"actual_seq_lengths_kv": [4]}])
-    g.replay()
-    assert calls == [("update", [3]), "replay", "record", "synchronize", ("update", [4]), "replay", "record"]
+def test_npu_task_groups_are_the_graphs_dispatch_records(npu_graphs):
+    assert npu_graphs.task_groups(torch.npu.NPUGraph([], records=3)) == 3
+
+
+def test_npu_backend_names_the_installed_torch_npu_and_its_release_line(npu_graphs):
+    assert npu_graphs.npu_backend().release == "torch_npu 2.8.0.post2 (release 7.3)"
+
+
+def test_npu_unblock_records_every_task_groups_event_on_the_update_stream(npu_graphs):
+    log = []
+    npu_graphs.record_external_events(torch.npu.NPUGraph(log))
+    assert log == [("record", "update stream")] * 2
