@@ -14,6 +14,7 @@ from reference_runner.engine.args import MODES, EngineArgs
 def check(args: argparse.Namespace) -> int:
     import transformers
 
+    from harness.inputs.checkpoints import ensure_checkpoint
     from harness.judge import SETUP_ERRORS, Judge
     from harness.report import table, write_json, write_junit
     from harness.targets import get_target
@@ -31,6 +32,8 @@ def check(args: argparse.Namespace) -> int:
     try:
         scenarios = default_matrix(args.model, args.modes, engine, workload=args.workload,
                                    max_new_tokens=args.max_new_tokens)
+        for scenario in scenarios:  # the target's refusals, before any scenario runs
+            target.validate(scenario, ensure_checkpoint(scenario.model))
         judge = Judge(target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr))
         results = []
         for i, scenario in enumerate(scenarios, 1):

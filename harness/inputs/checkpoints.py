@@ -1,6 +1,6 @@
 """Deterministic tiny Hugging Face checkpoints, built locally and never downloaded.
 
-A builtin name (`llama`, `qwen2`, `qwen2_moe`, `mixtral`, `llama_kv1`) is built from a small config
+A builtin name (`llama`, `qwen2`, `qwen2_moe`, `mixtral`, `llama_kv1`, `llama_hd32`) is built from a small config
 with seeded weights and saved with `save_pretrained`; any local checkpoint directory works the same
 way. Builds are cached under `<cache_dir>/<name>-<config hash>` and published with an atomic rename,
 so ranks and processes that race on the same checkpoint all end up reading one complete directory.
@@ -47,6 +47,9 @@ _DENSE: dict[str, Any] = dict(
 BUILTIN_MODELS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     "llama": (LlamaConfig, {**_DENSE, "tie_word_embeddings": False}),
     "llama_kv1": (LlamaConfig, {**_DENSE, "num_key_value_heads": 1, "tie_word_embeddings": False}),
+    # head_dim 32, the smallest that vLLM's CPU attention takes (the target vllm on CPU hosts).
+    "llama_hd32": (LlamaConfig, {**_DENSE, "hidden_size": 128, "head_dim": 32, "intermediate_size": 256,
+                                 "tie_word_embeddings": False}),
     # Qwen2 always has q/k/v biases; tied embeddings as in the small Qwen2 checkpoints.
     "qwen2": (Qwen2Config, {**_DENSE, "tie_word_embeddings": True}),
     # Shaped like Qwen1.5-MoE: shared expert behind a sigmoid gate, top-k weights not renormalised.

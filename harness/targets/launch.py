@@ -16,12 +16,10 @@ Under torchrun (one line per node; `--nnodes 1` on a single host):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from harness.targets.subprocesses import kill, log_tail, python_env, start
 from reference_runner.engine.args import EngineArgs
 from reference_runner.errors import LayoutError
 from reference_runner.parallel.state import DIST_TIMEOUT_S
@@ -119,22 +118,17 @@ def launch(job: RankJob, timeout_s: float = 600.0) -> list[RankResult]:
     with tempfile.TemporaryDirectory(prefix="npugraph-launch-") as tmp:
         out = Path(tmp)
         (out / "job.json").write_text(json.dumps(dataclasses.asdict(job)))
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-               "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-               "PYTHONPATH": os.pathsep.join(sys.path),  # as multiprocessing's spawn: the parent's imports
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # as torchrun: ranks share the cores
+        env = python_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+                         LOCAL_WORLD_SIZE=str(world),
+                         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # as torchrun: ranks share the cores
         procs = []
         try:
             for rank in range(world):
-                with open(out / f"rank{rank}.log", "wb") as log:  # the rank keeps its own handle
-                    procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "harness.targets.launch", "--job", str(out / "job.json"), "--out", str(out)],
-                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log,
-                        stderr=subprocess.STDOUT, start_new_session=True,  # its own process group: killed whole
-                    ))
+                procs.append(start("harness.targets.launch", ["--job", str(out / "job.json"), "--out", str(out)],
+                                   {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, out / f"rank{rank}.log"))
             _wait(procs, out, timeout_s)
         finally:
-            _kill(procs)
+            kill(procs)
         return [_read_result(out / f"rank{rank}.json") for rank in range(world)]
 
 
@@ -179,19 +173,7 @@ def _failure(out: Path, rank: int, code: int) -> str:
     error = out / f"rank{rank}.error"
     if error.is_file():
         return error.read_text()
-    tail = (out / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()[-5:]
-    return f"rank {rank} exited with status {code} without reporting an error; log tail:\n" + "\n".join(tail)
-
-
-def _kill(procs: list[subprocess.Popen]) -> None:
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        alive = [p for p in procs if p.poll() is None]
-        for p in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, sig)
-        for p in alive:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=grace)
+    return f"rank {rank} exited with status {code} without reporting an error; log tail:\n" + log_tail(out / f"rank{rank}.log")
 
 
 def _free_port() -> int:
@@ -206,9 +188,7 @@ def _job_from_dict(d: dict) -> RankJob:
 
 def _read_result(path: Path) -> RankResult:
     d = json.loads(path.read_text())
-    gens = [Generation(**{**g, "top_logprobs": [[tuple(p) for p in step] for step in g["top_logprobs"]]})
-            for g in d["generations"]]
-    return RankResult(**{**d, "generations": gens})
+    return RankResult(**{**d, "generations": [Generation.from_dict(g) for g in d["generations"]]})
 
 
 def run_rank(job: RankJob, out: Path) -> None:

@@ -20,7 +20,7 @@ FAST = ["check", "--model", "llama", "--max-new-tokens", "12"]
         (["check", "--max-bs", "0"], "--max-bs must be >= 1, got 0"),
         (["check", "--max-bs", "4", "--graph-bs", "2,8"], "--graph-bs [2, 8] must lie in 1..--max-bs (4)"),
         (["check", "--model", "gpt2"], "'gpt2' is neither a checkpoint directory nor a builtin model"),
-        (["check", "--target", "vllm"], "unknown target 'vllm'"),
+        (["check", "--target", "tgi"], "unknown target 'tgi'"),
         (["check", "--device", "tpu"], "unknown device 'tpu'"),
     ],
 )
@@ -45,6 +45,7 @@ def test_passing_check_exits_0_and_reports_graph_steps(tmp_path):
     assert scenarios["graph"]["baseline"] == "eager"
     assert scenarios["graph"]["graph_steps"] > 0
     assert scenarios["graph"]["verdicts"] == {"match": 8, "tie": 0, "mismatch": 0}
+    assert scenarios["graph"]["engine_version"] == "reference 0.1.0"
     assert {key for key in ("name", "model", "tp_size", "dp_size", "eager_steps", "first_divergence")} <= set(scenarios["graph"])
     assert ET.parse(junit).getroot().get("failures") == "0"
 
