@@ -1,4 +1,5 @@
 """`npugraph-harness check`: exit status, one-line errors, JSON and JUnit reports."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -29,6 +30,19 @@ def test_bad_options_exit_2_with_one_line(capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) - sum(line.startswith("[") for line in err) == 1  # progress lines aside
     assert message in err[-1]
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("sglang", "target 'sglang' needs SGLang installed"),
+    ("vllm", "target 'vllm' needs vLLM installed"),
+])
+def test_a_target_whose_engine_is_not_installed_exits_2_with_one_line(capsys, target, message):
+    if importlib.util.find_spec(target) is not None:
+        pytest.skip(f"{target} is installed here")
+    assert main(["check", "--target", target, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"npugraph-harness: error: {message}")
 
 
 def test_unknown_subcommand_exits_2(capsys):

@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-from harness.cli import main
-from harness.exits import EXIT_USAGE
 from harness.inputs.scenarios import Scenario
 from harness.judge import scenario_failures
 from harness.targets.base import TargetRun, TargetUnavailable
@@ -169,11 +167,3 @@ def test_target_without_sglang_installed_is_refused():
 def test_target_on_the_cpu_is_refused():
     with pytest.raises(TargetUnavailable, match="target 'sglang' runs on npu or cuda, not cpu"):
         SGLangTarget("cpu")
-
-
-@pytest.mark.skipif(SGLANG_INSTALLED, reason="sglang is installed here")
-def test_check_with_target_sglang_without_sglang_exits_2_with_one_line(capsys):
-    assert main(["check", "--target", "sglang", "--device", "cpu"]) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert err.startswith("npugraph-harness: error: target 'sglang' needs SGLang installed")

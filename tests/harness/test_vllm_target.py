@@ -183,11 +183,3 @@ def test_every_argument_is_one_vllm_accepts():
 def test_target_without_vllm_installed_is_refused():
     with pytest.raises(TargetUnavailable, match=r"^target 'vllm' needs vLLM installed: "):
         VLLMTarget("cpu")
-
-
-@pytest.mark.skipif(VLLM_INSTALLED, reason="vllm is installed here")
-def test_check_with_target_vllm_without_vllm_exits_2_with_one_line(capsys):
-    assert main(["check", "--target", "vllm", "--device", "cpu"]) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert err.startswith("npugraph-harness: error: target 'vllm' needs vLLM installed")
