@@ -1,6 +1,6 @@
 """Deterministic tiny Hugging Face checkpoints, built locally and never downloaded.
 
-A builtin name (`llama`, `qwen2`, `qwen2_moe`, `mixtral`, `llama_kv1`, `llama_hd32`) is built from a small config
+A builtin name (`llama`, `qwen2`, `qwen2_moe`, `mixtral`, `llama_kv1`) is built from a small config
 with seeded weights and saved with `save_pretrained`; any local checkpoint directory works the same
 way. Builds are cached under `<cache_dir>/<name>-<config hash>` and published with an atomic rename,
 so ranks and processes that race on the same checkpoint all end up reading one complete directory.
