@@ -261,6 +261,18 @@ def check_layout(plan: CheckPlan, model: ModelPlan) -> None:
         raise UsageError(f"--model {model.name}: {error}") from None
 
 
+def check_target(plan: CheckPlan, model: ModelPlan) -> None:
+    """The target can run the model in every mode asked for (a third-party engine refuses what it lacks)."""
+    from harness.targets.base import TargetUnavailable
+
+    for mode in plan.modes:
+        scenario = Scenario(model.name, baseline="eager", engine=dataclasses.replace(plan.engine, mode=mode))
+        try:
+            plan.target.validate(scenario, model.checkpoint)
+        except TargetUnavailable as error:
+            raise UsageError(f"--model {model.name}: {error}") from None
+
+
 def check_memory(plan: CheckPlan, model: ModelPlan) -> None:
     """The KV cache fits the memory available: the one-rank eager baseline's, and every rank's (ranks on the CPU
     share its memory; on an accelerator each has its own)."""
@@ -282,7 +294,7 @@ def check_memory(plan: CheckPlan, model: ModelPlan) -> None:
 
 
 MODEL_CHECKS: tuple[Callable[[CheckPlan, ModelPlan], None], ...] = (
-    check_context, check_decode_steps, check_top_k, check_layout, check_memory)
+    check_context, check_decode_steps, check_top_k, check_layout, check_target, check_memory)
 
 
 def available_memory(device: str) -> tuple[int, str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from harness.bench.results import DEFAULT_TOLERANCE
 from harness.exits import EXIT_PASS, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, Terminated, UsageError, sigterm_raises
+from harness.targets import TARGETS
 from reference_runner.engine.args import MODES, EngineArgs, csv_items
 
 DEFAULT_MODELS = "llama,qwen2_moe"  # one dense, one MoE
@@ -32,11 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="graph vs eager (and eager vs transformers) token by token")
     check.add_argument("--model", type=csv_items, default=csv_items(DEFAULT_MODELS),
-                       help="built-in names (llama, qwen2, qwen2_moe, mixtral, llama_kv1) or checkpoint dirs, "
+                       help="built-in names (llama, qwen2, qwen2_moe, mixtral, llama_kv1, llama_hd32) or checkpoint dirs, "
                             f"comma-separated (default: {DEFAULT_MODELS})")
     check.add_argument("--modes", type=csv_items, default=["eager", "graph"], help=f"comma-separated of {', '.join(MODES)}")
     check.add_argument("--device", default=None, help="cpu, cuda or npu (default: detected)")
-    check.add_argument("--target", default="reference", help="engine under test: reference or sglang")
+    check.add_argument("--target", default="reference", help=f"engine under test: {', '.join(TARGETS)}")
     check.add_argument("--workload", default="mixed", help="request mix (mixed, join_leave, skewed, batch1, batch3, ...)")
     check.add_argument("--max-new-tokens", type=int, default=32,
                        help="tokens decoded per request (before per-request offsets)")

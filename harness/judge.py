@@ -49,6 +49,7 @@ class ScenarioResult:
         first = self.first_divergence
         return {
             **self.scenario.as_dict(),
+            "engine_version": self.run.engine_version,
             "passed": self.passed,
             "failures": self.failures,
             "verdicts": summarize(self.verdicts),
@@ -84,6 +85,7 @@ class Judge:
     def run(self, scenario: Scenario) -> ScenarioResult:
         start = time.perf_counter()
         checkpoint = ensure_checkpoint(scenario.model)
+        self.target.validate(scenario, checkpoint)
         requests = make_requests(scenario.workload, read_config(checkpoint).vocab_size, scenario.max_new_tokens,
                                  scenario.seed)
         baseline = self.baseline(scenario, checkpoint, requests)

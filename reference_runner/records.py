@@ -28,6 +28,11 @@ class Generation:
     graph_steps: list[bool] = field(default_factory=list)
     error: str | None = None  # set when the request was rejected; the rest of the batch still runs
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Generation:
+        """The inverse of `dataclasses.asdict` (after a JSON round trip, which turns tuples into lists)."""
+        return cls(**{**d, "top_logprobs": [[tuple(pair) for pair in step] for step in d["top_logprobs"]]})
+
     def append(self, token: int, top: list[tuple[int, float]], in_graph: bool) -> None:
         self.output_ids.append(token)
         self.top_logprobs.append(top)

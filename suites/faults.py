@@ -3,7 +3,8 @@
 Every fault changes one thing of the correct behaviour and is injected with `Fault.inject`, so that the
 suites can show it caught while the unpatched runner passes the same scenario. Faults that run on
 launched ranks are `RankJob.setup` functions (`module:function`), called on every rank before its
-engine is built, and break rank 1 only.
+engine is built, and break rank 1 only. Faults of a target's worker process are `WorkerJob.setup`
+functions, called in the worker before its engine is built.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import bisect
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -338,3 +341,62 @@ def stops_itself(parallel) -> None:
 RANK_FAULTS = {f.__name__: f"{__name__}:{f.__name__}" for f in (
     all_reduce_missing_in_graph, pads_to_its_own_bucket, raises_mid_run, raises_at_start, hangs_outside_collectives,
     every_rank_hangs, stops_itself)}
+
+
+# --- a target's worker process (WorkerJob.setup) -------------------------------------------------
+
+def worker_raises(job) -> None:
+    raise RuntimeError("injected")
+
+
+def worker_is_killed(job) -> None:
+    """The worker dies of SIGKILL, as under the kernel's OOM killer, having printed one line."""
+    print("about to be killed", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_hangs(job) -> None:
+    """The worker hangs after starting a process of its own (as engines start theirs): both must be ended."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    print(f"worker {os.getpid()} started process {child.pid}", flush=True)
+    time.sleep(3600)
+
+
+PERTURBED_REQUEST, PERTURBED_STEP = "r1", 4
+
+
+def vllm_compiled_logits_perturbed(job) -> None:
+    """vLLM in compile mode: at step 4 of request r1, the runner-up token's logit is lifted above the top one, as a
+    miscompiled kernel that misranks one token would; every other step and request, and the other modes, are left
+    alone. A logits processor selected per request (`SamplingParams.extra_args`), vLLM's public hook."""
+    if job.engine.mode != "compile":
+        return
+    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+    from harness.targets import vllm as target
+
+    class LiftRunnerUp(AdapterLogitsProcessor):
+        def is_argmax_invariant(self) -> bool:
+            return False  # else vLLM skips it for greedy requests
+
+        def new_req_logits_processor(self, params):
+            if not (params.extra_args or {}).get("perturbed"):
+                return None
+
+            def lift(output_ids, logits):
+                if len(output_ids) == PERTURBED_STEP:
+                    top = torch.topk(logits, 2)
+                    logits[top.indices[1]] = top.values[0] + 1.0
+                return logits
+
+            return lift
+
+    llm_args, sampling_params = target.llm_args, target.sampling_params
+    target.llm_args = lambda job, config: {**llm_args(job, config), "logits_processors": [LiftRunnerUp]}
+    target.sampling_params = lambda requests, top_k: [
+        {**params, "extra_args": {"perturbed": True}} if request.rid == PERTURBED_REQUEST else params
+        for request, params in zip(requests, sampling_params(requests, top_k))]
+
+
+WORKER_FAULTS = {f.__name__: f"{__name__}:{f.__name__}" for f in (
+    worker_raises, worker_is_killed, worker_hangs, vllm_compiled_logits_perturbed)}

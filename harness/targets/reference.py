@@ -5,14 +5,33 @@ from collections import Counter
 from pathlib import Path
 
 from harness.inputs.scenarios import Scenario
-from harness.targets.base import TargetRun
+from harness.targets.base import Target, TargetRun
 from harness.targets.launch import RankJob, launch, merge
+from harness.targets.worker import WorkerJob
+from reference_runner import __version__
 from reference_runner.engine.engine import Engine
 from reference_runner.parallel.state import DIST_TIMEOUT_S
 from reference_runner.records import Request
 
+ENGINE_VERSION = f"reference {__version__}"
 
-class ReferenceTarget:
+
+def run_engine(job: WorkerJob) -> TargetRun:
+    """One rank's run of `job` in this process (`ReferenceTarget.run`, or a worker's runner)."""
+    engine = Engine(job.checkpoint, job.engine, device=job.device)
+    generations = engine.generate(job.requests)
+    stats = engine.stats
+    return TargetRun(
+        generations,
+        graph_steps=stats.graph_steps,
+        eager_steps=stats.eager_steps,
+        fallback_reasons=dict(stats.fallback_reasons),
+        graph_memory=engine.graph_memory(),
+        engine_version=ENGINE_VERSION,
+    )
+
+
+class ReferenceTarget(Target):
     name = "reference"
 
     def __init__(self, device: str, rank_setup: str | None = None, dist_timeout_s: float = DIST_TIMEOUT_S) -> None:
@@ -23,16 +42,8 @@ class ReferenceTarget:
     def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
         if scenario.engine.world_size > 1:
             return self.run_ranks(scenario, checkpoint, requests)
-        engine = Engine(checkpoint, scenario.engine, device=self.device)
-        generations = engine.generate(requests)
-        stats = engine.stats
-        return TargetRun(
-            generations,
-            graph_steps=stats.graph_steps,
-            eager_steps=stats.eager_steps,
-            fallback_reasons=dict(stats.fallback_reasons),
-            graph_memory=engine.graph_memory(),
-        )
+        return run_engine(WorkerJob(f"{__name__}:run_engine", str(checkpoint), requests, scenario.engine, self.device,
+                                    scenario.seed))
 
     def run_ranks(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
         """Launch tp * dp ranks; one TP rank per DP rank reports. A bad layout raises LayoutError."""
@@ -46,4 +57,5 @@ class ReferenceTarget:
             graph_steps=sum(r.graph_steps for r in leaders),
             eager_steps=sum(r.eager_steps for r in leaders),
             fallback_reasons=dict(sum((Counter(r.fallback_reasons) for r in leaders), Counter())),
+            engine_version=ENGINE_VERSION,
         )

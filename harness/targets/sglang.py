@@ -1,8 +1,17 @@
-"""SGLang as a target: `sglang.Engine` on the same checkpoint and token ids, graphs disabled or on.
+"""SGLang as a target: `sglang.Engine` on the same checkpoint and token ids, in a worker process.
 
 The judge runs it as it runs the reference runner: once with graphs disabled (`eager`, the
 baseline) and once in the mode under test, greedy with top-k logprobs, then compares the records
 with the same verdict rules. Public `sglang` API only: `Engine(...)`, `generate(...)`, `shutdown()`.
+The engine runs in a worker process (`worker.py`) under a timeout; its scheduler processes share the
+worker's process group, which is killed whole when the run ends.
+
+Arguments are built from the installed SGLang's own `ServerArgs` fields: each option by its current name
+(sglang 0.5.23: `cuda_graph_backend_decode`, `cuda_graph_max_bs_decode`, ...), else by the name an older
+release used (`disable_cuda_graph`, `cuda_graph_max_bs`, ...). Prefill graphs are disabled in every mode:
+the decode step is what is judged, and a prefill graph would make `eager` not eager. On npu the FIA
+decode path is selected (`attention_backend="ascend"`, `ASCEND_USE_FIA=1`), whose host-list update is
+what graph mode must get right.
 
 Two things SGLang does not let us reproduce or observe, and what this target does about them:
 - Arrival steps: SGLang schedules requests itself. All requests are submitted in one `generate`
@@ -14,41 +23,89 @@ Two things SGLang does not let us reproduce or observe, and what this target doe
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import typing
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 from harness.inputs.scenarios import Scenario
-from harness.targets.base import TargetRun, TargetUnavailable
+from harness.targets.base import Target, TargetRun, TargetUnavailable
+from harness.targets.worker import WORKER_TIMEOUT_S, WorkerJob, run_in_worker
+from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
 
-TOP_K = 5  # as the reference engine: enough for the tie rule's top-k membership
-MODE_ARGS: dict[str, dict[str, bool]] = {
-    "eager": {"disable_cuda_graph": True},  # also turns off NPU graphs on Ascend
-    "graph": {"disable_cuda_graph": False},
-    "compile": {"disable_cuda_graph": False, "enable_torch_compile": True},
-}
+WORKER_ENV = {"npu": {"ASCEND_USE_FIA": "1"}, "cuda": {}}  # per device it runs on
 
 
-def engine_args(scenario: Scenario, checkpoint: Path, device: str) -> dict:
-    """Keyword arguments of `sglang.Engine` for `scenario`."""
-    engine, mode = scenario.engine, scenario.mode
-    if mode not in MODE_ARGS:
-        raise ValueError(f"the sglang target has no mode {mode!r}; choose from {', '.join(MODE_ARGS)}")
+def server_args_fields() -> dict[str, tuple | None]:
+    """The installed SGLang's `ServerArgs` fields, each with the values it allows (None: not declared).
+    A msgspec Struct from sglang 0.5.2x on, a dataclass before (whose choices live in its argparse code)."""
+    from sglang.srt.server_args import ServerArgs
+
+    if dataclasses.is_dataclass(ServerArgs):
+        return {f.name: None for f in dataclasses.fields(ServerArgs)}
+    import msgspec
+
+    return {f.name: _choices(f.type) for f in msgspec.structs.fields(ServerArgs)}
+
+
+def _choices(annotation: Any) -> tuple | None:
+    # Annotated[T, Arg(choices=...)] or Annotated[T, "help"], where T may be Optional[Literal[...]].
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *meta = typing.get_args(annotation)
+        declared = [tuple(m.choices) for m in meta if getattr(m, "choices", None)]
+        return declared[0] if declared else _choices(base)
+    for arg in typing.get_args(annotation) or (annotation,):
+        if typing.get_origin(arg) is typing.Literal:
+            return typing.get_args(arg)
+    return None
+
+
+def argument_problems(args: dict[str, Any], fields: dict[str, tuple | None]) -> list[str]:
+    """Each argument that is not a field of `ServerArgs` or has a value outside the field's choices."""
+    problems = [f"{name} is not a ServerArgs field" for name in args if name not in fields]
+    return problems + [f"{name}={value!r} is not one of {fields[name]}" for name, value in args.items()
+                       if fields.get(name) is not None and value not in fields[name]]
+
+
+def _named(fields: Collection[str], *names_and_values: tuple[str, Any], required: bool = True) -> dict[str, Any]:
+    """The first (name, value) whose name `fields` has: an option by its current name, then by older names."""
+    for name, value in names_and_values:
+        if name in fields:
+            return {name: value}
+    if required:
+        raise TargetUnavailable("the installed SGLang's ServerArgs has none of "
+                                f"{', '.join(name for name, _ in names_and_values)}")
+    return {}  # an option older releases did not have
+
+
+def engine_args(engine: EngineArgs, checkpoint: str, device: str, seed: int, fields: Collection[str]) -> dict[str, Any]:
+    """Keyword arguments of `sglang.Engine` for `engine` (its mode above all), named as `fields` (ServerArgs) has them."""
+    graphs = engine.mode != "eager"
     args = {
-        "model_path": str(checkpoint),
+        "model_path": checkpoint,
         "device": device,
         "dtype": engine.dtype,
         "tp_size": engine.tp_size,
         "dp_size": engine.dp_size,
-        "cuda_graph_max_bs": engine.max_bs,
         "skip_tokenizer_init": True,  # token ids in and out; the built-in checkpoints have no tokenizer
         "disable_radix_cache": True,  # every prompt computed in full, as by the reference runner
-        "random_seed": scenario.seed,
+        "random_seed": seed,
         "log_level": "error",
-        **MODE_ARGS[mode],
+        "enable_torch_compile": engine.mode == "compile",
+        **_named(fields, ("cuda_graph_backend_decode", "full" if graphs else "disabled"), ("disable_cuda_graph", not graphs)),
+        **_named(fields, ("cuda_graph_backend_prefill", "disabled"), ("disable_piecewise_cuda_graph", True),
+                 ("enable_piecewise_cuda_graph", False), required=False),
+        **_named(fields, ("cuda_graph_max_bs_decode", engine.max_bs), ("cuda_graph_max_bs", engine.max_bs)),
+        # The checkpoint's generation_config.json (a repetition penalty...) must not change greedy decoding.
+        **_named(fields, ("sampling_defaults", "openai"), required=False),
     }
     if engine.graph_bs:
-        args["cuda_graph_bs"] = list(engine.graph_bs)
+        args |= _named(fields, ("cuda_graph_bs_decode", list(engine.graph_bs)), ("cuda_graph_bs", list(engine.graph_bs)))
+    if device == "npu":
+        args["attention_backend"] = "ascend"  # with ASCEND_USE_FIA=1 in the worker: the FIA decode path
     return args
 
 
@@ -67,26 +124,38 @@ def to_generation(request: Request, output: dict, mode: str) -> Generation:
     return gen
 
 
-class SGLangTarget:
+def run_engine(job: WorkerJob) -> TargetRun:
+    """The worker's run: build `sglang.Engine`, generate every request in one call, return the records."""
+    import sglang
+
+    fields = server_args_fields()
+    args = engine_args(job.engine, job.checkpoint, job.device, job.seed, fields)
+    problems = argument_problems(args, fields)
+    if problems:  # values are checked only once the engine launches its processes: say it here, plainly
+        raise ValueError(f"sglang {sglang.__version__} rejects the adapter's arguments: {'; '.join(problems)}")
+    engine = sglang.Engine(**args)
+    try:
+        outputs = engine.generate(input_ids=[r.prompt_ids for r in job.requests],
+                                  sampling_params=sampling_params(job.requests),
+                                  return_logprob=True, top_logprobs_num=job.engine.top_k)
+    finally:
+        engine.shutdown()
+    generations = [to_generation(r, out, job.engine.mode) for r, out in zip(job.requests, outputs)]
+    return TargetRun(generations, counts_graph_steps=False, engine_version=f"sglang {sglang.__version__}")
+
+
+class SGLangTarget(Target):
     name = "sglang"
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, timeout_s: float = WORKER_TIMEOUT_S) -> None:
         if importlib.util.find_spec("sglang") is None:
             raise TargetUnavailable("target 'sglang' needs SGLang installed (pip install .[sglang]; on Ascend, "
                                     "SGLang's NPU build)")
-        if device not in ("npu", "cuda"):
+        if device not in WORKER_ENV:
             raise TargetUnavailable(f"target 'sglang' runs on npu or cuda, not {device}")
         self.device = device
+        self.timeout_s = timeout_s
 
     def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
-        import sglang
-
-        engine = sglang.Engine(**engine_args(scenario, checkpoint, self.device))
-        try:
-            outputs = engine.generate(input_ids=[r.prompt_ids for r in requests],
-                                      sampling_params=sampling_params(requests),
-                                      return_logprob=True, top_logprobs_num=TOP_K)
-        finally:
-            engine.shutdown()
-        generations = [to_generation(r, out, scenario.mode) for r, out in zip(requests, outputs)]
-        return TargetRun(generations, counts_graph_steps=False)
+        job = WorkerJob(f"{__name__}:run_engine", str(checkpoint), requests, scenario.engine, self.device, scenario.seed)
+        return run_in_worker(job, WORKER_ENV[self.device], self.timeout_s)

@@ -157,7 +157,7 @@ def test_a_directory_without_weights_is_refused_naming_them(tmp_path):
 
 def test_an_unknown_name_is_refused_listing_the_builtins(tmp_path):
     with pytest.raises(CheckpointError, match="'gpt2' is neither a checkpoint directory nor a builtin model "
-                                              r"\(llama, llama_kv1, qwen2, qwen2_moe, mixtral\)"):
+                                              r"\(llama, llama_kv1, llama_hd32, qwen2, qwen2_moe, mixtral\)"):
         ensure_checkpoint("gpt2", tmp_path)
 
 

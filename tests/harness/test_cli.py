@@ -1,14 +1,30 @@
 """`npugraph-harness check`: exit status, JSON and JUnit reports (bad input: test_validation.py)."""
+import importlib.util
 import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+
+import pytest
 
 from harness.cli import build_parser, main
 from reference_runner.engine.args import EngineArgs
 from suites.faults import FAULTS
 
 FAST = ["check", "--model", "llama", "--max-new-tokens", "12"]
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("sglang", "target 'sglang' needs SGLang installed"),
+    ("vllm", "target 'vllm' needs vLLM installed"),
+])
+def test_a_target_whose_engine_is_not_installed_exits_2_with_one_line(capsys, target, message):
+    if importlib.util.find_spec(target) is not None:
+        pytest.skip(f"{target} is installed here")
+    assert main(["check", "--target", target, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"npugraph-harness: error: {message}")
 
 
 def test_passing_check_exits_0_and_reports_graph_steps(tmp_path):
@@ -21,6 +37,7 @@ def test_passing_check_exits_0_and_reports_graph_steps(tmp_path):
     assert scenarios["graph"]["baseline"] == "eager"
     assert scenarios["graph"]["graph_steps"] > 0
     assert scenarios["graph"]["verdicts"] == {"match": 8, "tie": 0, "mismatch": 0}
+    assert scenarios["graph"]["engine_version"] == "reference 0.1.0"
     assert {key for key in ("name", "model", "tp_size", "dp_size", "eager_steps", "first_divergence")} <= set(scenarios["graph"])
     assert ET.parse(junit).getroot().get("failures") == "0"
 

@@ -32,7 +32,7 @@ def option_values(report: str, folder: str) -> dict[str, tuple[list[str], list[s
         "--top-k": (["5"], ["0", "1000000"]),
         "--dtype": (["float32"], ["float8", ""]),
         "--device": (["cpu"], ["tpu", ""]),
-        "--target": (["reference"], ["vllm", ""]),
+        "--target": (["reference"], ["tgi", ""]),
         "--json": ([report], [folder]),
     }
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from harness.check import MAX_BS
 from harness.cli import main
-from harness.inputs.checkpoints import ensure_checkpoint
+from harness.inputs.checkpoints import BUILTIN_MODELS, ensure_checkpoint
 from harness.inputs.scenarios import Scenario
 from harness.judge import scenario_failures
 from harness.targets.base import TargetRun
@@ -27,7 +27,7 @@ def fast(model: str = "llama") -> list[str]:
 
 
 FAST = fast()
-BUILTINS = "llama, llama_kv1, qwen2, qwen2_moe, mixtral"
+BUILTINS = ", ".join(BUILTIN_MODELS)
 
 
 def refused(argv: list[str], capsys) -> str:
@@ -76,7 +76,7 @@ OPTION_PROBES = {
                                                             "that takes 16 blocks of 16 tokens, plus block 0 (reserved)"),
     "unknown-workload": (["--workload", "nope"], "--workload nope: unknown workload 'nope'; choose one of mixed, join_leave, "
                                                  "skewed, batch1, batch3, batch5, batch7, batch8, batch13"),
-    "unknown-target": (["--target", "vllm"], "--target vllm: unknown target 'vllm'; choose one of reference, sglang"),
+    "unknown-target": (["--target", "tgi"], "--target tgi: unknown target 'tgi'; choose one of reference, sglang, vllm"),
     "unknown-device": (["--device", "tpu"], "--device tpu: unknown device 'tpu'; choose one of cpu, cuda, npu"),
 }
 
