@@ -160,7 +160,7 @@ def test_check_refuses_an_unsupported_head_dim_before_starting_vllm(capsys):
     assert main(["check", "--target", "vllm", "--model", "llama", "--device", "cpu"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith("npugraph-harness: error: target 'vllm' cannot run ")
+    assert err.startswith("npugraph-harness: error: --model llama: target 'vllm' cannot run ")
     assert "does not support head_dim 16" in err
 
 
