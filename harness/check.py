@@ -31,7 +31,8 @@ def check(args: argparse.Namespace) -> int:
     try:
         scenarios = default_matrix(args.model, args.modes, engine, workload=args.workload,
                                    max_new_tokens=args.max_new_tokens)
-        judge = Judge(target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr))
+        judge = Judge(target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr),
+                      min_coverage=args.min_coverage)
         results = []
         for i, scenario in enumerate(scenarios, 1):
             judge.progress(f"scenario {i}/{len(scenarios)}: {scenario.name}")
@@ -55,6 +56,8 @@ def validate_options(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_size', '').replace('_', '-')} must be >= 1, got {value}")
+    if args.min_coverage is not None and not 0 <= args.min_coverage <= 1:
+        raise UsageError(f"--min-coverage must lie in 0..1, got {args.min_coverage:g}")
     max_bs = args.max_bs or EngineArgs.max_bs
     if args.graph_bs and not all(1 <= bs <= max_bs for bs in args.graph_bs):
         raise UsageError(f"--graph-bs {list(args.graph_bs)} must lie in 1..--max-bs ({max_bs})")

@@ -14,6 +14,7 @@ from reference_runner.records import Request
 
 class ReferenceTarget:
     name = "reference"
+    can_force_tokens = True
 
     def __init__(self, device: str, rank_setup: str | None = None, dist_timeout_s: float = DIST_TIMEOUT_S) -> None:
         self.device = device

@@ -69,6 +69,7 @@ def to_generation(request: Request, output: dict, mode: str) -> Generation:
 
 class SGLangTarget:
     name = "sglang"
+    can_force_tokens = False  # its public API cannot feed given tokens while reporting the model's own logprobs
 
     def __init__(self, device: str) -> None:
         if importlib.util.find_spec("sglang") is None:

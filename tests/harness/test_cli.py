@@ -22,6 +22,7 @@ FAST = ["check", "--model", "llama", "--max-new-tokens", "12"]
         (["check", "--model", "gpt2"], "'gpt2' is neither a checkpoint directory nor a builtin model"),
         (["check", "--target", "vllm"], "unknown target 'vllm'"),
         (["check", "--device", "tpu"], "unknown device 'tpu'"),
+        (["check", "--min-coverage", "1.5"], "--min-coverage must lie in 0..1, got 1.5"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(capsys, argv, message):
@@ -45,6 +46,8 @@ def test_passing_check_exits_0_and_reports_graph_steps(tmp_path):
     assert scenarios["graph"]["baseline"] == "eager"
     assert scenarios["graph"]["graph_steps"] > 0
     assert scenarios["graph"]["verdicts"] == {"match": 8, "tie": 0, "mismatch": 0}
+    for scenario in scenarios.values():  # every generated token compared, against transformers too
+        assert (scenario["coverage"], scenario["tokens_compared"]) == (1.0, scenario["tokens_generated"])
     assert {key for key in ("name", "model", "tp_size", "dp_size", "eager_steps", "first_divergence")} <= set(scenarios["graph"])
     assert ET.parse(junit).getroot().get("failures") == "0"
 
