@@ -165,7 +165,7 @@ class Judge:
         """For a test that does not report its MoE routing, per rid the first router near-tie along the
         baseline's tokens, past which the two sides may route differently (none where the routing is
         reported and compared, or cannot differ)."""
-        if not tolerance.router_gap or not routing.has_experts(checkpoint) or all(g.routed_experts for g in test):
+        if not tolerance.router_gap or not routing.has_experts(checkpoint) or any(g.routed_experts for g in test):
             return {}
         if not routing.searchable(checkpoint):
             self.progress(f"{scenario.name}: router near-ties not searched (checkpoint above "

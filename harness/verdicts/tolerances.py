@@ -66,8 +66,10 @@ _SAME_KERNELS: dict[str, dict[torch.dtype, Tolerance]] = {
 #   Mixtral; 1.5 in Llama, where float32 puts the token eager bfloat16 rounds 1.3 down at -1.13 and
 #   compiled at -0.98), flipping at margins up to 0.94; routing differs where both sides' router gaps are
 #   below 0.42. Bfloat16's 8 significant bits round logits of size 16-32 to a grid of 0.125.
-# - float32: PENDING
-# The values below leave about 1.5x headroom over the largest of each.
+# - float32 (built-in checkpoints x workloads mixed and batch8, seed 0): logprobs differ by up to 7.3e-5,
+#   never a token or an expert; the tolerances measured before (1e-3, against transformers with and without
+#   its KV cache) are kept, over 10x that.
+# The float16 and bfloat16 values below leave about 1.5x headroom over the largest of each.
 _ACROSS_KERNELS: dict[torch.dtype, Tolerance] = {
     torch.float32: Tolerance(logprob_atol=1e-3, tie_margin=1e-2, router_gap=1e-3),
     torch.float16: Tolerance(logprob_atol=0.2, tie_margin=0.1, router_gap=0.05),
