@@ -63,6 +63,7 @@ class CheckPlan:
     models: list[ModelPlan]
     json: Path | None = None
     junit: Path | None = None
+    min_coverage: float | None = None  # None: the target's default
 
     @property
     def scenarios(self) -> list[Scenario]:
@@ -78,7 +79,8 @@ def check(args: argparse.Namespace) -> int:
     from harness.report import table, write_json, write_junit
 
     scenarios = plan.scenarios
-    judge = Judge(plan.target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr))
+    judge = Judge(plan.target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr),
+                  min_coverage=plan.min_coverage)
     judge.progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(scenarios)} scenario(s)")
     environment = ascend_environment(plan.device)
     for warning in environment.get("warnings", []):
@@ -118,7 +120,7 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
         raise UsageError(str(error)) from None
     engine = EngineArgs.from_cli_args(args, dtype=args.dtype or default_dtype(device))
     plan = CheckPlan(device, target, engine, list(args.modes), args.workload, args.max_new_tokens, models=[],
-                     **{output: getattr(args, output) for output in OUTPUTS})
+                     **{output: getattr(args, output) for output in OUTPUTS}, min_coverage=args.min_coverage)
     for name in args.model:  # all of them before any scenario: a bad last model costs nothing
         model = resolve_model(name, args.workload, args.max_new_tokens, getattr(torch, engine.dtype))
         for model_check in MODEL_CHECKS:
@@ -168,6 +170,8 @@ def check_numbers(args: argparse.Namespace) -> None:
     for flag, value in numbers.items():
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.min_coverage is not None and not 0 <= args.min_coverage <= 1:
+        raise UsageError(f"--min-coverage must lie in 0..1, got {args.min_coverage:g}")
     try:
         engine = EngineArgs.from_cli_args(args)
     except ValueError as error:  # a value no engine takes, e.g. --replay-timeout 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from harness.bench.results import DEFAULT_TOLERANCE
 from harness.exits import EXIT_PASS, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, Terminated, UsageError, sigterm_raises
 from harness.targets import TARGETS
+from harness.targets.base import MIN_COVERAGE
 from reference_runner.engine.args import MODES, EngineArgs, csv_items
 
 DEFAULT_MODELS = "llama,qwen2_moe"  # one dense, one MoE
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens decoded per request (before per-request offsets)")
     check.add_argument("--json", type=Path, default=None, help="write the JSON report here")
     check.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
+    check.add_argument("--min-coverage", type=float, default=None,
+                       help=f"share of generated tokens a scenario must compare to pass, 0..1 (default: "
+                            f"{MIN_COVERAGE[True]:g}, or {MIN_COVERAGE[False]:g} for a target that cannot force "
+                            "tokens: sglang, vllm)")
     EngineArgs.add_cli_args(check, exclude=("mode",))
 
     bench = sub.add_parser("bench", help="decode throughput benchmarks (pytest-benchmark), gated against baselines/",

@@ -1,4 +1,11 @@
-"""Run scenarios on a target and judge each one: token verdicts plus the graph-mode sanity rules."""
+"""Run scenarios on a target and judge each one: token verdicts, how much they compared, and the graph-mode
+sanity rules.
+
+Past a near-tie the free-running test no longer sees the baseline's inputs. A target that can force
+tokens is then run once more, every request of the scenario in one run (so the schedule is the same),
+those that stopped at a near-tie fed the baseline's tokens from there on and, on MoE models, computing
+with the baseline's experts: the comparison continues to their last step (`verdicts/compare.py`).
+"""
 from __future__ import annotations
 
 import time
@@ -9,12 +16,12 @@ from pathlib import Path
 import torch
 
 from harness.inputs.checkpoints import ensure_checkpoint
-from harness.inputs.oracle import oracle_generate
+from harness.inputs.oracle import oracle_score
 from harness.inputs.scenarios import Scenario
 from harness.inputs.workloads import make_requests
-from harness.targets.base import Target, TargetRun, TargetUnavailable
+from harness.targets.base import Target, TargetRun, TargetUnavailable, default_min_coverage
 from harness.verdicts import routing
-from harness.verdicts.compare import Verdict, compare_generations, summarize
+from harness.verdicts.compare import Verdict, compare_generations, coverage, length_problems, summarize
 from harness.verdicts.routing import RoutingTie, first_routing_tie
 from harness.verdicts.tolerances import Tolerance
 from reference_runner.device import DeviceUnavailable
@@ -35,10 +42,17 @@ class ScenarioResult:
     run: TargetRun
     seconds: float
     failures: list[str] = field(default_factory=list)
+    forced_requests: int = 0  # requests re-run with the baseline's tokens forced past a near-tie
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    @property
+    def coverage(self) -> float:
+        """The share of generated tokens whose distributions were compared, 0..1."""
+        compared, generated = coverage(self.verdicts)
+        return compared / generated if generated else 0.0
 
     @property
     def first_divergence(self) -> Verdict | None:
@@ -47,12 +61,19 @@ class ScenarioResult:
 
     def as_dict(self) -> dict:
         first = self.first_divergence
+        compared, generated = coverage(self.verdicts)
         return {
             **self.scenario.as_dict(),
             "engine_version": self.run.engine_version,
             "passed": self.passed,
             "failures": self.failures,
             "verdicts": summarize(self.verdicts),
+            "coverage": round(self.coverage, 4),
+            "tokens_compared": compared,
+            "tokens_generated": generated,
+            "near_ties": sum(v.ties for v in self.verdicts),
+            "router_near_ties": sum(v.router_ties for v in self.verdicts),
+            "forced_requests": self.forced_requests,
             "graph_steps": self.run.graph_steps,
             "counts_graph_steps": self.run.counts_graph_steps,
             "eager_steps": self.run.eager_steps,
@@ -63,23 +84,36 @@ class ScenarioResult:
         }
 
 
-def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRun) -> list[str]:
-    """Failed verdicts, a scenario that judged no request (a pass must have compared something), and a graph
-    scenario in which no step replayed a graph (silent fallback), where the target counts graph steps at all."""
+def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRun, min_coverage: float) -> list[str]:
+    """Failed verdicts; else too little compared (below `min_coverage` of the generated tokens); and a
+    graph scenario in which no step replayed a graph (silent fallback), where the target counts graph steps."""
     failures = [f"{v.rid}: {v.reason}" for v in verdicts if not v.passed]
+    compared, generated = coverage(verdicts)
     if not verdicts:
         failures.append("no request was judged: a scenario that compared nothing cannot pass")
+    elif not generated or (not failures and compared < min_coverage * generated):
+        failures.append(f"too little compared: {compared} of {generated} generated tokens "
+                        f"({compared / max(generated, 1):.0%}), below the minimum coverage {min_coverage:.0%} "
+                        "(--min-coverage)")
     if scenario.mode != "eager" and run.counts_graph_steps and run.graph_steps == 0:
         failures.append(f"no decode step replayed a graph in mode {scenario.mode!r} (silent eager fallback)")
     return failures
 
 
+def forced_request(request: Request, baseline: Generation, step: int) -> Request:
+    """`request` fed the baseline's tokens from `step` on and computing with the baseline's experts (MoE)."""
+    return replace(request, forced_from=step, forced_ids=baseline.output_ids[step:],
+                   forced_experts=[position for fed in baseline.routed_experts for position in fed])
+
+
 class Judge:
     """Runs scenarios on one target, caching baseline runs shared by several scenarios."""
 
-    def __init__(self, target: Target, progress: Callable[[str], None] = lambda line: None) -> None:
+    def __init__(self, target: Target, progress: Callable[[str], None] = lambda line: None,
+                 min_coverage: float | None = None) -> None:
         self.target = target
         self.progress = progress
+        self.min_coverage = default_min_coverage(target) if min_coverage is None else min_coverage
         self._baselines: dict[tuple, list[Generation]] = {}
 
     def run(self, scenario: Scenario) -> ScenarioResult:
@@ -88,31 +122,58 @@ class Judge:
         self.target.validate(scenario, checkpoint)
         requests = make_requests(scenario.workload, read_config(checkpoint).vocab_size, scenario.max_new_tokens,
                                  scenario.seed)
-        baseline = self.baseline(scenario, checkpoint, requests)
-        self.progress(f"{scenario.name}: running {scenario.mode} on {self.target.name}")
-        try:
-            run = self.target.run(scenario, checkpoint, requests)
-        except SETUP_ERRORS:
-            raise
-        except Exception as error:  # the engine under test crashed: a failed scenario
-            failure = f"the engine under test ({self.target.name}) raised {type(error).__name__}: {error}"
-            return ScenarioResult(scenario, [], TargetRun([]), time.perf_counter() - start, [failure])
         engine = scenario.engine
+        dtype = getattr(torch, engine.dtype)
+        baseline = self.eager_baseline(scenario, checkpoint, requests) if scenario.baseline == "eager" else None
+        self.progress(f"{scenario.name}: running {scenario.mode} on {self.target.name}")
+        run = self._run_target(scenario, checkpoint, requests)
+        if isinstance(run, str):
+            return ScenarioResult(scenario, [], TargetRun([]), time.perf_counter() - start, [run])
+        if baseline is None:
+            self.progress(f"{scenario.name}: scoring its tokens with transformers")
+            baseline = oracle_score(checkpoint, requests, run.generations, top_k=engine.top_k, dtype=dtype)
         # Other kernels, or the other reduction order of several ranks: float noise, bounded per dtype.
         across_kernels = scenario.baseline == "oracle" or engine.mode == "compile" or engine.world_size > 1
-        tolerance = Tolerance.for_dtype(getattr(torch, engine.dtype), across_kernels)
-        ties = self.routing_ties(scenario, checkpoint, requests, baseline, tolerance) if across_kernels else None
-        verdicts = compare_generations(baseline, run.generations, tolerance, ties)
-        failures = scenario_failures(scenario, verdicts, run)
-        return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures)
+        tolerance = Tolerance.for_pair(dtype, self.target.device, across_kernels)
+        ties = self.routing_ties(scenario, checkpoint, requests, baseline, run.generations, tolerance)
+        verdicts = compare_generations(baseline, run.generations, tolerance, routing_ties=ties)
+        stopped = {v.rid: v.force_from for v in verdicts if v.force_from is not None}
+        if stopped and self.target.can_force_tokens:
+            self.progress(f"{scenario.name}: re-running with the baseline's tokens forced past the near-ties of "
+                          f"{len(stopped)} request(s)")
+            by_rid = {g.rid: g for g in baseline}
+            rerun = self._run_target(scenario, checkpoint, [
+                forced_request(r, by_rid[r.rid], stopped[r.rid]) if r.rid in stopped else r for r in requests])
+            if isinstance(rerun, str):
+                return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, [rerun], len(stopped))
+            continuations = {g.rid: g for g in rerun.generations if g.rid in stopped}
+            verdicts = compare_generations(baseline, run.generations, tolerance, continuations=continuations,
+                                           routing_ties=ties)
+        wrong_length = length_problems(requests, run.generations)
+        verdicts = [wrong_length.get(v.rid, v) for v in verdicts]
+        failures = scenario_failures(scenario, verdicts, run, self.min_coverage)
+        forced = len(stopped) if self.target.can_force_tokens else 0
+        return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures, forced)
+
+    def _run_target(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun | str:
+        """The target's run, or why the scenario failed: the engine under test crashed."""
+        try:
+            return self.target.run(scenario, checkpoint, requests)
+        except SETUP_ERRORS:
+            raise
+        except Exception as error:
+            return f"the engine under test ({self.target.name}) raised {type(error).__name__}: {error}"
 
     def routing_ties(self, scenario: Scenario, checkpoint: Path, requests: list[Request], baseline: list[Generation],
-                     tolerance: Tolerance) -> dict[str, RoutingTie]:
-        """Per rid, the first MoE router near-tie along the baseline's tokens (none for a dense model)."""
+                     test: list[Generation], tolerance: Tolerance) -> dict[str, RoutingTie]:
+        """For a test that does not report its MoE routing, per rid the first router near-tie along the
+        baseline's tokens, past which the two sides may route differently (none where the routing is
+        reported and compared, or cannot differ)."""
+        if not tolerance.router_gap or not routing.has_experts(checkpoint) or any(g.routed_experts for g in test):
+            return {}
         if not routing.searchable(checkpoint):
-            if routing.has_experts(checkpoint):
-                self.progress(f"{scenario.name}: router near-ties not searched (checkpoint above "
-                              f"{routing.MAX_CHECKPOINT_BYTES >> 30} GiB): MoE verdicts across kernels may flag them")
+            self.progress(f"{scenario.name}: router near-ties not searched (checkpoint above "
+                          f"{routing.MAX_CHECKPOINT_BYTES >> 30} GiB): MoE verdicts across kernels may flag them")
             return {}
         by_rid = {g.rid: g for g in baseline if g.error is None}
         judged = [r for r in requests if r.rid in by_rid]
@@ -121,15 +182,12 @@ class Judge:
                 for r, gaps in zip(judged, routing.router_gaps(checkpoint, sequences))}
         return {rid: tie for rid, tie in ties.items() if tie is not None}
 
-    def baseline(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> list[Generation]:
-        """The generations `scenario` is judged against: transformers' (`oracle`) or the target's own eager run."""
+    def eager_baseline(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> list[Generation]:
+        """The generations of the target's own eager run on one rank, the baseline of every other mode."""
         engine = scenario.baseline_engine()
-        key = (scenario.baseline, str(checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed, engine)
+        key = (str(checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed, engine)
         if key not in self._baselines:
-            self.progress(f"{scenario.name}: baseline {scenario.baseline}")
-            if scenario.baseline == "oracle":
-                self._baselines[key] = oracle_generate(checkpoint, requests, dtype=getattr(torch, engine.dtype))
-            else:
-                eager = replace(scenario, engine=engine, dp_ranks=None)
-                self._baselines[key] = self.target.run(eager, checkpoint, requests).generations
+            self.progress(f"{scenario.name}: baseline eager")
+            eager = replace(scenario, engine=engine, dp_ranks=None)
+            self._baselines[key] = self.target.run(eager, checkpoint, requests).generations
         return self._baselines[key]

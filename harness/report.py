@@ -9,22 +9,29 @@ from harness.judge import ScenarioResult
 
 
 def table(results: list[ScenarioResult]) -> str:
-    """One line per scenario: the engine that ran, verdict counts, graph/eager steps, and the first failure if any."""
-    header = (f"{'scenario':<44} {'engine':<16} {'result':<6} {'match':>5} {'tie':>4} {'mism':>4} {'graph':>6} {'eager':>6} "
-              f"{'secs':>6}")
+    """One line per scenario: the engine that ran, verdict counts, tokens compared of those generated
+    (coverage), graph/eager steps, and the first failures if any."""
+    header = (f"{'scenario':<44} {'engine':<16} {'result':<6} {'match':>5} {'tie':>4} {'mism':>4} {'compared':>13} "
+              f"{'graph':>6} {'eager':>6} {'secs':>6}")
     lines = [header, "-" * len(header)]
     for r in results:
-        counts = r.as_dict()["verdicts"]
+        d = r.as_dict()
+        counts = d["verdicts"]
         graph, eager = (r.run.graph_steps, r.run.eager_steps) if r.run.counts_graph_steps else ("?", "?")
+        compared = f"{d['tokens_compared']}/{d['tokens_generated']} {r.coverage:>4.0%}"
         lines.append(
             f"{r.scenario.name:<44} {r.run.engine_version or '?':<16} {'PASS' if r.passed else 'FAIL':<6} "
-            f"{counts.get('match', 0):>5} {counts.get('tie', 0):>4} {counts.get('mismatch', 0):>4} {graph:>6} {eager:>6} "
+            f"{counts.get('match', 0):>5} "
+            f"{counts.get('tie', 0):>4} {counts.get('mismatch', 0):>4} {compared:>13} {graph:>6} {eager:>6} "
             f"{r.seconds:>6.1f}"
         )
         for failure in r.failures[:3]:
             lines.append(f"    ! {failure}")
+        if d["near_ties"] or d["router_near_ties"] or r.forced_requests:
+            lines.append(f"    ~ near-ties: {d['near_ties']} of tokens, {d['router_near_ties']} of routing; "
+                         f"{r.forced_requests} request(s) re-run forced past them")
         for v in r.verdicts:
-            if v.status == "tie":
+            if v.status == "tie" and v.compared < v.generated:
                 lines.append(f"    ~ {v.rid}: {v.reason}")
         if r.run.fallback_reasons:
             reasons = ", ".join(f"{k} x{n}" for k, n in r.run.fallback_reasons.items())

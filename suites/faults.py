@@ -278,6 +278,23 @@ def capture_with_routing_frozen(self):
 ROUTING_FROZEN = Fault(GraphRunner, "capture", capture_with_routing_frozen)
 
 
+# --- late in a sequence --------------------------------------------------------------------------
+# Faults that strike only after the first near-ties of a request: caught only if the comparison goes on
+# past a near-tie (the judge's forced continuation).
+
+def runner_up_boosted_in_fourth_block(self, forward_batch):
+    """The bug: every row decoding in its fourth KV block (positions >= 3 blocks) gets 3.0 added to its
+    runner-up logit, as a block-table bug near the end of a sequence would skew it."""
+    logits = replay(self, forward_batch)
+    late = forward_batch.positions >= 3 * self.model_runner.kv_cache.block_size
+    runner_up = logits.topk(2, dim=-1).indices[:, 1:]
+    return logits.scatter_add(1, runner_up, 3.0 * late[:, None].to(logits.dtype))
+
+
+LATE_FAULTS = {"fourth_block_runner_up_boosted": Fault(GraphRunner, "replay", runner_up_boosted_in_fourth_block)}
+LATE_FROM_POSITION = 48  # the fourth block at the scenarios' block size, 16
+
+
 # --- one rank of several (RankJob.setup) ---------------------------------------------------------
 
 def all_reduce_missing_in_graph(parallel) -> None:

@@ -58,7 +58,8 @@ def assert_all_blocks_free(engine: Engine) -> None:
 @pytest.mark.parametrize("model", MODELS)
 def test_graph_matches_eager_on_generated_mixes(pytestconfig, engines, model):
     eager, graph = engines(model, "eager"), engines(model, "graph")
-    vocab_size, tolerance = eager.model_runner.vocab_size, Tolerance.for_dtype(eager.model_runner.dtype)
+    vocab_size = eager.model_runner.vocab_size
+    tolerance = Tolerance.for_pair(eager.model_runner.dtype, eager.device, across_kernels=False)
     nightly = pytestconfig.getoption("--nightly")
     reached_last_column = []
 
@@ -107,7 +108,8 @@ CAPTURE_WIDTH = LIMITS.max_context // BLOCK_SIZE - 1  # the blocks the capture-t
 def test_block_table_frozen_at_capture_width_is_caught_near_max_context(engines, monkeypatch):
     eager, graph = engines("llama", "eager"), engines("llama", "graph")
     requests = Mix((request_shape(50, 14, 0, True, LIMITS),)).requests(eager.model_runner.vocab_size)
-    reference, tolerance = eager.generate(requests), Tolerance.for_dtype(eager.model_runner.dtype)
+    reference = eager.generate(requests)
+    tolerance = Tolerance.for_pair(eager.model_runner.dtype, eager.device, across_kernels=False)
     assert [v.status for v in compare_generations(reference, graph.generate(requests), tolerance)] == ["match"]
     block_table_kept_at(CAPTURE_WIDTH).inject(monkeypatch)
     (verdict,) = compare_generations(reference, graph.generate(requests), tolerance)

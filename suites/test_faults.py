@@ -1,5 +1,10 @@
 """Fault injection: each known graph-replay bug (`suites/faults.py`), injected into the real runner, is
-caught, and the unpatched runner passes the very same scenario.
+caught, and the unpatched runner passes the very same scenario (compiled mode's twin in bfloat16:
+suites/test_precision.py).
+
+A fault late in a sequence strikes requests that met a near-tie earlier: in bfloat16 most of them do, so
+it is caught only because the comparison continues past near-ties, in a re-run forced with the
+baseline's tokens, compiled mode (other kernels, so near-ties) included.
 
 Stale lengths have two forms: a host list that `update()` did not refresh where attention reads host
 lists (npu, cpu), and a device `seq_lens` that was not refreshed where it reads those (cuda). A replay
@@ -14,11 +19,12 @@ import pytest
 from harness.cli import main
 from harness.exits import EXIT_USAGE
 from harness.inputs.scenarios import Scenario
+from harness.inputs.workloads import make_requests
 from reference_runner.attention import default_dtype
 from reference_runner.engine.args import EngineArgs
 from reference_runner.graphs import cpu as emulation
 from reference_runner.graphs.releases import RELEASES, TORCH_NPU_FLOOR
-from suites.faults import CROSS_ROW_MOE, FAULTS, NOT_INTERCEPTED, PADDED_ROWS_UNMASKED
+from suites.faults import CROSS_ROW_MOE, FAULTS, LATE_FAULTS, LATE_FROM_POSITION, NOT_INTERCEPTED, PADDED_ROWS_UNMASKED
 
 SCENARIO = Scenario(model="llama", baseline="eager", engine=EngineArgs(mode="graph"), workload="mixed", max_new_tokens=32)
 
@@ -88,3 +94,16 @@ def test_padded_rows_reach_a_cross_row_moe_only_unmasked(check, monkeypatch, dev
         assert result.failures == []
     else:
         PADDED_ROWS_UNMASKED.assert_caught(result)
+
+
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+@pytest.mark.parametrize("fault", LATE_FAULTS)
+def test_a_fault_late_in_the_sequence_is_caught_in_bfloat16(check, monkeypatch, fault, mode):
+    LATE_FAULTS[fault].inject(monkeypatch)
+    scenario = dataclasses.replace(SCENARIO, engine=EngineArgs(mode=mode, dtype="bfloat16"))
+    result = check(scenario)
+    mismatches = [v for v in result.verdicts if v.status == "mismatch"]
+    assert mismatches
+    prompt_lens = {r.rid: len(r.prompt_ids) for r in make_requests("mixed", 512, SCENARIO.max_new_tokens)}
+    # Caught where it strikes: at a step whose forward fed a position of the fourth block.
+    assert all(prompt_lens[v.rid] + v.step - 1 >= LATE_FROM_POSITION for v in mismatches)

@@ -33,6 +33,10 @@ class TargetRun:
 
 class Target(Protocol):
     name: str
+    device: str
+    # Whether the target can feed given tokens in place of its own choices (`Request.forced_from`) and replay
+    # MoE routing: the judge's continuation past a near-tie. Without it comparisons stop at the first one.
+    can_force_tokens: bool
 
     def validate(self, scenario: Scenario, checkpoint: Path) -> None:
         """Raise TargetUnavailable if this target cannot run `scenario` on `checkpoint`: before anything runs.
@@ -41,3 +45,14 @@ class Target(Protocol):
     def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
         """Run `requests` on `checkpoint` as `scenario.engine` says (its mode, layout, dtype...)."""
         ...
+
+
+# The share of generated tokens a scenario must compare to pass, unless --min-coverage says otherwise: a
+# target that can force tokens compares every step past a near-tie; one that cannot stops at the first
+# near-tie of each request, which in bfloat16 leaves a third to two thirds of the tokens unseen.
+MIN_COVERAGE = {True: 0.9, False: 0.3}  # by `Target.can_force_tokens`
+
+
+def default_min_coverage(target: Target) -> float:
+    """The coverage a scenario needs on `target` when --min-coverage is not given."""
+    return MIN_COVERAGE[target.can_force_tokens]

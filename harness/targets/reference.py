@@ -33,6 +33,7 @@ def run_engine(job: WorkerJob) -> TargetRun:
 
 class ReferenceTarget(Target):
     name = "reference"
+    can_force_tokens = True
 
     def __init__(self, device: str, rank_setup: str | None = None, dist_timeout_s: float = DIST_TIMEOUT_S) -> None:
         self.device = device

@@ -146,6 +146,7 @@ def run_engine(job: WorkerJob) -> TargetRun:
 
 class SGLangTarget(Target):
     name = "sglang"
+    can_force_tokens = False  # its public API cannot feed given tokens while reporting the model's own logprobs
 
     def __init__(self, device: str, timeout_s: float = WORKER_TIMEOUT_S) -> None:
         if importlib.util.find_spec("sglang") is None:

@@ -200,6 +200,7 @@ def check_supported(device: str, scenario: Scenario, checkpoint: Path) -> None:
 
 class VLLMTarget(Target):
     name = "vllm"
+    can_force_tokens = False  # its generate API cannot feed given tokens while reporting the model's own logprobs
 
     def __init__(self, device: str, setup: str | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> None:
         if importlib.util.find_spec("vllm") is None:

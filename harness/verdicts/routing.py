@@ -1,10 +1,12 @@
-"""Router near-ties of a MoE checkpoint along token sequences.
+"""Router near-ties of a MoE checkpoint along token sequences, for engines that do not report their routing.
 
 Two correct kernels in a reduced precision round a router's logits differently; where the logit of a
 token's k-th expert is within that noise of the next one's, they may pick different experts, and
 every later step of the sequence then computes something else: not a bug, and not bounded by any
-per-token tolerance. `router_gaps` finds those positions with transformers (the independent oracle),
-in float32 on the CPU, so that a verdict can stop there as it stops at a near-tie of the output.
+per-token tolerance. An engine that reports its routers' choices (the reference runner) is compared
+expert by expert and continued with the baseline's experts replayed (`compare.py`); for one that does
+not (SGLang), `router_gaps` finds those positions with transformers (the independent oracle), in float32
+on the CPU, so that a verdict can stop there as it stops at a near-tie of the output.
 """
 from __future__ import annotations
 

@@ -7,6 +7,11 @@ are taken (argmax, on the device) at once, but a step's logits are read on the h
 top-k, `.tolist()`) only after the next step's forwards have been launched. A graph runner that
 returns views of its static output buffers instead of copies is therefore caught.
 
+A request may be forced (`Request.forced_from`): from that step on the token fed back is the request's,
+not the argmax, while the top-k recorded stays the engine's own; only the input ids that later steps
+write into the graph's static buffers change. MoE models record every router's own choice per fed
+token, and compute with the experts a request replays (`Request.forced_experts`) where it gives them.
+
 Under TP every rank of a TP group runs the same requests and schedule. Under DP each DP rank runs
 its own requests, and every step the ranks exchange their token counts: all of them run a prefill
 if any rank prefills and a decode if any rank decodes (a rank without work runs an empty, padded
@@ -22,7 +27,7 @@ import torch
 
 from reference_runner.device import resolve_device
 from reference_runner.engine.args import EngineArgs
-from reference_runner.engine.forward_batch import ForwardBatch, ForwardMode, decode_batch
+from reference_runner.engine.forward_batch import ExpertRouting, ForwardBatch, ForwardMode, decode_batch
 from reference_runner.engine.model_runner import ModelRunner
 from reference_runner.engine.scheduler import Running, ScheduledBatch, Scheduler
 from reference_runner.errors import InvalidRequest, LayoutError
@@ -39,6 +44,8 @@ class _StepOutput:
     next_ids: torch.Tensor
     reqs: list[Running]
     in_graph: bool
+    routing: ExpertRouting | None = None  # MoE: the routers' own choices for the tokens fed
+    fed: list[int] | None = None  # tokens each request fed (rows of `routing`): its prompt in a prefill, else 1
 
 
 class Engine:
@@ -78,12 +85,35 @@ class Engine:
         if len(prompt) + request.max_new_tokens > max_context:
             raise InvalidRequest(f"request {rid!r}: prompt of {len(prompt)} tokens + max_new_tokens "
                                  f"{request.max_new_tokens} exceeds max_context {max_context}")
-        for i, t in enumerate(prompt):
-            if not isinstance(t, int):
-                raise InvalidRequest(f"request {rid!r}: token id {t!r} at prompt position {i} is not an int")
-            if not 0 <= t < vocab:
-                raise InvalidRequest(f"request {rid!r}: token id {t} at prompt position {i} is outside "
-                                     f"the vocabulary [0, {vocab})")
+        _check_ids(rid, prompt, vocab, "prompt position")
+        if request.forced_from is not None:
+            if not 0 <= request.forced_from <= request.max_new_tokens:
+                raise InvalidRequest(f"request {rid!r}: forced_from {request.forced_from} is outside "
+                                     f"0..max_new_tokens ({request.max_new_tokens})")
+            if len(request.forced_ids) != request.max_new_tokens - request.forced_from:
+                raise InvalidRequest(f"request {rid!r}: {len(request.forced_ids)} forced_ids for steps "
+                                     f"{request.forced_from}..{request.max_new_tokens - 1}")
+            _check_ids(rid, request.forced_ids, vocab, "forced step", first=request.forced_from)
+        elif request.forced_ids:
+            raise InvalidRequest(f"request {rid!r}: forced_ids without forced_from")
+        if request.forced_experts:
+            self._validate_forced_experts(request)
+
+    def _validate_forced_experts(self, request: Request) -> None:
+        rid, shape = request.rid, self.model_runner.routing_shape
+        if shape is None:
+            raise InvalidRequest(f"request {rid!r}: forced_experts for a model without MoE layers")
+        fed = len(request.prompt_ids) + request.max_new_tokens - 1
+        if len(request.forced_experts) > fed:
+            raise InvalidRequest(f"request {rid!r}: forced_experts for {len(request.forced_experts)} positions, "
+                                 f"but it feeds {fed}")
+        moe_layers, top_k, num_experts = shape
+        for position, layers in enumerate(request.forced_experts):
+            if len(layers) != moe_layers or any(
+                    len(set(ids)) != top_k or len(ids) != top_k
+                    or not all(isinstance(e, int) and 0 <= e < num_experts for e in ids) for ids in layers):
+                raise InvalidRequest(f"request {rid!r}: forced_experts at position {position} must be {moe_layers} "
+                                     f"MoE layers of {top_k} distinct expert ids in [0, {num_experts}), got {layers}")
 
     def generate(self, requests: list[Request]) -> list[Generation]:
         """Greedy-decode `requests`, exactly `max_new_tokens` each; results in request order.
@@ -102,6 +132,7 @@ class Engine:
             except InvalidRequest as e:
                 gen.error = str(e)
                 continue
+            gen.forced_from = req.forced_from
             valid.append(Running(req, gen))
         with torch.no_grad():
             self._run(Scheduler(valid, self.kv_cache, self.parallel, self.device))
@@ -144,14 +175,27 @@ class Engine:
             block_tables=kv.block_table_tensor([r.req.rid for r in reqs], device),
             extend_seq_lens=lens,
             global_num_tokens=prefill.global_sizes,
+            routing=self._routing([(r, range(n)) for r, n in zip(reqs, lens)]),
         )
-        return self._sample(batch, reqs)
+        return self._sample(batch, reqs, fed=lens)
 
     def _decode(self, decode: ScheduledBatch) -> _StepOutput:
         reqs = decode.reqs
+        routing = self._routing([(r, [r.seq_len - 1]) for r in reqs])
         batch = decode_batch(self.kv_cache, [r.req.rid for r in reqs], [r.seq_len for r in reqs],
-                             self._last_token_ids(reqs), decode.global_sizes)
-        return self._sample(batch, reqs)
+                             self._last_token_ids(reqs), decode.global_sizes, routing)
+        return self._sample(batch, reqs, fed=[1] * len(reqs))
+
+    def _routing(self, fed: list[tuple[Running, range | list[int]]]) -> ExpertRouting | None:
+        """Routing buffers for the positions each request feeds, replaying the experts it forces there."""
+        routing = self.model_runner.own_routing(sum(len(positions) for _, positions in fed))
+        if routing is None or not any(r.req.forced_experts for r, _ in fed):
+            return routing
+        moe_layers, top_k, _ = self.model_runner.routing_shape
+        own = [[-1] * top_k] * moe_layers
+        rows = [r.req.forced_experts[p] if p < len(r.req.forced_experts) else own for r, positions in fed for p in positions]
+        routing.replay_ids.copy_(torch.tensor(rows, dtype=torch.int64))
+        return routing
 
     def _idle_batch(self, global_num_tokens: list[int]) -> ForwardBatch:
         """A decode batch of no request, for a DP rank that has nothing to run while others do
@@ -168,6 +212,7 @@ class Engine:
             seq_lens_cpu=[],
             block_tables=torch.zeros(0, kv.max_blocks_per_seq, dtype=torch.int32, device=device),
             global_num_tokens=global_num_tokens,
+            routing=self.model_runner.own_routing(0),  # DP: MoE layers gather the replayed experts of every rank
         )
 
     def _last_token_ids(self, reqs: list[Running]) -> torch.Tensor:
@@ -180,15 +225,19 @@ class Engine:
             parts.append(group[0].last_ids.index_select(0, rows))
         return torch.cat(parts)
 
-    def _sample(self, batch: ForwardBatch, reqs: list[Running]) -> _StepOutput:
+    def _sample(self, batch: ForwardBatch, reqs: list[Running], fed: list[int]) -> _StepOutput:
         logits, in_graph = self.model_runner.forward(batch)
         if batch.forward_mode is ForwardMode.DECODE:
             self._count(batch, in_graph)
         next_ids = logits.argmax(-1)
+        forced = [(row, r.forced_token) for row, r in enumerate(reqs) if r.forced_token is not None]
+        if forced:
+            rows, tokens = zip(*forced)
+            next_ids = next_ids.index_put((torch.tensor(rows, device=self.device),), torch.tensor(tokens, device=self.device))
         for row, r in enumerate(reqs):
             r.num_tokens += 1
             r.last_ids, r.last_row = next_ids, row
-        return _StepOutput(logits, next_ids, reqs, in_graph)
+        return _StepOutput(logits, next_ids, reqs, in_graph, batch.routing, fed)
 
     def _count(self, batch: ForwardBatch, in_graph: bool) -> None:
         graph_runner = self.model_runner.graph_runner
@@ -209,3 +258,17 @@ class Engine:
         rows = zip(out.reqs, out.next_ids.tolist(), top.indices.tolist(), top.values.tolist())
         for r, token, ids, logprobs in rows:
             r.gen.append(token, list(zip(ids, logprobs)), out.in_graph)
+        if out.routing is not None:
+            experts, gaps, start = out.routing.topk_ids.tolist(), out.routing.gaps.tolist(), 0
+            for r, n in zip(out.reqs, out.fed):
+                r.gen.routed_experts.append(experts[start:start + n])
+                r.gen.router_gaps.append(gaps[start:start + n])
+                start += n
+
+
+def _check_ids(rid: str, ids: list[int], vocab: int, where: str, first: int = 0) -> None:
+    for i, t in enumerate(ids, first):
+        if not isinstance(t, int):
+            raise InvalidRequest(f"request {rid!r}: token id {t!r} at {where} {i} is not an int")
+        if not 0 <= t < vocab:
+            raise InvalidRequest(f"request {rid!r}: token id {t} at {where} {i} is outside the vocabulary [0, {vocab})")

@@ -11,6 +11,32 @@ if TYPE_CHECKING:
     from reference_runner.engine.kv_cache import KVCache
 
 
+@dataclass
+class ExpertRouting:
+    """MoE routing of a batch's tokens, per MoE layer: the experts to compute with, and the router's own choice.
+
+    `replay_ids` are the top-k expert ids each token must use instead of its router's choice (routing
+    replay), -1 where it uses its router's; each MoE layer writes its router's own top-k ids and the gap
+    between the router logits of its k-th and (k+1)-th expert into `topk_ids` and `gaps`, replayed or not.
+    """
+
+    replay_ids: torch.Tensor  # int64 [num_tokens, moe_layers, top_k]
+    topk_ids: torch.Tensor  # int64 [num_tokens, moe_layers, top_k], written by the MoE layers
+    gaps: torch.Tensor  # float32 [num_tokens, moe_layers], written by the MoE layers
+
+    @classmethod
+    def own(cls, num_tokens: int, moe_layers: int, top_k: int, device: str | torch.device) -> ExpertRouting:
+        """Every token routed by its router (nothing replayed)."""
+        with torch.device(device):
+            return cls(torch.full((num_tokens, moe_layers, top_k), -1, dtype=torch.int64),
+                       torch.zeros(num_tokens, moe_layers, top_k, dtype=torch.int64),
+                       torch.zeros(num_tokens, moe_layers, dtype=torch.float32))
+
+    def rows(self, n: int) -> ExpertRouting:
+        """Views of the first `n` tokens."""
+        return ExpertRouting(self.replay_ids[:n], self.topk_ids[:n], self.gaps[:n])
+
+
 class ForwardMode(enum.Enum):
     EXTEND = "extend"  # prefill: every prompt token of each request
     DECODE = "decode"  # one new token per request
@@ -35,10 +61,11 @@ class ForwardBatch:
     extend_seq_lens: list[int] | None = None
     # DP attention: every DP rank's token count this step (all ranks pad expert layers to the largest).
     global_num_tokens: list[int] | None = None
+    routing: ExpertRouting | None = None  # MoE models: routing replay in, the routers' own choices out
 
 
 def decode_batch(kv_cache: KVCache, rids: list[str], seq_lens: list[int], input_ids: torch.Tensor,
-                 global_num_tokens: list[int] | None = None) -> ForwardBatch:
+                 global_num_tokens: list[int] | None = None, routing: ExpertRouting | None = None) -> ForwardBatch:
     """One decode step of `rids`, each writing its token `seq_len - 1` (KV reserved up to `seq_len`),
     on the device of `input_ids`."""
     device = input_ids.device
@@ -55,4 +82,5 @@ def decode_batch(kv_cache: KVCache, rids: list[str], seq_lens: list[int], input_
         seq_lens_cpu=list(seq_lens),
         block_tables=kv_cache.block_table_tensor(rids, device),
         global_num_tokens=global_num_tokens,
+        routing=routing,
     )

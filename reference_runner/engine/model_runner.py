@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from reference_runner.attention import get_attn_backend
-from reference_runner.engine.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.engine.forward_batch import ExpertRouting, ForwardBatch, ForwardMode
 from reference_runner.engine.kv_cache import KVCache
 from reference_runner.models.loader import load_model
+from reference_runner.models.moe import SparseMoeBlock
 from reference_runner.parallel.dp_attention import dp_buffer_len, set_dp_buffer_len
 from reference_runner.parallel.state import ParallelState, kv_heads_per_rank
 
@@ -35,7 +36,17 @@ class ModelRunner:
                                 head_dim=config.head_dim, num_blocks=num_blocks, block_size=block_size,
                                 max_context=max_context, dtype=dtype, device=device)
         self.attn_backend = get_attn_backend(device, self.kv_cache, config.num_attention_heads // tp)
+        moe_blocks = [m for m in self.model.modules() if isinstance(m, SparseMoeBlock)]
+        # (MoE layers, top-k, experts) of the routing each forward records and may replay; None for a dense model.
+        self.routing_shape = (len(moe_blocks), moe_blocks[0].top_k, moe_blocks[0].num_experts) if moe_blocks else None
         self.graph_runner = None  # set by the engine in graph modes
+
+    def own_routing(self, num_tokens: int) -> ExpertRouting | None:
+        """Routing buffers for a forward of `num_tokens` tokens, nothing replayed; None for a dense model."""
+        if self.routing_shape is None:
+            return None
+        moe_layers, top_k, _ = self.routing_shape
+        return ExpertRouting.own(num_tokens, moe_layers, top_k, self.device)
 
     def forward(self, forward_batch: ForwardBatch) -> tuple[torch.Tensor, bool]:
         """Float32 logits [bs, vocab] and whether the step ran in a device graph."""

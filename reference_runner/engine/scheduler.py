@@ -36,6 +36,12 @@ class Running:
         return len(self.req.prompt_ids) + self.num_tokens
 
     @property
+    def forced_token(self) -> int | None:
+        """The token the request forces at its next step (`Request.forced_from`), or None: the engine's own choice."""
+        req, step = self.req, self.num_tokens
+        return None if req.forced_from is None or step < req.forced_from else req.forced_ids[step - req.forced_from]
+
+    @property
     def finished(self) -> bool:
         return self.num_tokens == self.req.max_new_tokens
 

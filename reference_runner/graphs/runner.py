@@ -3,7 +3,8 @@
 Shaped like SGLang's `CudaGraphRunner` / `NPUGraphRunner`: static buffers sized `max_bs` shared by
 every captured size, graphs captured largest first into one memory pool, and a replay that pads
 the batch to the next captured size, refreshes every static input, replays and copies the real
-rows of the output out before anything can replay again.
+rows of the output out before anything can replay again. MoE models add the routing buffers
+(`ExpertRouting`): the experts replayed in, the routers' own choices out, copied out like the logits.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from reference_runner.engine.args import EngineArgs
-from reference_runner.engine.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.engine.forward_batch import ExpertRouting, ForwardBatch, ForwardMode
 from reference_runner.errors import ReplayHang, TaskGroupMismatch
 from reference_runner.graphs import get_graph_backend
 from reference_runner.graphs.base import DeviceGraph, GraphBackend
@@ -75,6 +76,7 @@ class GraphRunner:
             self.out_cache_loc = torch.zeros(self.max_bs, dtype=model_runner.kv_cache.slot_dtype)
             self.seq_lens = torch.full((self.max_bs,), self.seq_len_fill_value, dtype=torch.int32)
             self.block_tables = torch.zeros(self.max_bs, max_blocks, dtype=torch.int32)
+        self.routing: ExpertRouting | None = model_runner.own_routing(self.max_bs)
         self.graphs: dict[int, DeviceGraph] = {}
         self.output_buffers: dict[int, torch.Tensor] = {}
         self.capture()
@@ -93,7 +95,8 @@ class GraphRunner:
 
     def _static_bytes(self) -> int:
         buffers = (self.input_ids, self.positions, self.out_cache_loc, self.seq_lens, self.block_tables)
-        return sum(b.untyped_storage().nbytes() for b in buffers)
+        routing = () if self.routing is None else (self.routing.replay_ids, self.routing.topk_ids, self.routing.gaps)
+        return sum(b.untyped_storage().nbytes() for b in (*buffers, *routing))
 
     def fallback_reason(self, forward_batch: ForwardBatch) -> str | None:
         """Why this batch cannot replay a graph, or None when it can."""
@@ -137,6 +140,7 @@ class GraphRunner:
             seq_lens=self.seq_lens[:bs],
             seq_lens_cpu=seq_lens_cpu,
             block_tables=self.block_tables[:bs],
+            routing=None if self.routing is None else self.routing.rows(bs),
         )
 
     def replay(self, forward_batch: ForwardBatch) -> torch.Tensor:
@@ -148,6 +152,9 @@ class GraphRunner:
         seq_lens_cpu = forward_batch.seq_lens_cpu + [self.seq_len_fill_value] * (bs - raw_bs)
         self.replay_graph(bs, seq_lens_cpu)
         self.bucket_hits[bs] += 1
+        if forward_batch.routing is not None:
+            forward_batch.routing.topk_ids.copy_(self.routing.topk_ids[:raw_bs])
+            forward_batch.routing.gaps.copy_(self.routing.gaps[:raw_bs])
         # The pool is shared: the next replay of any size may overwrite this buffer.
         return self.output_buffers[bs][:raw_bs].clone()
 
@@ -164,6 +171,13 @@ class GraphRunner:
         self.out_cache_loc[:raw_bs].copy_(forward_batch.out_cache_loc)
         self.seq_lens[:raw_bs].copy_(forward_batch.seq_lens)
         self.block_tables[:raw_bs].copy_(forward_batch.block_tables)
+        if self.routing is not None:  # rows without replayed experts (padding, callers without routing) route themselves
+            replay_ids = self.routing.replay_ids
+            if forward_batch.routing is None:
+                replay_ids[:bs].fill_(-1)
+            else:
+                replay_ids[raw_bs:bs].fill_(-1)
+                replay_ids[:raw_bs].copy_(forward_batch.routing.replay_ids)
 
     def replay_graph(self, bs: int, seq_lens_cpu: list[int]) -> None:
         """CUDA graphs read the device-side `seq_lens`; nothing on the host to refresh."""

@@ -58,7 +58,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], config.mlp_bias, parallel)
         self.down_proj = RowParallelLinear(size, config.hidden_size, config.mlp_bias, parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, forward_batch: ForwardBatch | None = None) -> torch.Tensor:
+        """`forward_batch` is unused: a decoder layer hands it to its feed-forward, which MoE blocks route with."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -83,7 +84,7 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, cos, sin, forward_batch, attn_backend)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, forward_batch), residual
 
 
 class LlamaModel(nn.Module):

@@ -13,7 +13,8 @@ from reference_runner.parallel.state import ParallelState
 class MixtralDecoderLayer(LlamaDecoderLayer):
     def make_mlp(self, config: ModelConfig, layer_id: int, parallel: ParallelState) -> nn.Module:
         hf = config.hf
-        return SparseMoeBlock(config, parallel, num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+        return SparseMoeBlock(config, parallel, moe_index=layer_id, num_experts=hf["num_local_experts"],
+                              top_k=hf["num_experts_per_tok"],
                               intermediate_size=config.intermediate_size, renormalize=True)
 
 

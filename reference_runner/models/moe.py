@@ -20,7 +20,10 @@ so it is the route for real checkpoints on a device that has it. Gathering each 
 (gpt-fast's `W13[topk_ids]` -> [T, k, 2I, H]) copies T*k expert matrices per step: it beats this
 formulation only at bs 1 with many experts (3x), and is 2x slower at bs 8 and 10x or more in prefill.
 
-Routing follows transformers op for op (`select_experts`), so that top-k ties break the same way.
+Routing follows transformers op for op (`select_experts`), so that top-k ties break the same way. Each
+block writes its router's own choice and top-k gap into the batch's `ExpertRouting`, and computes with
+the experts it replays instead where the batch gives them (`replay_experts`): the judge's continuation
+past a router near-tie. The replayed ids are one more static input, so a captured step replays them too.
 Under tensor parallelism each rank holds every expert's slice of the intermediate dimension, like
 the dense MLP, and the routed output is all-reduced. Under data parallelism the block runs DP
 attention (`reference_runner/parallel/dp_attention.py`): it gathers every DP rank's tokens, shards the experts
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reference_runner.engine.forward_batch import ForwardBatch
 from reference_runner.models.config import ModelConfig
 from reference_runner.models.layers import ReplicatedLinear, _param, check_shape, copy_weight
 from reference_runner.models.llama import LlamaMLP
@@ -50,6 +54,27 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+def replay_experts(router_logits: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                   replay_ids: torch.Tensor, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing with `replay_ids` [T, k] in place of the router's choice in the rows where they are >= 0,
+    weighted by the router's own probabilities of the replayed experts; rows of -1 keep the router's choice."""
+    replayed = replay_ids >= 0
+    ids = torch.where(replayed, replay_ids, topk_ids)
+    weights = torch.softmax(router_logits, dim=-1, dtype=torch.float32).gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return torch.where(replayed, weights, topk_weights), ids
+
+
+def router_gap(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Float32 [T]: the router logit of each token's k-th expert minus that of its (k+1)-th (inf when every
+    expert is chosen): how close the router came to another choice."""
+    if router_logits.shape[-1] <= top_k:
+        return torch.full_like(router_logits[:, 0], float("inf"), dtype=torch.float32)
+    top = router_logits.float().topk(top_k + 1, dim=-1).values
+    return top[:, -2] - top[:, -1]
 
 
 class FusedMoE(nn.Module):
@@ -112,10 +137,12 @@ class FusedMoE(nn.Module):
 class SparseMoeBlock(nn.Module):
     """Router, routed experts and, as in Qwen2-MoE, an optional shared expert behind a sigmoid gate."""
 
-    def __init__(self, config: ModelConfig, parallel: ParallelState, *, num_experts: int, top_k: int,
+    def __init__(self, config: ModelConfig, parallel: ParallelState, *, moe_index: int, num_experts: int, top_k: int,
                  intermediate_size: int, renormalize: bool, shared_expert_intermediate_size: int = 0):
         super().__init__()
         self.parallel = parallel
+        self.moe_index = moe_index  # among the model's MoE layers: its column of the batch's ExpertRouting
+        self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
         self.gate = ReplicatedLinear(config.hidden_size, num_experts)
@@ -130,10 +157,18 @@ class SparseMoeBlock(nn.Module):
         """This block's routing of router logits [T, E]: float32 weights and expert ids, [T, top_k] each."""
         return select_experts(router_logits, self.top_k, self.renormalize)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, forward_batch: ForwardBatch | None = None) -> torch.Tensor:
         num_tokens = x.shape[0]
         x = dp_gather(x, self.parallel)
-        topk_weights, topk_ids = self.select_experts(self.gate(x))
+        router_logits = self.gate(x)
+        topk_weights, topk_ids = self.select_experts(router_logits)
+        routing = forward_batch.routing if forward_batch is not None else None
+        if routing is not None:
+            layer = self.moe_index
+            routing.topk_ids[:, layer].copy_(dp_scatter(topk_ids, self.parallel, num_tokens))
+            routing.gaps[:, layer].copy_(dp_scatter(router_gap(router_logits, self.top_k), self.parallel, num_tokens))
+            replay = dp_gather(routing.replay_ids[:, layer], self.parallel)
+            topk_weights, topk_ids = replay_experts(router_logits, topk_weights, topk_ids, replay, self.renormalize)
         out = self.experts(x, topk_weights, topk_ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -9,15 +9,20 @@ from reference_runner.models.moe import SparseMoeBlock, expert_params_mapping
 from reference_runner.parallel.state import ParallelState
 
 
+def is_sparse(hf: dict, layer_id: int) -> bool:
+    """As transformers: a dense MLP on `mlp_only_layers` and between every `decoder_sparse_step`-th layer."""
+    return (hf["num_experts"] > 0 and layer_id not in hf.get("mlp_only_layers", [])
+            and (layer_id + 1) % hf.get("decoder_sparse_step", 1) == 0)
+
+
 class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
     def make_mlp(self, config: ModelConfig, layer_id: int, parallel: ParallelState) -> nn.Module:
-        # As transformers: a dense MLP on `mlp_only_layers` and between every `decoder_sparse_step`-th layer.
         hf = config.hf
-        sparse = (hf["num_experts"] > 0 and layer_id not in hf.get("mlp_only_layers", [])
-                  and (layer_id + 1) % hf.get("decoder_sparse_step", 1) == 0)
-        if not sparse:
+        if not is_sparse(hf, layer_id):
             return LlamaMLP(config, parallel)
-        return SparseMoeBlock(config, parallel, num_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"],
+        moe_index = sum(is_sparse(hf, i) for i in range(layer_id))
+        return SparseMoeBlock(config, parallel, moe_index=moe_index, num_experts=hf["num_experts"],
+                              top_k=hf["num_experts_per_tok"],
                               intermediate_size=hf["moe_intermediate_size"],
                               renormalize=hf.get("norm_topk_prob", False),
                               shared_expert_intermediate_size=hf["shared_expert_intermediate_size"])

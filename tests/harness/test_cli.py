@@ -38,6 +38,8 @@ def test_passing_check_exits_0_and_reports_graph_steps(tmp_path):
     assert scenarios["graph"]["graph_steps"] > 0
     assert scenarios["graph"]["verdicts"] == {"match": 8, "tie": 0, "mismatch": 0}
     assert scenarios["graph"]["engine_version"] == "reference 0.1.0"
+    for scenario in scenarios.values():  # every generated token compared, against transformers too
+        assert (scenario["coverage"], scenario["tokens_compared"]) == (1.0, scenario["tokens_generated"])
     assert {key for key in ("name", "model", "tp_size", "dp_size", "eager_steps", "first_divergence")} <= set(scenarios["graph"])
     assert ET.parse(junit).getroot().get("failures") == "0"
 

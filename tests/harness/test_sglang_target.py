@@ -12,7 +12,7 @@ import pytest
 
 from harness.inputs.scenarios import Scenario
 from harness.judge import scenario_failures
-from harness.targets.base import TargetRun, TargetUnavailable
+from harness.targets.base import MIN_COVERAGE, TargetRun, TargetUnavailable, default_min_coverage
 from harness.targets.sglang import WORKER_ENV, SGLangTarget, argument_problems, engine_args, sampling_params, to_generation
 from harness.verdicts.compare import Verdict
 from reference_runner.engine.args import EngineArgs
@@ -147,15 +147,22 @@ def test_sampling_is_greedy_for_exactly_max_new_tokens():
     ]
 
 
+COMPARED = [Verdict("r0", "match", "all 3 tokens match", compared=3, generated=3)]
+
+
 def test_a_graph_run_that_cannot_count_graph_steps_is_not_failed_for_zero():
     scenario = Scenario(model="llama", baseline="eager", engine=EngineArgs(mode="graph"))
-    assert scenario_failures(scenario, [Verdict("r0", "match", "")], TargetRun([], counts_graph_steps=False)) == []
+    assert scenario_failures(scenario, COMPARED, TargetRun([], counts_graph_steps=False), min_coverage=0.3) == []
 
 
 def test_a_graph_run_that_counts_zero_graph_steps_still_fails():
     scenario = Scenario(model="llama", baseline="eager", engine=EngineArgs(mode="graph"))
-    assert scenario_failures(scenario, [Verdict("r0", "match", "")], TargetRun([])) == [
+    assert scenario_failures(scenario, COMPARED, TargetRun([]), min_coverage=0.3) == [
         "no decode step replayed a graph in mode 'graph' (silent eager fallback)"]
+
+
+def test_sglang_cannot_force_tokens_so_it_is_held_to_the_lower_minimum_coverage():
+    assert (SGLangTarget.can_force_tokens, default_min_coverage(SGLangTarget)) == (False, MIN_COVERAGE[False])
 
 
 @pytest.mark.skipif(SGLANG_INSTALLED, reason="sglang is installed here")

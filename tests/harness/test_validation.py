@@ -67,6 +67,7 @@ OPTION_PROBES = {
     "tp-zero": (["--tp", "0"], "--tp must be >= 1, got 0"),
     "dp-negative": (["--dp", "-1"], "--dp must be >= 1, got -1"),
     "max-new-tokens-zero": (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    "min-coverage-above-1": (["--min-coverage", "1.5"], "--min-coverage must lie in 0..1, got 1.5"),
     "block-size-zero": (["--block-size", "0"], "--block-size must be >= 1, got 0"),
     "max-context-zero": (["--max-context", "0"], "--max-context must be >= 1, got 0"),
     "num-blocks-zero": (["--num-blocks", "0"], "--num-blocks must be >= 1, got 0"),

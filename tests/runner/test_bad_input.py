@@ -28,6 +28,14 @@ BAD_REQUESTS = [
     (Request("float", [1, 2.0], 4), "request 'float': token id 2.0 at prompt position 1 is not an int"),
     (Request("zero", [1, 2], 0), "request 'zero': max_new_tokens must be >= 1, got 0"),
     (Request("early", [1, 2], 3, arrival_step=-1), "request 'early': arrival_step must be >= 0, got -1"),
+    (Request("forced late", [1], 4, forced_from=5), "request 'forced late': forced_from 5 is outside 0..max_new_tokens (4)"),
+    (Request("forced count", [1], 4, forced_from=1, forced_ids=[7, 7]),
+     "request 'forced count': 2 forced_ids for steps 1..3"),
+    (Request("forced vocab", [1], 3, forced_from=1, forced_ids=[7, 512]),
+     "request 'forced vocab': token id 512 at forced step 2 is outside the vocabulary"),
+    (Request("forced unanchored", [1], 2, forced_ids=[7, 7]), "request 'forced unanchored': forced_ids without forced_from"),
+    (Request("forced experts", [1], 2, forced_experts=[[[0, 1]]]),
+     "request 'forced experts': forced_experts for a model without MoE layers"),
 ]
 
 

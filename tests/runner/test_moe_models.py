@@ -129,7 +129,7 @@ def test_qwen2_moe_variants_match_the_oracle(overrides, layer_kinds):
     assert [type(layer.mlp).__name__ for layer in engine.model_runner.model.model.layers] == layer_kinds
     requests = make_requests("mixed", 512, 16)[:4]
     verdicts = compare_generations(oracle_generate(checkpoint, requests), engine.generate(requests),
-                                   Tolerance.for_dtype(torch.float32))
+                                   Tolerance.for_pair(torch.float32, "cpu", across_kernels=True))
     assert [v.status for v in verdicts] == ["match"] * 4
 
 
