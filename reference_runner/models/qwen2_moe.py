@@ -13,14 +13,26 @@ class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
     def make_mlp(self, config: ModelConfig, layer_id: int, parallel: ParallelState) -> nn.Module:
         # As transformers: a dense MLP on `mlp_only_layers` and between every `decoder_sparse_step`-th layer.
         hf = config.hf
-        sparse = (hf["num_experts"] > 0 and layer_id not in hf.get("mlp_only_layers", [])
+        sparse = (num_experts(config) > 0 and layer_id not in hf.get("mlp_only_layers", [])
                   and (layer_id + 1) % hf.get("decoder_sparse_step", 1) == 0)
         if not sparse:
             return LlamaMLP(config, parallel)
-        return SparseMoeBlock(config, parallel, num_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"],
+        return SparseMoeBlock(config, parallel, num_experts=num_experts(config), top_k=hf["num_experts_per_tok"],
                               intermediate_size=hf["moe_intermediate_size"],
                               renormalize=hf.get("norm_topk_prob", False),
-                              shared_expert_intermediate_size=hf["shared_expert_intermediate_size"])
+                              shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0))
+
+
+def num_experts(config: ModelConfig) -> int:
+    """Experts per sparse layer; transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`."""
+    return config.hf.get("num_experts", config.hf.get("num_local_experts", 0))
+
+
+def expert_params(config: ModelConfig, dense_mapping: list) -> list:
+    """The loader mapping of a Qwen MoE model: per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj`, then
+    `dense_mapping`. Expert entries come first: the dense `.gate_proj.` entry would match expert tensors too."""
+    return [*expert_params_mapping(".mlp", num_experts(config), "gate_proj", "up_proj", "down_proj"),
+            *dense_mapping]
 
 
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
@@ -28,8 +40,4 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
 
     def __init__(self, config: ModelConfig, parallel: ParallelState | None = None, max_positions: int | None = None):
         super().__init__(config, parallel, max_positions)
-        # Expert entries first: the dense `.gate_proj.` entry would match expert tensors too.
-        self.stacked_params_mapping = [
-            *expert_params_mapping(".mlp", config.hf["num_experts"], "gate_proj", "up_proj", "down_proj"),
-            *Qwen2ForCausalLM.stacked_params_mapping,
-        ]
+        self.stacked_params_mapping = expert_params(config, Qwen2ForCausalLM.stacked_params_mapping)
