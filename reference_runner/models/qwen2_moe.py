@@ -1,4 +1,6 @@
-"""Qwen2-MoE (Qwen1.5-MoE): the Qwen2 decoder with sparse MoE feed-forward blocks and a shared expert."""
+"""Qwen2-MoE (Qwen1.5-MoE): the Qwen2 decoder with sparse MoE feed-forward blocks and a shared expert.
+
+Qwen3-MoE (`qwen3_moe.py`) reuses its layer placement and checkpoint layout."""
 from __future__ import annotations
 
 from torch import nn
@@ -7,6 +9,18 @@ from reference_runner.models.config import ModelConfig
 from reference_runner.models.llama import LlamaDecoderLayer, LlamaMLP, Qwen2ForCausalLM
 from reference_runner.models.moe import SparseMoeBlock, expert_params_mapping
 from reference_runner.parallel.state import ParallelState
+
+
+def num_experts(config: ModelConfig) -> int:
+    """Experts per sparse layer; transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`."""
+    return config.hf.get("num_experts", config.hf.get("num_local_experts", 0))
+
+
+def expert_params(config: ModelConfig, dense_mapping: list[tuple]) -> list[tuple]:
+    """The loader mapping of a Qwen MoE model: per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj`, then
+    `dense_mapping`. Expert entries come first: the dense `.gate_proj.` entry would match expert tensors too."""
+    return [*expert_params_mapping(".mlp", num_experts(config), "gate_proj", "up_proj", "down_proj"),
+            *dense_mapping]
 
 
 class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
@@ -21,18 +35,6 @@ class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
                               intermediate_size=hf["moe_intermediate_size"],
                               renormalize=hf.get("norm_topk_prob", False),
                               shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0))
-
-
-def num_experts(config: ModelConfig) -> int:
-    """Experts per sparse layer; transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`."""
-    return config.hf.get("num_experts", config.hf.get("num_local_experts", 0))
-
-
-def expert_params(config: ModelConfig, dense_mapping: list) -> list:
-    """The loader mapping of a Qwen MoE model: per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj`, then
-    `dense_mapping`. Expert entries come first: the dense `.gate_proj.` entry would match expert tensors too."""
-    return [*expert_params_mapping(".mlp", num_experts(config), "gate_proj", "up_proj", "down_proj"),
-            *dense_mapping]
 
 
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
