@@ -242,6 +242,7 @@ class PiecewiseCompiler:
         return list(params), views
 
     def code(self, piece: Piece) -> PieceCode:
+        """`piece` as a function with canonical names, and its key."""
         params, views = self.parameters(piece.inputs)
         names = {r: f"a{i}" for i, r in enumerate(params)}
         consts: list[Any] = []
