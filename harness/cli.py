@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="graph vs eager (and eager vs transformers) token by token")
     check.add_argument("--model", type=csv_items, default=csv_items(DEFAULT_MODELS),
-                       help="built-in names (llama, qwen2, qwen2_moe, mixtral, llama_kv1, llama_hd32) or checkpoint dirs, "
+                       help="built-in names (llama, qwen2, qwen2_moe, mixtral, llama_kv1, llama_hd32, qwen3, qwen3_moe), the "
+                            "real model smollm2, or checkpoint dirs, "
                             f"comma-separated (default: {DEFAULT_MODELS})")
     check.add_argument("--modes", type=csv_items, default=["eager", "graph"], help=f"comma-separated of {', '.join(MODES)}")
     check.add_argument("--device", default=None, help="cpu, cuda or npu (default: detected)")

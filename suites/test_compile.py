@@ -1,4 +1,4 @@
-"""Compiled graph mode (`mode="compile"`, graphs/piecewise.py on the CPU) gives eager's tokens, and
+"""Compiled graph mode (`mode="compile"`, sim/piecewise.py on the CPU) gives eager's tokens, and
 compiles each captured size exactly once: later lengths, batches and requests reuse it. The
 compiled graphs still read the lengths refreshed before each replay (host lists through `update()`,
 or the device `seq_lens` on cuda): leaving them stale is caught.

@@ -6,7 +6,7 @@ import pytest
 from harness.inputs.scenarios import Scenario
 from reference_runner.engine.args import EngineArgs
 
-MODELS = ["llama", "qwen2", "qwen2_moe", "mixtral"]
+MODELS = ["llama", "qwen2", "qwen2_moe", "mixtral", "qwen3", "qwen3_moe"]
 
 
 @pytest.mark.parametrize("workload", ["batch1", "batch3", "batch5", "batch7", "batch8", "join_leave", "mixed"])

@@ -6,7 +6,7 @@ from harness.inputs.scenarios import Scenario
 from reference_runner.engine.args import EngineArgs
 from suites.faults import ROUTING_FROZEN
 
-MOE = ["qwen2_moe", "mixtral"]
+MOE = ["qwen2_moe", "mixtral", "qwen3_moe"]
 
 
 def fault_scenario(model: str) -> Scenario:

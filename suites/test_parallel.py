@@ -4,6 +4,8 @@ and each layout fault that breaks it is caught (a mismatch or a clear error) in 
 Faults are injected into one rank only, by a `RankJob.setup` function of `suites/faults.py` that every
 rank calls before building its engine.
 """
+import dataclasses
+
 import pytest
 
 from harness.inputs.scenarios import Scenario
@@ -27,6 +29,7 @@ def tp_scenario(model: str, tp: int = 2, dp: int = 1) -> Scenario:
 # Rank 1 of two decodes one late, short request (idle for 6 steps before it and 6 after); rank 0, five.
 SKEWED_DP2 = Scenario(model="qwen2_moe", baseline="eager", engine=EngineArgs(mode="graph", dp_size=2),
                       workload="skewed", dp_ranks=(0, 0, 0, 0, 0, 1), max_new_tokens=16)
+DP_MODELS = ["qwen2_moe", "qwen3_moe"]  # MoE: DP attention
 
 
 def require_ranks(device: str, scenario: Scenario) -> Scenario:
@@ -45,13 +48,14 @@ def assert_all_match(result) -> None:
     assert result.run.graph_steps > 0
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "llama_kv1", "qwen2_moe"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "llama_kv1", "qwen2_moe", "qwen3", "qwen3_moe"])
 def test_tp2_graph_matches_tp1_eager(check, device, model):
     assert_all_match(check(require_ranks(device, tp_scenario(model))))
 
 
-def test_dp2_graph_matches_dp1_eager_with_an_idle_rank(check, device):
-    result = check(require_ranks(device, SKEWED_DP2))
+@pytest.mark.parametrize("model", DP_MODELS)
+def test_dp2_graph_matches_dp1_eager_with_an_idle_rank(check, device, model):
+    result = check(require_ranks(device, dataclasses.replace(SKEWED_DP2, model=model)))
     assert_all_match(result)
     # 15 decode steps on rank 0 and 3 on rank 1, which replays 12 idle, padded ones meanwhile.
     assert result.run.graph_steps == 18
@@ -61,6 +65,7 @@ def test_dp2_graph_matches_dp1_eager_with_an_idle_rank(check, device):
 @pytest.mark.parametrize(("model", "tp", "dp"), [
     ("llama", 4, 1), ("llama_kv1", 4, 1), ("qwen2_moe", 4, 1), ("mixtral", 4, 1),
     ("qwen2_moe", 2, 2), ("mixtral", 2, 2), ("qwen2_moe", 1, 4), ("llama", 2, 2),
+    ("qwen3", 4, 1), ("qwen3_moe", 4, 1), ("qwen3_moe", 2, 2),
 ])
 def test_four_ranks_graph_matches_one_rank_eager(check, device, model, tp, dp):
     assert_all_match(check(require_ranks(device, tp_scenario(model, tp, dp))))

@@ -11,7 +11,7 @@ import pytest
 from harness.inputs.scenarios import Scenario
 from reference_runner.engine.args import EngineArgs
 
-MODELS = ["llama", "qwen2", "qwen2_moe", "mixtral"]
+MODELS = ["llama", "qwen2", "qwen2_moe", "mixtral", "qwen3", "qwen3_moe"]
 DTYPES = ["float16", "bfloat16"]
 
 

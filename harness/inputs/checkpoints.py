@@ -1,13 +1,14 @@
-"""Deterministic tiny Hugging Face checkpoints, built locally and never downloaded.
+"""Checkpoints built locally and never downloaded: deterministic tiny ones, and real trained ones.
 
-A builtin name (`llama`, `qwen2`, `qwen2_moe`, `mixtral`, `llama_kv1`) is built from a small config
-with seeded weights and saved with `save_pretrained`; any local checkpoint directory works the same
-way. Builds are cached under `<cache_dir>/<name>-<recipe hash>`: built in a staging directory (removed
-on any exit; a dead process's by the next build), given a manifest (hashes of config.json and of each
-weights file, every tensor's name, dtype and shape), then published with an atomic rename, so ranks and
-processes that race on the same checkpoint all end up reading one complete directory. Every reuse
-checks the entry against its manifest, and an entry that does not match (a truncated file, an edit) is
-replaced by a fresh build.
+A builtin name (`llama`, `qwen2`, `qwen2_moe`, `mixtral`, `llama_kv1`, `qwen3`, `qwen3_moe`) is built
+from a small config with seeded weights and saved with `save_pretrained`. A real model's name
+(`smollm2`) is converted from the GGUF file an installed package ships (`real_models.py`). Any local
+checkpoint directory works the same way. Builds are cached under `<cache_dir>/<name>-<recipe hash>`:
+built in a staging directory (removed on any exit; a dead process's by the next build), given a manifest
+(hashes of config.json and of each weights file, every tensor's name, dtype and shape), then published
+with an atomic rename, so ranks and processes that race on the same checkpoint all end up reading one
+complete directory. Every reuse checks the entry against its manifest, and an entry that does not match
+(a truncated file, an edit) is replaced by a fresh build.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,11 @@ from transformers import (
     PretrainedConfig,
     Qwen2Config,
     Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
 )
 
+from harness.inputs import real_models
 from harness.scratch import make_scratch, scratch
 from reference_runner.errors import CheckpointError
 from reference_runner.models.loader import weight_files
@@ -76,6 +81,24 @@ BUILTIN_MODELS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
             "tie_word_embeddings": False,
         },
     ),
+    # Qwen3 and Qwen3-MoE: head_dim 32 (wider than hidden_size / heads, as in the real ones), so that
+    # engines whose CPU attention needs head_dim >= 32 run them too. Tied embeddings as the small Qwen3.
+    "qwen3": (Qwen3Config, {**_DENSE, "head_dim": 32, "tie_word_embeddings": True}),
+    # Shaped like Qwen3-30B-A3B: no shared expert, top-k weights renormalised.
+    "qwen3_moe": (
+        Qwen3MoeConfig,
+        {
+            **_DENSE,
+            "head_dim": 32,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "tie_word_embeddings": False,
+        },
+    ),
     # Mixtral's experts are sized by `intermediate_size`.
     "mixtral": (
         MixtralConfig,
@@ -112,20 +135,22 @@ def default_cache_dir() -> Path:
 
 
 def ensure_checkpoint(name_or_path: str | Path, cache_dir: Path | None = None, **overrides: Any) -> Path:
-    """The directory of a usable checkpoint: a builtin name is built (or reused once its manifest matches), a
-    directory is checked for config.json and the weights files transformers reads (`loader.weight_files`).
+    """The directory of a usable checkpoint: a builtin or real model's name is built (or reused once its manifest
+    matches), a directory is checked for config.json and the weights files transformers reads (`loader.weight_files`).
 
-    A `str` equal to a builtin name means that model; a `Path`, or any other string, means a directory.
+    A `str` equal to a model's name means that model; a `Path`, or any other string, means a directory.
     """
     if isinstance(name_or_path, str) and name_or_path in BUILTIN_MODELS:
         return _build_cached(name_or_path, cache_dir or default_cache_dir(), overrides)
     if overrides:
         raise CheckpointError(f"config overrides apply to builtin models only, not to {name_or_path!r}")
+    if isinstance(name_or_path, str) and name_or_path in real_models.REAL_MODELS:
+        return _convert_cached(name_or_path, cache_dir or default_cache_dir())
     path = Path(name_or_path)
     if not path.is_dir():
         raise CheckpointError(
             f"{str(name_or_path)!r} is neither a checkpoint directory nor a builtin model "
-            f"({', '.join(BUILTIN_MODELS)})"
+            f"({', '.join([*BUILTIN_MODELS, *real_models.REAL_MODELS])})"
         )
     if not (path / "config.json").is_file():
         raise CheckpointError(f"checkpoint directory {path} lacks config.json")
@@ -161,17 +186,30 @@ def entry_problem(entry: Path) -> str | None:
 
 def _build_cached(name: str, cache_dir: Path, overrides: dict[str, Any]) -> Path:
     config = tiny_config(name, **overrides)
-    target = cache_dir / f"{name}-{_fingerprint(config)}"
+    return _publish(name, cache_dir / f"{name}-{_fingerprint(config)}",
+                    lambda staging: build_model(config).save_pretrained(staging, safe_serialization=True))
+
+
+def _convert_cached(name: str, cache_dir: Path) -> Path:
+    gguf, sha256 = real_models.gguf_file(name)
+    recipe = {"gguf": real_models.REAL_MODELS[name].file, "sha256": sha256, "converter": real_models.CONVERTER_VERSION}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return _publish(name, cache_dir / f"{name}-{digest}", lambda staging: real_models.convert_gguf(gguf, staging))
+
+
+def _publish(name: str, target: Path, write: Callable[[Path], None]) -> Path:
+    """`target`, reused if it matches its manifest, else written by `write(staging directory)` and published."""
     problem = entry_problem(target)
     if problem is None:
         return target
+    cache_dir = target.parent
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         if target.exists():
             print(f"npugraph-harness: cached checkpoint {target} {problem}: rebuilding it", file=sys.stderr)
             _discard(target, cache_dir)
         with scratch(cache_dir, f".{target.name}.") as staging:
-            build_model(config).save_pretrained(staging, safe_serialization=True)
+            write(staging)
             (staging / MANIFEST).write_text(json.dumps(manifest(staging), indent=1))
             try:
                 os.rename(staging, target)  # atomic; fails if another process published first

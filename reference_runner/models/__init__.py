@@ -14,6 +14,8 @@ from reference_runner.errors import UnsupportedModel
 from reference_runner.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
 from reference_runner.models.mixtral import MixtralForCausalLM
 from reference_runner.models.qwen2_moe import Qwen2MoeForCausalLM
+from reference_runner.models.qwen3 import Qwen3ForCausalLM
+from reference_runner.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {}
 
@@ -36,3 +38,5 @@ register_model("LlamaForCausalLM", LlamaForCausalLM)
 register_model("Qwen2ForCausalLM", Qwen2ForCausalLM)
 register_model("Qwen2MoeForCausalLM", Qwen2MoeForCausalLM)
 register_model("MixtralForCausalLM", MixtralForCausalLM)
+register_model("Qwen3ForCausalLM", Qwen3ForCausalLM)
+register_model("Qwen3MoeForCausalLM", Qwen3MoeForCausalLM)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reference_runner.engine.forward_batch import ForwardBatch, ForwardMode
+from reference_runner.graphs.markers import layer_boundary
 from reference_runner.models.config import ModelConfig
 from reference_runner.models.layers import (
     ColumnParallelLinear,
@@ -42,11 +43,15 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                         config.o_proj_bias, parallel)
 
+    def rotate_qk(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE over the query and key heads side by side, [T, heads + kv_heads, head_dim]."""
+        return apply_rotary(qk, cos, sin, self.head_dim)
+
     def forward(self, x, cos, sin, forward_batch, attn_backend):
         qkv = self.qkv_proj(x).unflatten(-1, (-1, self.head_dim))
         # q and k sit side by side in qkv: rotate them in one go.
         qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
-        q, k = apply_rotary(qk, cos, sin, self.head_dim).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = self.rotate_qk(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         out = attn_backend.forward(q, k, v, self.layer_id, forward_batch)
         return self.o_proj(out.flatten(1))
 
@@ -65,9 +70,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
+
     def __init__(self, config: ModelConfig, layer_id: int, parallel: ParallelState):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, parallel)
+        self.self_attn = self.attention_cls(config, layer_id, parallel)
         self.mlp = self.make_mlp(config, layer_id, parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -128,7 +135,8 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = model.rotary_emb(forward_batch.positions)
         residual = None
         for layer in model.layers:
-            x, residual = layer(x, residual, cos, sin, forward_batch, attn_backend)
+            x, residual = layer(layer_boundary(x), residual, cos, sin, forward_batch, attn_backend)
+        x = layer_boundary(x)
         if forward_batch.forward_mode is ForwardMode.EXTEND:
             # Extend is eager only, so building the index from the host lengths here is fine.
             last = torch.tensor(forward_batch.extend_seq_lens, device=x.device).cumsum(0) - 1

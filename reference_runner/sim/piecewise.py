@@ -1,32 +1,43 @@
-"""Piecewise compilation of a captured SimNPUGraph with inductor, host lists kept updatable.
+"""Piecewise compilation of a captured SimNPUGraph with inductor: host lists kept updatable, and identical
+decoder layers compiled once.
 
-A captured graph replays a `Program` of ops. `split_graph` cuts it at each task-group op (an
-updatable op, whose host arguments `update()` replaces), as vLLM's `split_graph` cuts at its
-splitting ops; every piece between two task groups is traced with `make_fx` over fake tensors and
-compiled by inductor once, at capture, and the task groups stay plain calls reading their task's
-host arguments.
+A captured graph replays a `Program` of ops. `split_graph` cuts it at each task-group op (an updatable op,
+whose host arguments `update()` replaces), as vLLM's `split_graph` cuts at its splitting ops, and at the
+decoder-layer boundaries the model code marks (`graphs/markers.py`). Every piece is traced with `make_fx`
+over fake tensors and compiled by inductor at capture; the task groups stay plain calls reading their
+task's host arguments.
+
+Identical work compiles once. A piece is written as a function with canonical names (parameters,
+constants and values numbered in order of use: `PieceCode`), and everything a decoder layer reads (its
+weights, its KV cache, the hidden states of the layer before) is a parameter, never a constant; so the
+layers of a step are pieces with one code, equal constants and equal parameter shapes (`PieceCode.key`),
+and one compiled function serves them all. A layer boundary is kept only next to a piece that shares its
+key: in a shallow model, whose layers all differ (the first has no residual yet), the step stays one
+piece, since on the CPU each call out of compiled code costs as much as the arithmetic of a tiny model.
+Compile cost then grows with the distinct pieces (for a deep model: embedding and first layer, the other
+layers, final norm and LM head), not with depth.
 
 An updatable op with a static form (`graphs/updatable.py`: the same result from a tensor of its host
-list, at shapes fixed at capture) is not a cut: its host list is lifted into a tensor input that
-replay rebuilds from the task group each time, so `update()` still drives it, and the whole step
-becomes one piece. That matters on the CPU, where each call out of compiled code costs as much as
-the arithmetic of a tiny model.
+list, at shapes fixed at capture) is not a cut: its host list is lifted into a tensor input that replay
+rebuilds from the task group each time, so `update()` still drives it.
 
 Pieces have no guards: their shapes were fixed at capture, so changing lengths never recompiles
-(`compilations` counts every compile). Writes to tensors from before capture (the KV cache, the
-output buffers) are graph-input mutations that inductor performs in place.
+(`compilations` counts every compile). Writes to tensors from before capture (the KV cache, the output
+buffers) are graph-input mutations that inductor performs in place.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from reference_runner.graphs.markers import layer_boundary
 from reference_runner.graphs.updatable import updatable_op
 from reference_runner.sim.graph import SimNPUGraph, graph
 from reference_runner.sim.pool import SimGraphPool
@@ -45,6 +56,7 @@ class Piece:
     ops: list[Op] = field(default_factory=list)
     inputs: list[Ref] = field(default_factory=list)  # tensors read before the piece binds them
     outputs: list[Ref] = field(default_factory=list)  # values that later ops read
+    boundary: int | None = None  # the index of the layer-boundary op that starts the piece, if one does
 
 
 def _is_tensor(ref: Ref, namespace: dict[str, Any]) -> bool:
@@ -52,16 +64,28 @@ def _is_tensor(ref: Ref, namespace: dict[str, Any]) -> bool:
     return ref.kind is Kind.VALUE or isinstance(namespace.get(ref.name), torch.Tensor)
 
 
-def split_graph(program: Program) -> list[Piece | Op]:
-    """The program as pieces and, between them, the task-group ops (kept as they are)."""
+def is_layer_boundary(op: Op, program: Program) -> bool:
+    """Whether `op` is the mark the model code records between decoder layers (the identity)."""
+    return program.value(op.fn) is layer_boundary
+
+
+def split_graph(program: Program, boundaries: set[int] | None = None) -> list[Piece | Op]:
+    """The program as pieces and, between them, the task-group ops (kept as they are). A piece also ends at
+    each layer-boundary op whose index is in `boundaries` (None: at every one); the marks are dropped."""
     parts: list[Piece | Op] = []
-    for op in program.ops:
+    start: int | None = None  # a piece starts at the next op: after this boundary, or after a task group
+    for i, op in enumerate(program.ops):
         if op.task is not None:
             parts.append(op)
-            continue
-        if not parts or isinstance(parts[-1], Op):
-            parts.append(Piece())
-        parts[-1].ops.append(op)
+            start = None
+        elif is_layer_boundary(op, program):
+            if boundaries is None or i in boundaries:
+                start = i
+        else:
+            if not parts or isinstance(parts[-1], Op) or start is not None:
+                parts.append(Piece(boundary=start))
+                start = None
+            parts[-1].ops.append(op)
     later_reads: set[Ref] = set()
     for part in reversed(parts):  # a piece returns the values that later ops read before binding them
         free: dict[Ref, None] = {}
@@ -122,73 +146,167 @@ def _view(t: torch.Tensor) -> str:
     return f"as_strided({tuple(t.shape)}, {t.stride()}, {t.storage_offset()})"
 
 
-def _parameters(inputs: list[Ref], program: Program) -> tuple[list[Ref], list[str]]:
-    """A piece's parameters, and the lines that rebuild its view inputs (the KV cache's slot view)
-    from their bases, which are passed instead (as new EXTERNAL refs): an in-place write to a view
-    input would become a copy of the whole base."""
-    bases = {id(t): r for r in inputs if isinstance(t := program.namespace.get(r.name), torch.Tensor) and t._base is None}
-    params: dict[Ref, None] = {}  # ordered, without repeats
-    prelude = []
-    for ref in inputs:
-        t = program.namespace.get(ref.name)
-        if not isinstance(t, torch.Tensor) or t._base is None:
-            params[ref] = None
-            continue
-        if id(t._base) not in bases:
-            bases[id(t._base)] = program.new_ref(Kind.EXTERNAL, t._base)
-        base = bases[id(t._base)]
-        prelude.append(f"{ref.name} = {base.name}.{_view(t)}")
-        params[base] = None
-    return list(params), prelude
+@dataclass(frozen=True)
+class PieceCode:
+    """A piece as a function of its parameters, written with canonical names: `a0, a1...` its parameters,
+    `k0, k1...` its constants, `t0, t1...` its values, each numbered in order of use. Pieces that do the
+    same work on other tensors (two decoder layers) have equal keys."""
+
+    source: str
+    consts: list[Any]  # the values of k0, k1, ...
+    params: list[Ref]  # what replay passes as a0, a1, ...
+    key: Hashable  # the source, the constants and each parameter's dtype, shape, strides and aliasing
+
+    def function(self) -> Callable:
+        scope = {f"k{i}": value for i, value in enumerate(self.consts)}
+        exec(compile(self.source, "<SimNPUGraph piece>", "exec"), scope)
+        return scope["piece"]
 
 
-def _piece_function(piece: Piece, params: list[Ref], prelude: list[str], namespace: dict[str, Any]) -> Callable:
-    returns = "".join(f"{r.name}, " for r in piece.outputs)
-    body = [*prelude, *(op.source() for op in piece.ops), f"return ({returns})"]
-    source = f"def piece({', '.join(r.name for r in params)}):\n" + "".join(f"    {line}\n" for line in body)
-    scope = dict(namespace)
-    exec(compile(source, "<SimNPUGraph piece>", "exec"), scope)
-    return scope["piece"]
+def const_key(value: Any) -> Hashable:
+    """A hashable stand-in for a constant of a piece, equal only for constants that trace the same: by value
+    for plain data, by themselves for callables; a fresh object (equal to nothing) for anything else."""
+    if value is None or value is Ellipsis or isinstance(value, (bool, int, float, str, torch.dtype, torch.device,
+                                                                 torch.layout, torch.memory_format)):
+        return type(value), repr(value)  # repr: 1, 1.0 and True, or 0.0 and -0.0, are different constants
+    if isinstance(value, slice):
+        return slice, const_key(value.start), const_key(value.stop), const_key(value.step)
+    if isinstance(value, (list, tuple)):
+        return type(value), tuple(map(const_key, value))
+    if isinstance(value, dict):
+        return dict, tuple((k, const_key(v)) for k, v in value.items())
+    if isinstance(value, functools.partial):
+        return functools.partial, const_key(value.func), const_key(value.args), const_key(value.keywords)
+    if callable(value):  # the same function, op or bound method: equal callables (by identity or by their object)
+        with contextlib.suppress(TypeError):
+            hash(value)
+            return value
+    return object()
+
+
+def _tensor_key(t: torch.Tensor) -> Hashable:
+    return t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), t.device.type
+
+
+class PiecewiseCompiler:
+    """Compiles one captured program: fake values for every ref, pieces cut where identical work repeats,
+    one inductor compile per distinct piece."""
+
+    def __init__(self, program: Program) -> None:
+        # Imported here: with sympy they cost a second, which only compiled mode should pay.
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        self.program, self.lifts = lift_host_lists(program)
+        self.scope = self.program.namespace  # the replay's globals: the recording's, lifted lists, bases, pieces
+        self.fake_mode = FakeTensorMode(shape_env=ShapeEnv())  # a shape env lets inductor's FX graph cache serve
+        self.fakes: dict[Ref, torch.Tensor] = {}
+        externals = [Ref(Kind.EXTERNAL, i) for i in range(self.program.counts[Kind.EXTERNAL])]
+        # id(tensor from before capture) -> its EXTERNAL ref: how pieces receive a view input's base
+        self.externals = {id(self.program.value(r)): r for r in externals}
+        self.compiled: dict[Hashable, Ref] = {}  # piece key -> the CONST ref of its compiled function
+        self._propagate_fakes()
+
+    def fake(self, ref: Ref) -> torch.Tensor:
+        if ref not in self.fakes:
+            self.fakes[ref] = self.fake_mode.from_tensor(self.program.value(ref), static_shapes=True)  # no symbols
+        return self.fakes[ref]
+
+    def _propagate_fakes(self) -> None:
+        """Run the program over fake tensors once: the example inputs of every piece, before any is traced."""
+        with torch.inference_mode():  # as replay: the pool's outputs and the KV cache are inference tensors
+            for op in self.program.ops:
+                if is_layer_boundary(op, self.program):
+                    continue
+                env = {r.name: self.fake(r) for r in op.reads() if _is_tensor(r, self.scope)}
+                with self.fake_mode:
+                    exec(op.source(), self.scope, env)
+                self.fakes.update((r, env[r.name]) for r in op.bound())
+
+    def parameters(self, inputs: list[Ref]) -> tuple[list[Ref], list[tuple[Ref, Ref, str]]]:
+        """A piece's parameters, and (view, base, how) for each view input (the KV cache's slot view) that the
+        piece rebuilds from its base, which is passed instead (as an EXTERNAL ref): an in-place write to a
+        view input would become a copy of the whole base."""
+        params: dict[Ref, None] = {}  # ordered, without repeats
+        views = []
+        for ref in inputs:
+            t = self.program.namespace.get(ref.name)
+            if not isinstance(t, torch.Tensor) or t._base is None:
+                params[ref] = None
+                continue
+            if id(t._base) not in self.externals:
+                self.externals[id(t._base)] = self.program.new_ref(Kind.EXTERNAL, t._base)
+            base = self.externals[id(t._base)]
+            views.append((ref, base, _view(t)))
+            params[base] = None
+        return list(params), views
+
+    def code(self, piece: Piece) -> PieceCode:
+        """`piece` as a function with canonical names, and its key."""
+        params, views = self.parameters(piece.inputs)
+        names = {r: f"a{i}" for i, r in enumerate(params)}
+        consts: list[Any] = []
+        values = 0
+
+        def name(ref: Ref) -> str:
+            nonlocal values
+            if ref not in names:
+                if ref.kind is Kind.CONST:
+                    names[ref] = f"k{len(consts)}"
+                    consts.append(self.program.value(ref))
+                else:
+                    names[ref], values = f"t{values}", values + 1
+            return names[ref]
+
+        lines = [f"{name(view)} = {name(base)}.{how}" for view, base, how in views]
+        lines += [op.source(name) for op in piece.ops]
+        lines.append(f"return ({''.join(name(r) + ', ' for r in piece.outputs)})")
+        source = f"def piece({', '.join(names[r] for r in params)}):\n" + "".join(f"    {line}\n" for line in lines)
+        fakes = [self.fake(r) for r in params]
+        storages = [t.untyped_storage()._cdata for t in fakes]
+        aliasing = tuple(storages.index(s) for s in storages)  # the first parameter sharing each one's memory
+        key = (source, tuple(map(const_key, consts)), tuple(map(_tensor_key, fakes)), aliasing)
+        return PieceCode(source, consts, params, key)
+
+    def boundaries(self) -> set[int]:
+        """The layer boundaries worth a cut: those next to a piece whose key another piece shares."""
+        pieces = [p for p in split_graph(self.program) if isinstance(p, Piece)]
+        keys = [self.code(p).key for p in pieces]
+        counts = Counter(keys)
+        return {p.boundary for p, before, key, key_before in zip(pieces[1:], pieces, keys[1:], keys)
+                if p.boundary is not None and max(counts[key], counts[key_before]) > 1}
+
+    def compile_piece(self, code: PieceCode) -> Ref:
+        """The CONST ref of `code`'s compiled function: compiled on first sight of its key."""
+        from torch._inductor.compile_fx import compile_fx
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        global compilations
+        if code.key not in self.compiled:
+            args = [self.fake(r) for r in code.params]
+            with torch.inference_mode():
+                gm = make_fx(code.function(), _DECOMPOSITIONS, tracing_mode="fake")(*args)
+                compiled = compile_fx(gm, args, config_patches=_INDUCTOR_CONFIG)
+            self.compiled[code.key] = self.program.new_ref(Kind.CONST, compiled)
+            compilations += 1
+        return self.compiled[code.key]
+
+    def replay(self) -> Callable[[], None]:
+        """A replay function running the compiled pieces and the task groups between them."""
+        replay_ops = list(self.lifts)
+        for part in split_graph(self.program, self.boundaries()):
+            if isinstance(part, Op):
+                replay_ops.append(part)
+                continue
+            code = self.code(part)
+            binds = tuple(part.outputs) or None
+            replay_ops.append(Op(self.compile_piece(code), tuple(code.params), binds=binds, unpack=binds is not None))
+        return render(replay_ops, self.scope, "compiled_replay")
 
 
 def compile_pieces(program: Program) -> Callable[[], None]:
     """A replay function running inductor-compiled pieces and the task groups between them."""
-    # Imported here: with sympy and inductor they cost a second, which only compiled mode should pay.
-    from torch._inductor.compile_fx import compile_fx
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    global compilations
-    program, replay_ops = lift_host_lists(program)
-    scope = program.namespace  # the replay's globals: the recording's, lifted lists, bases and pieces
-    fake_mode = FakeTensorMode(shape_env=ShapeEnv())  # a shape env lets inductor's FX graph cache serve the pieces
-    fakes: dict[Ref, torch.Tensor] = {}
-
-    def fake(ref: Ref) -> torch.Tensor:
-        if ref not in fakes:
-            fakes[ref] = fake_mode.from_tensor(program.value(ref), static_shapes=True)  # no symbolic sizes
-        return fakes[ref]
-
-    with torch.inference_mode():  # as replay: the pool's outputs and the KV cache are inference tensors
-        for part in split_graph(program):
-            if isinstance(part, Op):  # a task group: its fake kernel gives the shapes of what follows
-                env = {**scope, **{r.name: fake(r) for r in part.reads() if _is_tensor(r, scope)}}
-                with fake_mode:
-                    exec(part.source(), env)
-                fakes.update((r, env[r.name]) for r in part.bound())
-                replay_ops.append(part)
-                continue
-            params, prelude = _parameters(part.inputs, program)
-            args = [fake(r) for r in params]
-            gm = make_fx(_piece_function(part, params, prelude, scope), _DECOMPOSITIONS, tracing_mode="fake")(*args)
-            with fake_mode:
-                fakes.update(zip(part.outputs, gm(*args)))
-            compiled = program.new_ref(Kind.CONST, compile_fx(gm, args, config_patches=_INDUCTOR_CONFIG))
-            compilations += 1
-            binds = tuple(part.outputs) or None
-            replay_ops.append(Op(compiled, tuple(params), binds=binds, unpack=binds is not None))
-    return render(replay_ops, scope, "compiled_replay")
+    return PiecewiseCompiler(program).replay()
 
 
 @contextlib.contextmanager

@@ -56,14 +56,18 @@ def _refs(arg: Arg) -> Iterator[Ref]:
             yield from _refs(item)
 
 
-def _source(arg: Arg) -> str:
+def ref_name(ref: Ref) -> str:
+    return ref.name
+
+
+def _source(arg: Arg, name: Callable[[Ref], str]) -> str:
     if isinstance(arg, Ref):
-        return arg.name
+        return name(arg)
     if isinstance(arg, list):
-        return f"[{', '.join(map(_source, arg))}]"
+        return f"[{', '.join(_source(a, name) for a in arg)}]"
     if isinstance(arg, tuple):
-        return f"({''.join(_source(a) + ', ' for a in arg)})"
-    return "{" + ", ".join(f"{k!r}: {_source(v)}" for k, v in arg.items()) + "}"
+        return f"({''.join(_source(a, name) + ', ' for a in arg)})"
+    return "{" + ", ".join(f"{k!r}: {_source(v, name)}" for k, v in arg.items()) + "}"
 
 
 @dataclass(frozen=True)
@@ -89,16 +93,17 @@ class Op:
     def bound(self) -> list[Ref]:
         return [r for r in self.binds or () if r is not None]
 
-    def source(self) -> str:
-        params = [_source(a) for a in self.args] + [f"{k}={_source(v)}" for k, v in self.kwargs.items()]
+    def source(self, name: Callable[[Ref], str] = ref_name) -> str:
+        """The call as a line of Python, each ref written as `name(ref)` (its own name by default)."""
+        params = [_source(a, name) for a in self.args] + [f"{k}={_source(v, name)}" for k, v in self.kwargs.items()]
         if self.task is not None:
-            params.append(f"**{self.task.name}")
-        call = f"{self.fn.name}({', '.join(params)})"
+            params.append(f"**{name(self.task)}")
+        call = f"{name(self.fn)}({', '.join(params)})"
         if self.binds is None:
             return call
         if not self.unpack:
-            return f"{self.binds[0].name} = {call}"
-        targets = "".join(f"{r.name if r else '_'}, " for r in self.binds)
+            return f"{name(self.binds[0])} = {call}"
+        targets = "".join(f"{name(r) if r else '_'}, " for r in self.binds)
         return f"{targets}= {call}"
 
 

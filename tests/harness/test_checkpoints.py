@@ -157,7 +157,8 @@ def test_a_directory_without_weights_is_refused_naming_them(tmp_path):
 
 def test_an_unknown_name_is_refused_listing_the_builtins(tmp_path):
     with pytest.raises(CheckpointError, match="'gpt2' is neither a checkpoint directory nor a builtin model "
-                                              r"\(llama, llama_kv1, llama_hd32, qwen2, qwen2_moe, mixtral\)"):
+                                              r"\(llama, llama_kv1, llama_hd32, qwen2, qwen2_moe, qwen3, qwen3_moe, mixtral, "
+                                              r"smollm2\)"):
         ensure_checkpoint("gpt2", tmp_path)
 
 
@@ -195,3 +196,17 @@ def test_qwen2_ties_its_lm_head_and_has_qkv_biases(tmp_path):
     names = tensor_names(ensure_checkpoint("qwen2", tmp_path))
     assert "lm_head.weight" not in names
     assert {f"model.layers.0.self_attn.{p}_proj.bias" for p in "qkv"} <= names
+
+
+def test_qwen3_normalises_each_head_of_q_and_k_and_has_no_biases(tmp_path):
+    names = tensor_names(ensure_checkpoint("qwen3", tmp_path))
+    attention = {n.removeprefix("model.layers.0.self_attn.") for n in names if ".layers.0.self_attn." in n}
+    assert attention == {f"{p}_proj.weight" for p in "qkvo"} | {"q_norm.weight", "k_norm.weight"}
+
+
+def test_qwen3_moe_stores_one_tensor_per_expert_and_no_shared_expert(tmp_path):
+    names = tensor_names(ensure_checkpoint("qwen3_moe", tmp_path))
+    mlp = {n.removeprefix("model.layers.0.mlp.") for n in names if n.startswith("model.layers.0.mlp.")}
+    assert mlp == {f"experts.{e}.{proj}.weight" for e in range(4) for proj in ("gate_proj", "up_proj", "down_proj")} | {
+        "gate.weight"}
+    assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"} <= names

@@ -29,7 +29,7 @@ def assert_matches_oracle(checkpoint, generations, requests):
     assert [v.status for v in verdicts] == ["match"] * len(requests), [v.reason for v in verdicts]
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "llama_kv1"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "llama_kv1", "qwen3"])
 def test_eager_engine_matches_oracle_with_requests_joining_and_leaving(model):
     checkpoint = ensure_checkpoint(model)
     requests = mixed_requests()

@@ -1,15 +1,17 @@
-"""MoE models: routing as transformers does it (ties included), both checkpoint layouts, TP shards, layer kinds."""
+"""MoE models (Qwen2-MoE, Qwen3-MoE, Mixtral): routing as transformers does it (ties included), both checkpoint
+layouts, TP shards, layer kinds."""
 import re
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
-from harness.inputs.checkpoints import ensure_checkpoint
+from harness.inputs.checkpoints import ensure_checkpoint, tiny_config
 from harness.inputs.oracle import oracle_generate
 from harness.inputs.workloads import make_requests
 from harness.verdicts.compare import compare_generations
@@ -28,6 +30,10 @@ ROUTERS = {  # name -> (transformers router, its config for 4 experts and top_k,
                                                                 norm_topk_prob=False), False),
     "qwen2_moe-norm_topk_prob": (Qwen2MoeTopKRouter, lambda k: Qwen2MoeConfig(
         hidden_size=4, num_experts=4, num_experts_per_tok=k, norm_topk_prob=True), True),
+    "qwen3_moe": (Qwen3MoeTopKRouter, lambda k: Qwen3MoeConfig(hidden_size=4, num_experts=4, num_experts_per_tok=k,
+                                                                norm_topk_prob=True), True),
+    "qwen3_moe-no-norm_topk_prob": (Qwen3MoeTopKRouter, lambda k: Qwen3MoeConfig(
+        hidden_size=4, num_experts=4, num_experts_per_tok=k, norm_topk_prob=False), False),
     "mixtral": (MixtralTopKRouter, lambda k: MixtralConfig(hidden_size=4, num_local_experts=4,
                                                            num_experts_per_tok=k), True),
 }
@@ -66,7 +72,8 @@ def test_the_softmax_tie_is_not_a_tie_of_the_logits():
 # --- loading -------------------------------------------------------------------------------------
 
 # An expert intermediate size unlike the hidden size (64), so that a transposed expert tensor cannot load.
-NARROW_EXPERTS = {"qwen2_moe": {"moe_intermediate_size": 32}, "mixtral": {"intermediate_size": 32}}
+NARROW_EXPERTS = {"qwen2_moe": {"moe_intermediate_size": 32}, "qwen3_moe": {"moe_intermediate_size": 32},
+                  "mixtral": {"intermediate_size": 32}}
 
 
 @pytest.fixture(scope="module", params=NARROW_EXPERTS)
@@ -116,15 +123,21 @@ def test_a_missing_expert_tensor_is_named(tmp_path):
         load(path)
 
 
-# --- Qwen2-MoE layer kinds, Mixtral's sliding window ---------------------------------------------
+# --- Qwen MoE layer kinds, Mixtral's sliding window ----------------------------------------------
 
-@pytest.mark.parametrize(("overrides", "layer_kinds"), [
-    ({"mlp_only_layers": [0]}, ["LlamaMLP", "SparseMoeBlock"]),
-    ({"decoder_sparse_step": 2}, ["LlamaMLP", "SparseMoeBlock"]),
-    ({"norm_topk_prob": True}, ["SparseMoeBlock", "SparseMoeBlock"]),
-], ids=["mlp_only_layers", "decoder_sparse_step", "norm_topk_prob"])
-def test_qwen2_moe_variants_match_the_oracle(overrides, layer_kinds):
-    checkpoint = ensure_checkpoint("qwen2_moe", **overrides)
+VARIANTS = {  # name -> (overrides of a model's tiny config, the kind of each layer's MLP)
+    "mlp_only_layers": (lambda config: {"mlp_only_layers": [0]}, ["LlamaMLP", "SparseMoeBlock"]),
+    "decoder_sparse_step": (lambda config: {"decoder_sparse_step": 2}, ["LlamaMLP", "SparseMoeBlock"]),
+    "norm_topk_prob-flipped": (lambda config: {"norm_topk_prob": not config.norm_topk_prob},
+                               ["SparseMoeBlock", "SparseMoeBlock"]),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("model", ["qwen2_moe", "qwen3_moe"])
+def test_qwen_moe_variants_match_the_oracle(model, variant):
+    overrides, layer_kinds = VARIANTS[variant]
+    checkpoint = ensure_checkpoint(model, **overrides(tiny_config(model)))
     engine = Engine(checkpoint, EngineArgs(max_context=128))
     assert [type(layer.mlp).__name__ for layer in engine.model_runner.model.model.layers] == layer_kinds
     requests = make_requests("mixed", 512, 16)[:4]

@@ -1,13 +1,23 @@
 """Piecewise compilation of a SimNPUGraph: cuts at updatable ops without a static form, lifts the
-host list of those with one, and keeps `update()` driving both after compilation."""
+host list of those with one, and keeps `update()` driving both after compilation; cuts between
+decoder layers where identical layers repeat, and compiles each distinct piece once."""
+import copy
+import functools
+
 import pytest
 import torch
 
+from harness.inputs.checkpoints import ensure_checkpoint
+from harness.inputs.workloads import make_requests
+from harness.verdicts.compare import compare_generations
+from harness.verdicts.tolerances import Tolerance
+from reference_runner.engine.args import EngineArgs
+from reference_runner.engine.engine import Engine
 from reference_runner.graphs.updatable import register_updatable_op
 from reference_runner.sim import piecewise
 from reference_runner.sim.graph import SimNPUGraph, graph
-from reference_runner.sim.piecewise import Piece, piecewise_graph, split_graph
-from reference_runner.sim.recording import Kind
+from reference_runner.sim.piecewise import Piece, PiecewiseCompiler, const_key, piecewise_graph, split_graph
+from reference_runner.sim.recording import Kind, Program
 
 
 @torch.library.custom_op("pwtest::scaled", mutates_args=())
@@ -81,3 +91,63 @@ def test_compiled_replay_follows_update_and_writes_the_cache_in_place(lengths):
     expected_rows = torch.arange(8.0).view(2, 4) * 2 + max(lengths)
     torch.testing.assert_close(step.slots[[5, 2]], expected_rows)
     assert step.slots[[0, 1, 3, 4, 6, 7]].count_nonzero() == 0  # rows 5 and 2 only
+
+
+# --- decoder layers: cut where identical work repeats, compiled once --------------------------------
+
+def decode_program(model: str, **overrides) -> Program:
+    """The program a plain capture of `model` records for one decode step of 2 requests."""
+    engine = Engine(ensure_checkpoint(model, **overrides), EngineArgs(mode="graph", graph_bs=(2,), max_bs=2))
+    return engine.model_runner.graph_runner.graphs[2].program
+
+
+def piece_keys(program: Program, boundaries: set[int] | None = None) -> list:
+    """The key of each piece of `program` cut at `boundaries` (None: at every layer boundary)."""
+    compiler = PiecewiseCompiler(program)
+    return [compiler.code(p).key for p in split_graph(compiler.program, boundaries) if isinstance(p, Piece)]
+
+
+def test_every_decoder_layer_after_the_first_is_the_same_piece():
+    keys = piece_keys(decode_program("llama", num_hidden_layers=5))
+    # embedding, layer 0 (no residual yet), layers 1-4, final norm and LM head
+    assert len(keys) == 7
+    assert len(set(keys[2:6])) == 1
+    assert len(set(keys)) == 4
+
+
+def test_a_layer_boundary_is_kept_only_next_to_a_piece_that_shares_its_key():
+    deep = PiecewiseCompiler(decode_program("llama", num_hidden_layers=5))
+    keys = piece_keys(deep.program, deep.boundaries())
+    assert len(keys) == 6 and len(set(keys)) == 3  # embedding with layer 0, layers 1-4, LM head
+    shallow = PiecewiseCompiler(decode_program("llama"))
+    assert shallow.boundaries() == set()  # two layers, both unlike any other: one piece, as fast as before
+
+
+def test_layers_that_differ_do_not_share_a_piece():
+    keys = piece_keys(decode_program("qwen2_moe", num_hidden_layers=4, mlp_only_layers=[1, 3]))
+    dense, sparse = keys[2], keys[3]  # layers 1 (dense) and 2 (sparse)
+    assert keys[4] == dense and sparse != dense and sparse not in keys[:2]
+
+
+@pytest.mark.parametrize(("a", "b"), [(1, 1.0), (1, True), (0.0, -0.0), ([1, 2], (1, 2)), (slice(0, 2), slice(0, 3)),
+                                      (functools.partial(max, 1), functools.partial(max, 2))])
+def test_constants_that_trace_differently_have_different_keys(a, b):
+    assert const_key(a) != const_key(b)
+    assert const_key(a) == const_key(copy.deepcopy(a))
+
+
+def test_a_constant_that_cannot_be_compared_makes_its_piece_unique():
+    value = object()
+    assert const_key(value) != const_key(value)
+
+
+def test_identical_layers_compile_once_and_replay_as_eager():
+    checkpoint = ensure_checkpoint("llama", num_hidden_layers=5)
+    before = piecewise.compilations
+    engine = Engine(checkpoint, EngineArgs(mode="compile", graph_bs=(1, 2), max_bs=2))
+    assert piecewise.compilations - before == 2 * 3  # per captured size: embedding + layer 0, a layer, LM head
+    requests = make_requests("batch3", engine.model_runner.vocab_size, 16)
+    verdicts = compare_generations(Engine(checkpoint).generate(requests), engine.generate(requests),
+                                   Tolerance.for_pair(torch.float32, "cpu", across_kernels=True))
+    assert {v.status for v in verdicts} <= {"match", "tie"}
+    assert engine.stats.graph_steps > 0
