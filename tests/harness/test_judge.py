@@ -4,7 +4,7 @@ compared too little fails. The records come from a scripted target, written by h
 import pytest
 
 from harness.inputs.scenarios import Scenario
-from harness.judge import Judge, scenario_failures
+from harness.judge import Judge
 from harness.targets.base import Target, TargetRun, default_min_coverage
 from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
