@@ -18,12 +18,19 @@ from harness.verdicts.compare import Verdict, compare_generations, summarize
 from harness.verdicts.routing import RoutingTie, first_routing_tie
 from harness.verdicts.tolerances import Tolerance
 from reference_runner.device import DeviceUnavailable
-from reference_runner.errors import CheckpointError, LayoutError, TaskGroupMismatch, UnsupportedModel
+from reference_runner.errors import (
+    CheckpointError,
+    GraphTreesUnsupported,
+    LayoutError,
+    TaskGroupMismatch,
+    UnsupportedModel,
+)
 from reference_runner.models.loader import read_config
 from reference_runner.records import Generation, Request
 
 # Problems of the setup, not of the engine under test: the check stops with exit status 2.
-SETUP_ERRORS = (CheckpointError, UnsupportedModel, DeviceUnavailable, TargetUnavailable, LayoutError, TaskGroupMismatch)
+SETUP_ERRORS = (CheckpointError, UnsupportedModel, DeviceUnavailable, TargetUnavailable, LayoutError, TaskGroupMismatch,
+                GraphTreesUnsupported)
 
 
 @dataclass
@@ -55,6 +62,8 @@ class ScenarioResult:
             "graph_steps": self.run.graph_steps,
             "counts_graph_steps": self.run.counts_graph_steps,
             "eager_steps": self.run.eager_steps,
+            "prefill_graph_steps": self.run.prefill_graph_steps,
+            "prefill_eager_steps": self.run.prefill_eager_steps,
             "fallback_reasons": self.run.fallback_reasons,
             "graph_memory": self.run.graph_memory,
             "first_divergence": None if first is None else first.__dict__ | {"passed": first.passed},
@@ -64,12 +73,17 @@ class ScenarioResult:
 
 def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRun) -> list[str]:
     """Failed verdicts, a scenario that judged no request (a pass must have compared something), and a graph
-    scenario in which no step replayed a graph (silent fallback), where the target counts graph steps at all."""
+    scenario in which no step replayed a graph (silent fallback), where the target counts graph steps at all; with
+    prefill graphs on, likewise for prefill."""
     failures = [f"{v.rid}: {v.reason}" for v in verdicts if not v.passed]
     if not verdicts:
         failures.append("no request was judged: a scenario that compared nothing cannot pass")
     if scenario.mode != "eager" and run.counts_graph_steps and run.graph_steps == 0:
         failures.append(f"no decode step replayed a graph in mode {scenario.mode!r} (silent eager fallback)")
+    if (scenario.mode != "eager" and scenario.engine.prefill_graphs and run.counts_graph_steps
+            and run.prefill_graph_steps == 0):
+        failures.append(f"no prefill replayed a graph in mode {scenario.mode!r} with prefill graphs on (silent eager "
+                        "fallback)")
     return failures
 
 

@@ -9,15 +9,18 @@ from harness.judge import ScenarioResult
 
 
 def table(results: list[ScenarioResult]) -> str:
-    """One line per scenario: verdict counts, graph/eager steps, and the first failure if any."""
-    header = f"{'scenario':<44} {'result':<6} {'match':>5} {'tie':>4} {'mism':>4} {'graph':>6} {'eager':>6} {'secs':>6}"
+    """One line per scenario: verdict counts, decode graph/eager steps, prefill graph/eager steps (where prefill graphs
+    are on), and the first failure if any."""
+    header = (f"{'scenario':<44} {'result':<6} {'match':>5} {'tie':>4} {'mism':>4} {'graph':>6} {'eager':>6} "
+              f"{'prefill':>7} {'secs':>6}")
     lines = [header, "-" * len(header)]
     for r in results:
         counts = r.as_dict()["verdicts"]
         graph, eager = (r.run.graph_steps, r.run.eager_steps) if r.run.counts_graph_steps else ("?", "?")
+        prefill = f"{r.run.prefill_graph_steps}/{r.run.prefill_eager_steps}" if r.scenario.engine.prefill_graphs else "-"
         lines.append(
             f"{r.scenario.name:<44} {'PASS' if r.passed else 'FAIL':<6} {counts.get('match', 0):>5} "
-            f"{counts.get('tie', 0):>4} {counts.get('mismatch', 0):>4} {graph:>6} {eager:>6} {r.seconds:>6.1f}"
+            f"{counts.get('tie', 0):>4} {counts.get('mismatch', 0):>4} {graph:>6} {eager:>6} {prefill:>7} {r.seconds:>6.1f}"
         )
         for failure in r.failures[:3]:
             lines.append(f"    ! {failure}")

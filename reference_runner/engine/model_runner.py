@@ -1,7 +1,8 @@
 """ModelRunner: owns the model, its paged KV cache and attention backend; runs one forward.
 
-Decode steps go to `graph_runner` when one is plugged in and can take the batch; everything else,
-and the graph runner's own capture, goes through `forward_eager`.
+Decode steps go to `graph_runner` when one is plugged in and can take the batch; prefill steps go to
+`prefill_graphs` when prefill graphs are on (as token rows, replayed or eager); everything else, and the
+graph runners' own capture, goes through `forward_eager`.
 """
 from __future__ import annotations
 
@@ -36,12 +37,16 @@ class ModelRunner:
                                 max_context=max_context, dtype=dtype, device=device)
         self.attn_backend = get_attn_backend(device, self.kv_cache, config.num_attention_heads // tp)
         self.graph_runner = None  # set by the engine in graph modes
+        self.prefill_graphs = None  # set by the engine with prefill graphs on (graphs/prefill.py)
 
     def forward(self, forward_batch: ForwardBatch) -> tuple[torch.Tensor, bool]:
-        """Float32 logits [bs, vocab] and whether the step ran in a device graph."""
+        """Float32 logits [bs, vocab] and whether the step replayed a device graph."""
+        if forward_batch.forward_mode is ForwardMode.EXTEND and self.prefill_graphs is not None:
+            return self.prefill_graphs.forward(forward_batch)
         if (self.graph_runner is not None and forward_batch.forward_mode is ForwardMode.DECODE
                 and self.graph_runner.can_run(forward_batch)):
-            return self.graph_runner.replay(forward_batch), True
+            logits = self.graph_runner.replay(forward_batch)
+            return logits, self.graph_runner.replay_fallback is None
         return self.forward_eager(forward_batch), False
 
     def forward_eager(self, forward_batch: ForwardBatch) -> torch.Tensor:
