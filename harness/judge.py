@@ -111,7 +111,8 @@ class Judge:
             return ScenarioResult(scenario, [], TargetRun([]), time.perf_counter() - start, [failure])
         engine = scenario.engine
         # Other kernels, or the other reduction order of several ranks: float noise, bounded per dtype.
-        across_kernels = scenario.baseline == "oracle" or engine.mode == "compile" or engine.world_size > 1
+        # Modes compile and tree run inductor's kernels.
+        across_kernels = scenario.baseline == "oracle" or engine.mode in ("compile", "tree") or engine.world_size > 1
         tolerance = Tolerance.for_dtype(getattr(torch, engine.dtype), across_kernels)
         ties = self.routing_ties(scenario, checkpoint, requests, baseline, tolerance) if across_kernels else None
         verdicts = compare_generations(baseline, run.generations, tolerance, ties)

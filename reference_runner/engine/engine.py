@@ -204,10 +204,8 @@ class Engine:
 
     def _sample(self, batch: ForwardBatch, reqs: list[Running]) -> _StepOutput:
         logits, in_graph = self.model_runner.forward(batch)
-        if batch.forward_mode is ForwardMode.DECODE:
+        if batch.forward_mode is ForwardMode.DECODE or self.model_runner.prefill_graphs is not None:
             self._count(batch, in_graph)
-        elif self.model_runner.prefill_graphs is not None:
-            self._count_prefill(batch, in_graph)
         next_ids = logits.argmax(-1)
         for row, r in enumerate(reqs):
             r.num_tokens += 1
@@ -215,22 +213,13 @@ class Engine:
         return _StepOutput(logits, next_ids, reqs, in_graph)
 
     def _count(self, batch: ForwardBatch, in_graph: bool) -> None:
-        graph_runner = self.model_runner.graph_runner
-        if in_graph:
-            self.stats.graph_steps += 1
-            return
-        self.stats.eager_steps += 1
-        if graph_runner is not None:
-            self.stats.fallback_reasons[graph_runner.fallback_reason(batch) or graph_runner.replay_fallback] += 1
-
-    def _count_prefill(self, batch: ForwardBatch, in_graph: bool) -> None:
-        prefill = self.model_runner.prefill_graphs
-        if in_graph:
-            self.stats.prefill_graph_steps += 1
-            return
-        self.stats.prefill_eager_steps += 1
-        if prefill.runner is not None:
-            self.stats.fallback_reasons[prefill.fallback_reason(batch) or prefill.runner.replay_fallback] += 1
+        """Count a decode step, or a prefill where prefill graphs are on, and why it ran eagerly in a graph mode."""
+        decode = batch.forward_mode is ForwardMode.DECODE
+        graphs = self.model_runner.graph_runner if decode else self.model_runner.prefill_graphs
+        counter = f"{'' if decode else 'prefill_'}{'graph' if in_graph else 'eager'}_steps"
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        if not in_graph and graphs is not None and (decode or graphs.runner is not None):
+            self.stats.fallback_reasons[graphs.fallback_reason(batch) or graphs.replay_fallback] += 1
 
     def graph_memory(self) -> dict[str, int] | None:
         """Bytes held by the captured graphs, None in eager mode: the largest size alone vs all sizes, or with

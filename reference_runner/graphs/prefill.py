@@ -77,6 +77,11 @@ class PrefillGraphs:
             return f"prefill of {tokens} tokens above the largest prefill graph ({self.max_tokens} tokens)"
         return None
 
+    @property
+    def replay_fallback(self) -> str | None:
+        """Why the last replayed prefill ran no captured graph (graph trees), None when it replayed one."""
+        return self.runner.replay_fallback
+
     def forward_eager(self, forward_batch: ForwardBatch) -> torch.Tensor:
         """The prefill's token rows run eagerly: float32 logits of each request's last token."""
         rows, last = token_rows(forward_batch)
