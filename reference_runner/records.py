@@ -19,7 +19,7 @@ class Generation:
     """What an engine produced for one request: one entry per generated token in every list.
 
     `top_logprobs[i]` holds the top-k `(token_id, logprob)` pairs of step i, best first.
-    `graph_steps[i]` says whether step i's forward ran in a device graph (prefill never does).
+    `graph_steps[i]` says whether step i's forward replayed a device graph (step 0, the prefill, only with prefill graphs).
     """
 
     rid: str
