@@ -219,7 +219,21 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise UsageError(f"--{option} {path}: cannot write there ({error})") from None
 
 
-OPTION_CHECKS: tuple[Callable[[argparse.Namespace], None], ...] = (check_names, check_lists, check_numbers, check_outputs)
+def check_reference_only(args: argparse.Namespace) -> None:
+    """Prefill graphs and graph trees are modes of the reference runner: another target would run without them and
+    pass having checked none of it."""
+    if args.target == "reference":
+        return
+    if args.prefill_graphs:
+        raise UsageError(f"--prefill-graphs: the {args.target} target cannot be told to capture prefill graphs, nor "
+                         "report their steps; it is an option of the reference target")
+    if "tree" in args.modes:
+        raise UsageError(f"--modes tree: the {args.target} target has no graph-tree mode; it is a mode of the reference "
+                         "target")
+
+
+OPTION_CHECKS: tuple[Callable[[argparse.Namespace], None], ...] = (
+    check_names, check_lists, check_numbers, check_outputs, check_reference_only)
 
 
 # --- model checks: each model's config and requests against the engine's limits -----------------
@@ -297,8 +311,23 @@ def check_memory(plan: CheckPlan, model: ModelPlan) -> None:
                 f"{available / 2**20:,.0f} MiB are available ({source}): lower --max-bs, --num-blocks or --max-context")
 
 
+def check_graph_trees(plan: CheckPlan, model: ModelPlan) -> None:
+    """Mode tree where the device has graph trees that can run the step: none on the CPU; on npu only a torch_npu
+    whose trees update FIA's host list."""
+    if "tree" not in plan.modes:
+        return
+    from reference_runner.errors import GraphTreesUnsupported
+    from reference_runner.graphs import get_graph_backend
+
+    try:
+        get_graph_backend(plan.device, "tree")
+    except GraphTreesUnsupported as error:
+        raise UsageError(f"--modes tree: {error}") from None
+
+
 MODEL_CHECKS: tuple[Callable[[CheckPlan, ModelPlan], None], ...] = (
-    check_context, check_decode_steps, check_top_k, check_layout, check_target, check_memory)
+    check_context, check_decode_steps, check_top_k, check_layout, check_target, check_memory,
+    check_graph_trees)
 
 
 def available_memory(device: str) -> tuple[int, str]:

@@ -25,12 +25,19 @@ from harness.verdicts.compare import Verdict, compare_generations, coverage, len
 from harness.verdicts.routing import RoutingTie, first_routing_tie
 from harness.verdicts.tolerances import Tolerance
 from reference_runner.device import DeviceUnavailable
-from reference_runner.errors import CheckpointError, LayoutError, TaskGroupMismatch, UnsupportedModel
+from reference_runner.errors import (
+    CheckpointError,
+    GraphTreesUnsupported,
+    LayoutError,
+    TaskGroupMismatch,
+    UnsupportedModel,
+)
 from reference_runner.models.loader import read_config
 from reference_runner.records import Generation, Request
 
 # Problems of the setup, not of the engine under test: the check stops with exit status 2.
-SETUP_ERRORS = (CheckpointError, UnsupportedModel, DeviceUnavailable, TargetUnavailable, LayoutError, TaskGroupMismatch)
+SETUP_ERRORS = (CheckpointError, UnsupportedModel, DeviceUnavailable, TargetUnavailable, LayoutError, TaskGroupMismatch,
+                GraphTreesUnsupported)
 
 
 @dataclass
@@ -77,6 +84,8 @@ class ScenarioResult:
             "graph_steps": self.run.graph_steps,
             "counts_graph_steps": self.run.counts_graph_steps,
             "eager_steps": self.run.eager_steps,
+            "prefill_graph_steps": self.run.prefill_graph_steps,
+            "prefill_eager_steps": self.run.prefill_eager_steps,
             "fallback_reasons": self.run.fallback_reasons,
             "graph_memory": self.run.graph_memory,
             "first_divergence": None if first is None else first.__dict__ | {"passed": first.passed},
@@ -86,7 +95,8 @@ class ScenarioResult:
 
 def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRun, min_coverage: float) -> list[str]:
     """Failed verdicts; else too little compared (below `min_coverage` of the generated tokens); and a
-    graph scenario in which no step replayed a graph (silent fallback), where the target counts graph steps."""
+    graph scenario in which no step replayed a graph (silent fallback), where the target counts graph steps;
+    with prefill graphs on, likewise for prefill."""
     failures = [f"{v.rid}: {v.reason}" for v in verdicts if not v.passed]
     compared, generated = coverage(verdicts)
     if not verdicts:
@@ -97,6 +107,10 @@ def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRu
                         "(--min-coverage)")
     if scenario.mode != "eager" and run.counts_graph_steps and run.graph_steps == 0:
         failures.append(f"no decode step replayed a graph in mode {scenario.mode!r} (silent eager fallback)")
+    if (scenario.mode != "eager" and scenario.engine.prefill_graphs and run.counts_graph_steps
+            and run.prefill_graph_steps == 0):
+        failures.append(f"no prefill replayed a graph in mode {scenario.mode!r} with prefill graphs on (silent eager "
+                        "fallback)")
     return failures
 
 
@@ -133,7 +147,8 @@ class Judge:
             self.progress(f"{scenario.name}: scoring its tokens with transformers")
             baseline = oracle_score(checkpoint, requests, run.generations, top_k=engine.top_k, dtype=dtype)
         # Other kernels, or the other reduction order of several ranks: float noise, bounded per dtype.
-        across_kernels = scenario.baseline == "oracle" or engine.mode == "compile" or engine.world_size > 1
+        # Modes compile and tree run inductor's kernels.
+        across_kernels = scenario.baseline == "oracle" or engine.mode in ("compile", "tree") or engine.world_size > 1
         tolerance = Tolerance.for_pair(dtype, self.target.device, across_kernels)
         ties = self.routing_ties(scenario, checkpoint, requests, baseline, run.generations, tolerance)
         verdicts = compare_generations(baseline, run.generations, tolerance, routing_ties=ties)

@@ -10,20 +10,21 @@ from harness.judge import ScenarioResult
 
 def table(results: list[ScenarioResult]) -> str:
     """One line per scenario: the engine that ran, verdict counts, tokens compared of those generated
-    (coverage), graph/eager steps, and the first failures if any."""
+    (coverage), decode graph/eager steps, prefill graph/eager steps (where prefill graphs are on), and the
+    first failures if any."""
     header = (f"{'scenario':<44} {'engine':<16} {'result':<6} {'match':>5} {'tie':>4} {'mism':>4} {'compared':>13} "
-              f"{'graph':>6} {'eager':>6} {'secs':>6}")
+              f"{'graph':>6} {'eager':>6} {'prefill':>7} {'secs':>6}")
     lines = [header, "-" * len(header)]
     for r in results:
         d = r.as_dict()
         counts = d["verdicts"]
         graph, eager = (r.run.graph_steps, r.run.eager_steps) if r.run.counts_graph_steps else ("?", "?")
         compared = f"{d['tokens_compared']}/{d['tokens_generated']} {r.coverage:>4.0%}"
+        prefill = f"{r.run.prefill_graph_steps}/{r.run.prefill_eager_steps}" if r.scenario.engine.prefill_graphs else "-"
         lines.append(
             f"{r.scenario.name:<44} {r.run.engine_version or '?':<16} {'PASS' if r.passed else 'FAIL':<6} "
-            f"{counts.get('match', 0):>5} "
-            f"{counts.get('tie', 0):>4} {counts.get('mismatch', 0):>4} {compared:>13} {graph:>6} {eager:>6} "
-            f"{r.seconds:>6.1f}"
+            f"{counts.get('match', 0):>5} {counts.get('tie', 0):>4} {counts.get('mismatch', 0):>4} {compared:>13} "
+            f"{graph:>6} {eager:>6} {prefill:>7} {r.seconds:>6.1f}"
         )
         for failure in r.failures[:3]:
             lines.append(f"    ! {failure}")

@@ -26,3 +26,8 @@ class TaskGroupMismatch(RuntimeError):
 class ReplayHang(RuntimeError):
     """A graph replay that waits forever on the device: a task group waits for an ExternalEvent that only
     `update()` records, and each replay consumes one (docs/npu.md)."""
+
+
+class GraphTreesUnsupported(RuntimeError):
+    """Mode `tree` where torch's graph trees cannot run the step: no trees on the device (the CPU), or trees that
+    refuse the updatable attention ops (torch_npu without ACLGraph update plans)."""

@@ -30,8 +30,8 @@ class Generation:
 
     `output_ids[i]` is the token of step i: the engine's own choice, or from step `forced_from` on the
     token it was made to feed. `top_logprobs[i]` holds the engine's own top-k `(token_id, logprob)` pairs
-    of step i, best first. `graph_steps[i]` says whether step i's forward ran in a device graph (prefill
-    never does). MoE models also record, per step, the positions its forward fed (the whole prompt at
+    of step i, best first. `graph_steps[i]` says whether step i's forward replayed a device graph (step 0,
+    the prefill, only with prefill graphs). MoE models also record, per step, the positions its forward fed (the whole prompt at
     step 0, then one token), and for each position and MoE layer the router's own top-k expert ids
     (`routed_experts[i][position][layer]`) and the router logit gap between its k-th and (k+1)-th expert
     (`router_gaps[i][position][layer]`); both stay empty for dense models and engines that do not report them.

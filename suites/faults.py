@@ -197,6 +197,46 @@ def pre_update_next_bucket_on_a_thread(self, bs, seq_lens_cpu):
     graph.update(cpu_update_input=[_OtherThreadInside(update, pre_update)] * self.backend.task_groups(graph))
 
 
+# --- families of graphs in one pool: decode and prefill ---------------------------------------------
+
+DECODE, PREFILL = "graph bs", "prefill graph tokens"  # the graph names of each family's runner
+
+
+def copy_out_before_own_next_replay(self, forward_batch):
+    """The bug: the decode runner hands out a view of its pool output and copies it out only before its own next
+    replay, which holds while decode graphs are alone in the pool: a prefill graph replayed in between (the next
+    step's prefill, before the engine reads this step's logits) writes into the decode graph's live output."""
+    if self.name != DECODE:
+        return replay(self, forward_batch)
+    held = getattr(self, "_held", None)
+    if held is not None:
+        held.data = held.clone()  # copied out just before this runner's replay would overwrite it
+    replay(self, forward_batch)  # the correct replay, whose copy of the outputs is thrown away
+    raw_bs = forward_batch.batch_size
+    bs = self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]
+    self._held = self.output_buffers[bs][:raw_bs]
+    return self._held
+
+
+def prefill_output_view(self, forward_batch):
+    """The bug: the prefill runner returns a view of its pool output; the engine reads the prefill's logprobs
+    after the same step's decode replay has written over it."""
+    if self.name != PREFILL:
+        return replay(self, forward_batch)
+    replay(self, forward_batch)
+    raw_bs = forward_batch.batch_size
+    return self.output_buffers[self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]][:raw_bs]
+
+
+# Each needs prefill graphs in the decode graphs' pool; alone in the pool, the decode runner's lazy copy is correct.
+FAMILY_FAULTS = {
+    "prefill_graph_writes_into_live_decode_output": Fault(GraphRunner, "replay", copy_out_before_own_next_replay),
+    "output_read_after_another_familys_replay": Fault(GraphRunner, "replay", prefill_output_view),
+}
+# The bug: graphs keep replaying on the KV cache they were captured on after it was reallocated.
+STALE_KV_CACHE = Fault(GraphRunner, "recapture_if_kv_cache_moved", lambda self: None)
+
+
 FAULTS = {
     "host_list_update_skipped": Fault(NPUGraphRunner, "update_graph", skip_host_list_update, lengths="host",
                                       symptom=HANG),

@@ -24,9 +24,18 @@ from reference_runner.attention import default_dtype
 from reference_runner.engine.args import EngineArgs
 from reference_runner.graphs import cpu as emulation
 from reference_runner.graphs.releases import RELEASES, TORCH_NPU_FLOOR
-from suites.faults import CROSS_ROW_MOE, FAULTS, LATE_FAULTS, LATE_FROM_POSITION, NOT_INTERCEPTED, PADDED_ROWS_UNMASKED
+from suites.faults import (
+    CROSS_ROW_MOE,
+    FAMILY_FAULTS,
+    FAULTS,
+    LATE_FAULTS,
+    LATE_FROM_POSITION,
+    NOT_INTERCEPTED,
+    PADDED_ROWS_UNMASKED,
+)
 
 SCENARIO = Scenario(model="llama", baseline="eager", engine=EngineArgs(mode="graph"), workload="mixed", max_new_tokens=32)
+WITH_PREFILL_GRAPHS = dataclasses.replace(SCENARIO, engine=EngineArgs(mode="graph", prefill_graphs=True))
 
 # bfloat16 is where float noise between kernels is widest; float32 exists only where attention has it.
 DTYPES = ["float32", "bfloat16"]
@@ -79,6 +88,29 @@ def test_fia_not_captured_as_task_groups_exits_2_naming_the_release(monkeypatch,
         f"npugraph-harness: error: graph bs=8: 0 updatable task groups captured for the step's 2 attention calls: "
         f"{release} (emulated by SimNPUGraph) did not capture FIA (npu_fused_infer_attention_score) as one updatable "
         "task group per call, so update() would change nothing and the lengths would stay frozen at capture"]
+
+
+@pytest.mark.parametrize("prefill_graphs", [False, True], ids=["decode-graphs", "decode-and-prefill-graphs"])
+def test_correct_runner_passes_with_and_without_prefill_graphs(check, prefill_graphs):
+    result = check(WITH_PREFILL_GRAPHS if prefill_graphs else SCENARIO)
+    assert result.failures == []
+    assert (result.run.graph_steps > 0, result.run.prefill_graph_steps > 0) == (True, prefill_graphs)
+
+
+@pytest.mark.parametrize("fault", FAMILY_FAULTS)
+def test_family_fault_is_caught_where_prefill_graphs_share_the_pool(check, monkeypatch, fault):
+    FAMILY_FAULTS[fault].inject(monkeypatch)
+    result = check(WITH_PREFILL_GRAPHS)
+    assert result.run.prefill_graph_steps > 0
+    FAMILY_FAULTS[fault].assert_caught(result)
+
+
+def test_lazy_copy_out_of_decode_outputs_passes_with_decode_graphs_alone(check, monkeypatch):
+    # The twin of prefill_graph_writes_into_live_decode_output: the same runner, no other family in the pool.
+    FAMILY_FAULTS["prefill_graph_writes_into_live_decode_output"].inject(monkeypatch)
+    result = check(SCENARIO)
+    assert result.failures == []
+    assert result.run.graph_steps > 0
 
 
 @pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])

@@ -15,9 +15,9 @@ from reference_runner.engine.forward_batch import ForwardBatch, decode_batch
 MAX_BS, MAX_CONTEXT = EngineArgs.max_bs, EngineArgs.max_context
 
 
-def engine(device: str, mode: str, graph_bs: tuple[int, ...] | None = None) -> Engine:
-    return Engine(ensure_checkpoint("llama"), EngineArgs(mode=mode, dtype=default_dtype(device), graph_bs=graph_bs),
-                  device=device)
+def engine(device: str, mode: str, graph_bs: tuple[int, ...] | None = None, prefill_graphs: bool = False) -> Engine:
+    return Engine(ensure_checkpoint("llama"), EngineArgs(mode=mode, dtype=default_dtype(device), graph_bs=graph_bs,
+                                                         prefill_graphs=prefill_graphs), device=device)
 
 
 def random_decode_batch(engine: Engine, rids: list[str], seq_lens: list[int]) -> ForwardBatch:
@@ -32,6 +32,14 @@ def test_all_sizes_hold_at_most_a_tenth_more_than_the_largest_alone(device, mode
     alone = engine(device, mode, graph_bs=(MAX_BS,)).model_runner.graph_runner.graph_memory_bytes()
     assert report["largest_bucket_bytes"] == alone
     assert alone <= report["all_buckets_bytes"] <= 1.1 * alone
+
+
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_prefill_and_decode_families_hold_at_most_a_tenth_more_than_the_largest_alone(device, mode):
+    report = engine(device, mode, prefill_graphs=True).graph_memory()
+    decode_alone = engine(device, mode).graph_memory()["all_buckets_bytes"]
+    assert decode_alone <= report["largest_family_bytes"]  # the prefill family, captured first, is the largest
+    assert report["largest_family_bytes"] <= report["all_families_bytes"] <= 1.1 * report["largest_family_bytes"]
 
 
 @pytest.mark.parametrize("mode", ["graph", "compile"])

@@ -27,7 +27,7 @@ from harness.exits import UsageError
 from reference_runner.engine.args import MODES
 
 BENCH_MODES = (*MODES, "hf")  # hf: Hugging Face generate, the peer of the loop benchmark
-COLORS = {"eager": "#7f7f7f", "graph": "#1f77b4", "compile": "#2ca02c", "hf": "#ff7f0e"}
+COLORS = {"eager": "#7f7f7f", "graph": "#1f77b4", "compile": "#2ca02c", "tree": "#9467bd", "hf": "#ff7f0e"}
 KINDS = {"step": "one decode step", "loop": "32-token generate"}
 
 

@@ -30,7 +30,8 @@ class Scenario:
     def name(self) -> str:
         layout = f"-tp{self.engine.tp_size}" if self.engine.tp_size > 1 else ""
         layout += f"-dp{self.engine.dp_size}" if self.engine.dp_size > 1 else ""
-        return f"{self.model}-{self.mode}{layout}-vs-{self.baseline}-{self.workload}"
+        prefill = "+prefill" if self.engine.prefill_graphs else ""
+        return f"{self.model}-{self.mode}{prefill}{layout}-vs-{self.baseline}-{self.workload}"
 
     def baseline_engine(self) -> EngineArgs:
         """The engine the `eager` baseline runs: this one, eager, on one rank."""

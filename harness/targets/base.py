@@ -15,11 +15,14 @@ class TargetUnavailable(RuntimeError):
 
 @dataclass
 class TargetRun:
-    """Records of one run plus how its decode steps ran (graph replays vs eager)."""
+    """Records of one run plus how its decode steps ran (graph replays vs eager), and its prefill steps where
+    prefill graphs are on."""
 
     generations: list[Generation]
     graph_steps: int = 0
     eager_steps: int = 0
+    prefill_graph_steps: int = 0
+    prefill_eager_steps: int = 0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     graph_memory: dict | None = None
     counts_graph_steps: bool = True  # False where the engine does not say which steps replayed a graph (SGLang, vLLM)

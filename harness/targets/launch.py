@@ -80,6 +80,8 @@ class RankResult:
     graph_steps: int = 0
     eager_steps: int = 0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
+    prefill_graph_steps: int = 0
+    prefill_eager_steps: int = 0
 
 
 def available_ranks(device: str) -> int:
@@ -238,7 +240,8 @@ def run_rank(job: RankJob, out: Path) -> None:
     generations = engine.generate(mine)
     stats = engine.stats
     result = RankResult(parallel.rank, parallel.tp_rank, parallel.dp_rank, generations, stats.graph_steps,
-                        stats.eager_steps, dict(stats.fallback_reasons))
+                        stats.eager_steps, dict(stats.fallback_reasons), stats.prefill_graph_steps,
+                        stats.prefill_eager_steps)
     (out / f"rank{parallel.rank}.json").write_text(json.dumps(dataclasses.asdict(result)))
     destroy_parallel()
 

@@ -25,6 +25,8 @@ def run_engine(job: WorkerJob) -> TargetRun:
         generations,
         graph_steps=stats.graph_steps,
         eager_steps=stats.eager_steps,
+        prefill_graph_steps=stats.prefill_graph_steps,
+        prefill_eager_steps=stats.prefill_eager_steps,
         fallback_reasons=dict(stats.fallback_reasons),
         graph_memory=engine.graph_memory(),
         engine_version=ENGINE_VERSION,
@@ -57,6 +59,8 @@ class ReferenceTarget(Target):
             merge(job, results),
             graph_steps=sum(r.graph_steps for r in leaders),
             eager_steps=sum(r.eager_steps for r in leaders),
+            prefill_graph_steps=sum(r.prefill_graph_steps for r in leaders),
+            prefill_eager_steps=sum(r.prefill_eager_steps for r in leaders),
             fallback_reasons=dict(sum((Counter(r.fallback_reasons) for r in leaders), Counter())),
             engine_version=ENGINE_VERSION,
         )

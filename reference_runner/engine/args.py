@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ("eager", "graph", "compile")
+MODES = ("eager", "graph", "compile", "tree")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -54,6 +54,8 @@ class EngineArgs:
     top_k: int = _option(5, "logprobs recorded per step")
     tp_size: int = _option(1, "tensor-parallel ranks", flag="--tp")
     dp_size: int = _option(1, "data-parallel ranks (DP attention for MoE)", flag="--dp")
+    prefill_graphs: bool = _option(False, "capture prefill too, per token bucket, in the decode graphs' pool (prefill runs "
+                                          "as one paged-attention row per token, eager or replayed)", action="store_true")
     replay_timeout_s: float = _option(60.0, "seconds a graph replay may take before it is failed as a hang (a replay "
                                             "whose task groups were not updated waits forever on an NPU)",
                                       flag="--replay-timeout")
@@ -62,6 +64,9 @@ class EngineArgs:
         for name, allowed in (("mode", MODES), ("dtype", DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.prefill_graphs and self.dp_size > 1:
+            raise ValueError(f"prefill_graphs (--prefill-graphs) with dp_size {self.dp_size}: DP ranks would have to agree "
+                             "on one prefill bucket every step; prefill graphs run with dp_size 1")
         if not self.replay_timeout_s > 0:
             raise ValueError(f"replay_timeout_s (--replay-timeout) must be > 0, got {self.replay_timeout_s}")
 
@@ -95,7 +100,8 @@ class EngineArgs:
             meta = dict(f.metadata)
             meta.pop("flag")
             flag = cls.flag(f.name)
-            meta.setdefault("type", type(f.default) if f.default is not None else str)
+            if meta.get("action") is None:
+                meta.setdefault("type", type(f.default) if f.default is not None else str)
             parser.add_argument(flag, dest=f.name, default=None, **meta)
 
     @classmethod

@@ -1,6 +1,7 @@
 """Engine: continuous batching with greedy sampling over a ModelRunner.
 
-Each step prefills the requests the `Scheduler` admits (eagerly; that gives their first token), then
+Each step prefills the requests the `Scheduler` admits (eagerly, or replaying a prefill graph where prefill graphs
+are on: `graphs/prefill.py`; that gives their first token), then
 runs one decode step over every running request that still needs tokens; finished requests free their
 KV blocks. Like SGLang's overlap scheduler, the next tokens
 are taken (argmax, on the device) at once, but a step's logits are read on the host (log_softmax,
@@ -31,7 +32,8 @@ from reference_runner.engine.forward_batch import ExpertRouting, ForwardBatch, F
 from reference_runner.engine.model_runner import ModelRunner
 from reference_runner.engine.scheduler import Running, ScheduledBatch, Scheduler
 from reference_runner.errors import InvalidRequest, LayoutError
-from reference_runner.graphs.runner import GraphStats, make_graph_runner
+from reference_runner.graphs.prefill import PrefillGraphs
+from reference_runner.graphs.runner import GraphRunner, GraphStats, make_graph_runner
 from reference_runner.parallel.state import ParallelState
 from reference_runner.records import Generation, Request
 
@@ -67,10 +69,30 @@ class Engine:
                                         num_blocks=num_blocks, parallel=self.parallel)
         self.kv_cache = self.model_runner.kv_cache
         self.stats = GraphStats()
+        self.graph_families: list[GraphRunner] = []  # in capture order, sharing one pool
+        if args.prefill_graphs:
+            self.model_runner.prefill_graphs = PrefillGraphs(self.model_runner, args.max_context)
         if args.mode != "eager":
-            self.model_runner.graph_runner = make_graph_runner(self.model_runner, args.max_bs, args.graph_bs,
-                                                               compile=args.mode == "compile",
-                                                               replay_timeout_s=args.replay_timeout_s)
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """Capture each family of graphs, the one with the largest graph first (its pool memory is then reused by
+        the other), into one pool."""
+        args, model_runner = self.args, self.model_runner
+        prefill = model_runner.prefill_graphs
+
+        def decode(pool=None) -> GraphRunner:
+            model_runner.graph_runner = make_graph_runner(model_runner, args.max_bs, args.graph_bs, args.mode,
+                                                          args.replay_timeout_s, pool=pool)
+            return model_runner.graph_runner
+
+        def prefill_family(pool=None) -> GraphRunner:
+            return prefill.capture(args.mode, args.replay_timeout_s, pool)
+
+        order = [decode] if prefill is None else [prefill_family, decode] if prefill.max_tokens > args.max_bs else [
+            decode, prefill_family]
+        for capture in order:
+            self.graph_families.append(capture(self.graph_families[0].pool if self.graph_families else None))
 
     def validate(self, request: Request) -> None:
         """Raise `InvalidRequest` naming the request and the problem if it cannot be served."""
@@ -227,7 +249,7 @@ class Engine:
 
     def _sample(self, batch: ForwardBatch, reqs: list[Running], fed: list[int]) -> _StepOutput:
         logits, in_graph = self.model_runner.forward(batch)
-        if batch.forward_mode is ForwardMode.DECODE:
+        if batch.forward_mode is ForwardMode.DECODE or self.model_runner.prefill_graphs is not None:
             self._count(batch, in_graph)
         next_ids = logits.argmax(-1)
         forced = [(row, r.forced_token) for row, r in enumerate(reqs) if r.forced_token is not None]
@@ -240,18 +262,24 @@ class Engine:
         return _StepOutput(logits, next_ids, reqs, in_graph, batch.routing, fed)
 
     def _count(self, batch: ForwardBatch, in_graph: bool) -> None:
-        graph_runner = self.model_runner.graph_runner
-        if in_graph:
-            self.stats.graph_steps += 1
-            return
-        self.stats.eager_steps += 1
-        if graph_runner is not None:
-            self.stats.fallback_reasons[graph_runner.fallback_reason(batch)] += 1
+        """Count a decode step, or a prefill where prefill graphs are on, and why it ran eagerly in a graph mode."""
+        decode = batch.forward_mode is ForwardMode.DECODE
+        graphs = self.model_runner.graph_runner if decode else self.model_runner.prefill_graphs
+        counter = f"{'' if decode else 'prefill_'}{'graph' if in_graph else 'eager'}_steps"
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        if not in_graph and graphs is not None and (decode or graphs.runner is not None):
+            self.stats.fallback_reasons[graphs.fallback_reason(batch) or graphs.replay_fallback] += 1
 
     def graph_memory(self) -> dict[str, int] | None:
-        """Bytes held by the captured graphs (largest size alone vs all sizes), None in eager mode."""
-        graph_runner = self.model_runner.graph_runner
-        return None if graph_runner is None else graph_runner.memory_report()
+        """Bytes held by the captured graphs, None in eager mode: the largest size alone vs all sizes, or with
+        prefill graphs, the largest family alone (captured first, into a fresh pool) vs all families in the pool."""
+        families = self.graph_families
+        if not families:
+            return None
+        if len(families) == 1:
+            return families[0].memory_report()
+        return {"largest_family_bytes": families[0].family_bytes,
+                "all_families_bytes": families[-1].pool_bytes() + sum(f.static_bytes() for f in families)}
 
     def _process(self, out: _StepOutput) -> None:
         top = torch.log_softmax(out.logits, dim=-1).topk(min(self.args.top_k, out.logits.shape[-1]), dim=-1)

@@ -43,12 +43,11 @@ class KVCache:
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  max_context: int, dtype: torch.dtype, device: str | torch.device):
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.key_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.value_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        # Slot-indexed views, made once so that a KV write is a single op.
-        self.key_slots = [c.view(-1, num_kv_heads, head_dim) for c in self.key_caches]
-        self.value_slots = [c.view(-1, num_kv_heads, head_dim) for c in self.value_caches]
+        self.num_layers = num_layers
+        self.shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.dtype = dtype
+        self.device = device
+        self.allocate()
         self.slot_dtype = torch.int64  # dtype of `out_cache_loc`: index_copy_ takes int64 indices
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -57,6 +56,20 @@ class KVCache:
         self.max_blocks_per_seq = math.ceil(max_context / block_size)
         self.allocator = BlockAllocator(num_blocks)
         self.block_tables: dict[str, list[int]] = {}
+
+    def allocate(self) -> None:
+        """(Re)allocate every layer's key and value pool, zeroed, at new addresses. Engines do this when they give
+        the KV memory back and take it again (weight updates, sleep modes): a graph captured on the old pools must
+        be captured again, or its replays read and write freed memory."""
+        self.key_caches = [torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.value_caches = [torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        # Slot-indexed views, made once so that a KV write is a single op.
+        self.key_slots = [c.view(-1, *self.shape[2:]) for c in self.key_caches]
+        self.value_slots = [c.view(-1, *self.shape[2:]) for c in self.value_caches]
+
+    def data_ptrs(self) -> tuple[int, ...]:
+        """The pools' addresses: what a captured graph reads and writes."""
+        return tuple(c.data_ptr() for c in (*self.key_caches, *self.value_caches))
 
     def blocks_needed(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)

@@ -1,7 +1,8 @@
 """ModelRunner: owns the model, its paged KV cache and attention backend; runs one forward.
 
-Decode steps go to `graph_runner` when one is plugged in and can take the batch; everything else,
-and the graph runner's own capture, goes through `forward_eager`.
+Decode steps go to `graph_runner` when one is plugged in and can take the batch; prefill steps go to
+`prefill_graphs` when prefill graphs are on (as token rows, replayed or eager); everything else, and the
+graph runners' own capture, goes through `forward_eager`.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class ModelRunner:
         # (MoE layers, top-k, experts) of the routing each forward records and may replay; None for a dense model.
         self.routing_shape = (len(moe_blocks), moe_blocks[0].top_k, moe_blocks[0].num_experts) if moe_blocks else None
         self.graph_runner = None  # set by the engine in graph modes
+        self.prefill_graphs = None  # set by the engine with prefill graphs on (graphs/prefill.py)
 
     def own_routing(self, num_tokens: int) -> ExpertRouting | None:
         """Routing buffers for a forward of `num_tokens` tokens, nothing replayed; None for a dense model."""
@@ -49,10 +51,13 @@ class ModelRunner:
         return ExpertRouting.own(num_tokens, moe_layers, top_k, self.device)
 
     def forward(self, forward_batch: ForwardBatch) -> tuple[torch.Tensor, bool]:
-        """Float32 logits [bs, vocab] and whether the step ran in a device graph."""
+        """Float32 logits [bs, vocab] and whether the step replayed a device graph."""
+        if forward_batch.forward_mode is ForwardMode.EXTEND and self.prefill_graphs is not None:
+            return self.prefill_graphs.forward(forward_batch)
         if (self.graph_runner is not None and forward_batch.forward_mode is ForwardMode.DECODE
                 and self.graph_runner.can_run(forward_batch)):
-            return self.graph_runner.replay(forward_batch), True
+            logits = self.graph_runner.replay(forward_batch)
+            return logits, self.graph_runner.replay_fallback is None
         return self.forward_eager(forward_batch), False
 
     def forward_eager(self, forward_batch: ForwardBatch) -> torch.Tensor:

@@ -6,8 +6,9 @@
 | npu    | `torch.npu.NPUGraph`        | `NPUGraphRunner` | `graph.update(cpu_update_input)`   |
 | cuda   | `torch.cuda.CUDAGraph`      | `GraphRunner`    | none: attention reads device lens  |
 
-`compile` captures compiled steps: piecewise inductor on cpu (`sim/piecewise.py`), compile-then-capture
-on cuda and npu (`compiled.py`).
+Mode `compile` captures compiled steps: piecewise inductor on cpu (`sim/piecewise.py`), compile-then-capture
+on cuda and npu (`compiled.py`). Mode `tree` hands the step to torch's graph trees (`tree.py`: CUDA graph trees,
+torch_npu's NPU graph trees); the CPU has none.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ _BACKENDS = {
 }
 
 
-def get_graph_backend(device: str, compile: bool = False) -> GraphBackend:
-    """The graph backend of `device`; `compile` captures compiled steps."""
+def get_graph_backend(device: str, mode: str = "graph") -> GraphBackend:
+    """The graph backend of `device` for engine `mode` (graph, compile or tree)."""
     module, name = _BACKENDS[device].split(":")
-    return getattr(importlib.import_module(module), name)(compile)
+    return getattr(importlib.import_module(module), name)(mode)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Protocol
 
 if TYPE_CHECKING:
     from reference_runner.graphs.runner import GraphRunner
+    from reference_runner.graphs.tree import GraphTrees
 
 
 class DeviceGraph(Protocol):
@@ -43,6 +44,8 @@ class GraphBackend:
     release: str = ""  # the torch_npu release whose NPUGraph this is (named in errors)
     # Let a replay that timed out waiting for its task groups' events run to its end (None: it cannot hang).
     unblock: Callable[[DeviceGraph], None] | None = None
+    # Mode "tree": the device's graph trees, which capture and replay instead (GraphTreeRunner).
+    trees: GraphTrees | None = None
 
 
 def allocator_pool_bytes(device: str, pool: Any) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 
+from reference_runner.errors import GraphTreesUnsupported
 from reference_runner.graphs.base import GraphBackend
 from reference_runner.graphs.releases import TORCH_NPU_FLOOR
 from reference_runner.graphs.runner import NPUGraphRunner
@@ -13,9 +14,13 @@ from reference_runner.sim.pool import SimGraphPool
 EMULATED_RELEASE = TORCH_NPU_FLOOR
 
 
-def sim_backend(compile: bool = False) -> GraphBackend:
-    """Capture with auto dispatch, as on an NPU; `compile` then compiles the captured step piece by piece."""
-    if compile:
+def sim_backend(mode: str = "graph") -> GraphBackend:
+    """Capture with auto dispatch, as on an NPU; mode `compile` then compiles the captured step piece by piece.
+    Mode `tree` is refused: the CPU has no graph trees (SimNPUGraph emulates plain NPUGraphs only)."""
+    if mode == "tree":
+        raise GraphTreesUnsupported("the CPU has no graph trees (mode 'tree' runs the step through torch's CUDA graph trees "
+                                    "or torch_npu's NPU graph trees): use --device cuda or npu")
+    if mode == "compile":
         from reference_runner.sim.piecewise import piecewise_graph
 
         capture = piecewise_graph

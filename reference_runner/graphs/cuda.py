@@ -8,19 +8,24 @@ import torch
 from reference_runner.graphs.base import GraphBackend, allocator_pool_bytes
 from reference_runner.graphs.compiled import compile_forward
 from reference_runner.graphs.runner import GraphRunner
+from reference_runner.graphs.tree import GraphTreeRunner, cuda_graph_trees
 
 
-def cuda_backend(compile: bool = False) -> GraphBackend:
+def cuda_backend(mode: str = "graph") -> GraphBackend:
     """Plain capture: `CudaAttnBackend` reads `seq_lens` on the device, so replay needs no update.
-    `compile`: inductor compiles the forward per batch size during warmup, and our pool captures it."""
+    Mode `compile`: inductor compiles the forward per batch size during warmup, and our pool captures it.
+    Mode `tree`: inductor's reduce-overhead mode, whose CUDA graph trees capture and replay (`tree.py`)."""
+    compile = mode == "compile"
+    tree = mode == "tree"
     return GraphBackend(
         device="cuda",
         new_graph=lambda name: torch.cuda.CUDAGraph(),
         capture=lambda g, pool: torch.cuda.graph(g, pool=pool),
         graph_pool_handle=torch.cuda.graph_pool_handle,
         pool_bytes=functools.partial(allocator_pool_bytes, "cuda"),
-        runner_cls=GraphRunner,
+        runner_cls=GraphTreeRunner if tree else GraphRunner,
         compile_forward=functools.partial(compile_forward, backend=inductor) if compile else None,
+        trees=cuda_graph_trees() if tree else None,
     )
 
 

@@ -6,6 +6,7 @@ attention calls. Written from torch_npu's `graphs.py` (docs/npu.md); not run on 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,18 +15,24 @@ from typing import ContextManager
 import torch
 import torch_npu  # registers torch.npu
 
+from reference_runner.errors import GraphTreesUnsupported
 from reference_runner.graphs.base import GraphBackend, allocator_pool_bytes
 from reference_runner.graphs.compiled import compile_forward
 from reference_runner.graphs.releases import release_of
 from reference_runner.graphs.runner import NPUGraphRunner
+from reference_runner.graphs.tree import GraphTreeRunner, GraphTrees, compile_into_trees
 
 
-def npu_backend(compile: bool = False) -> GraphBackend:
+def npu_backend(mode: str = "graph") -> GraphBackend:
     """Capture with auto dispatch so the FIA calls become updatable task groups (docs/npu.md).
 
-    `compile`: torchair compiles the forward per batch size during warmup and NPUGraph captures it,
+    Mode `compile`: torchair compiles the forward per batch size during warmup and NPUGraph captures it,
     as SGLang's npu graph runner does; `update()` then refreshes the host lengths of its FIA calls.
+    Mode `tree`: inductor's reduce-overhead mode on torch_npu's NPU graph trees, where they can update FIA.
     """
+    compile = mode == "compile"
+    if mode == "tree":
+        return dataclasses.replace(npu_backend(), runner_cls=GraphTreeRunner, trees=npu_graph_trees())
     return GraphBackend(
         device="npu",
         new_graph=lambda name: torch.npu.NPUGraph(),
@@ -39,6 +46,43 @@ def npu_backend(compile: bool = False) -> GraphBackend:
         release=installed_release(),
         unblock=record_external_events,
     )
+
+
+# torch_npu versions whose NPU graph trees capture each node with auto dispatch and update its FIA calls from the
+# ACLGraph update plan inductor's codegen emits (`_graph_tree.py` at v26.1.0-pytorch2.11.0; the 2.9.0 tag of 26.1
+# has the plan module but captures without auto dispatch). Earlier trees freeze FIA's host list at capture.
+TREES_UPDATE_FIA = ("2.11.0",)
+
+
+def npu_graph_trees() -> GraphTrees:
+    """torch_npu's NPU graph trees behind inductor's reduce-overhead mode, or GraphTreesUnsupported in one line where
+    the installed torch_npu would freeze FIA's host lengths inside them."""
+    version = torch_npu.__version__.split("+")[0]
+    if version not in TREES_UPDATE_FIA:
+        raise GraphTreesUnsupported(
+            f"{installed_release()} records NPU graph tree nodes without auto dispatch capture, so "
+            f"FIA's host list actual_seq_lengths_kv would stay frozen at capture; NPU graph trees update FIA only from "
+            f"torch_npu {', '.join(TREES_UPDATE_FIA)} (release 26.1, ACLGraph update plans)")
+    from torch._dynamo.utils import counters
+    from torch_npu.npu import _graph_tree
+
+    return GraphTrees(
+        name="NPU graph trees",
+        compile=functools.partial(compile_into_trees, mode="reduce-overhead"),  # torch_npu routes it to npugraphify
+        manager=lambda: _graph_tree.get_manager(torch.npu.current_device(), create_if_none_exists=False),
+        mark_step_begin=torch.compiler.npugraph_mark_step_begin,
+        pool_attribute="npu_graphs_thread_pool",
+        skip_count=lambda: counters["inductor"]["cudagraph_skips"],
+        refusal=update_plan_refusal,
+    )
+
+
+def update_plan_refusal(error: BaseException) -> str | None:
+    """torch_npu's refusal of FIA inside a tree without an update plan (`_aclgraph_update_plan/resolver.py`)."""
+    message = str(error)
+    if "ACLGraph update plan" not in message:
+        return None
+    return f"{installed_release()} refuses FIA inside NPU graph trees: {message.splitlines()[0]}"
 
 
 def installed_release() -> str:

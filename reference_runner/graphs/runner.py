@@ -11,8 +11,9 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,10 +38,13 @@ def get_capture_bs(max_bs: int, graph_bs: tuple[int, ...] | None = None) -> list
 
 @dataclass
 class GraphStats:
-    """How decode steps ran: replayed graphs, eager steps, and why each eager step fell back."""
+    """How decode and prefill steps ran: replayed graphs, eager steps, and why each eager step fell back
+    (prefill steps are counted where prefill graphs are on)."""
 
     graph_steps: int = 0
     eager_steps: int = 0
+    prefill_graph_steps: int = 0
+    prefill_eager_steps: int = 0
     fallback_reasons: Counter = field(default_factory=Counter)
 
 
@@ -50,14 +54,26 @@ class GraphRunner:
     The attention backend supplies the graph policy: the length of a padded row, and what (if anything)
     must be refreshed on the host before a replay. This class replays as CUDA graphs do, with no update:
     attention must read device lengths; `NPUGraphRunner` refreshes host lists.
+
+    A runner captures one family of graphs: decode (a row per request) by default, or another `forward`
+    over decode-shaped rows (prefill: a row per token, `graphs/prefill.py`) named by `name`, into `pool`
+    when families share one. Graphs hold the KV cache's addresses: once it is reallocated, the next
+    replay captures every graph of the runner again (`recaptures`) instead of reading the old pools.
     """
 
     num_warmup = 2
     refreshes_host_lists: ClassVar[bool] = False
 
     def __init__(self, model_runner, backend: GraphBackend, max_bs: int, graph_bs: tuple[int, ...] | None = None,
-                 replay_timeout_s: float = EngineArgs.replay_timeout_s) -> None:
+                 replay_timeout_s: float = EngineArgs.replay_timeout_s, *, forward: Callable | None = None,
+                 name: str = "graph bs", pool: Any = None) -> None:
         self.model_runner = model_runner
+        self.forward = forward or model_runner.forward_eager
+        self.name = name
+        self.pool = pool
+        self.recaptures = 0
+        # Why the last replay() ran no captured graph (graph trees may record or run eagerly); None: it replayed one.
+        self.replay_fallback: str | None = None
         self.replay_timeout_s = replay_timeout_s
         self.attn_backend = model_runner.attn_backend
         if self.attn_backend.host_list is not None and not self.refreshes_host_lists:
@@ -88,12 +104,14 @@ class GraphRunner:
 
     def graph_memory_bytes(self) -> int:
         """Bytes held by every captured graph plus the static buffers they share."""
-        return self._pool_bytes() + self._static_bytes()
+        return self.pool_bytes() + self.static_bytes()
 
-    def _pool_bytes(self) -> int:
+    def pool_bytes(self) -> int:
+        """Bytes the graphs hold in their pool (shared with the other families of graphs in it)."""
         return self.backend.pool_bytes(self.pool)
 
-    def _static_bytes(self) -> int:
+    def static_bytes(self) -> int:
+        """Bytes of this runner's static input buffers."""
         buffers = (self.input_ids, self.positions, self.out_cache_loc, self.seq_lens, self.block_tables)
         routing = () if self.routing is None else (self.routing.replay_ids, self.routing.topk_ids, self.routing.gaps)
         return sum(b.untyped_storage().nbytes() for b in (*buffers, *routing))
@@ -113,21 +131,33 @@ class GraphRunner:
         return self.fallback_reason(forward_batch) is None
 
     def capture(self) -> None:
-        pool = self.pool = self.backend.graph_pool_handle()
-        forward = self.model_runner.forward_eager
+        if self.pool is None:
+            self.pool = self.backend.graph_pool_handle()
+        forward = self.forward
         if self.backend.compile_forward is not None:
             forward = self.backend.compile_forward(forward)
+        self.captured_on = self.model_runner.kv_cache.data_ptrs()
+        self.pad_static_inputs(0, self.max_bs)  # warmups write dummy slot 0, never a live slot of the last replay
         for bs in reversed(self.capture_bs):  # largest first: smaller graphs reuse its pool memory
             forward_batch = self.static_batch(bs, [self.seq_len_fill_value] * bs)
             for _ in range(self.num_warmup):
                 forward(forward_batch)
-            graph = self.backend.new_graph(f"graph bs={bs}")
-            with self.backend.capture(graph, pool):
+            graph = self.backend.new_graph(f"{self.name}={bs}")
+            with self.backend.capture(graph, self.pool):
                 output = forward(forward_batch)
             self.graphs[bs], self.output_buffers[bs] = graph, output
-            pool = graph.pool()
             if bs == self.max_bs:
                 self.largest_bucket_bytes = self.graph_memory_bytes()
+        self.family_bytes = self.graph_memory_bytes()  # with the families captured before into the same pool
+
+    def recapture_if_kv_cache_moved(self) -> None:
+        """Capture every graph again, into the same pool, when the KV cache no longer lives where they were
+        captured: a replay would read and write the old, freed pools (on the CPU: stale ones)."""
+        if self.model_runner.kv_cache.data_ptrs() != self.captured_on:
+            self.graphs.clear()
+            self.output_buffers.clear()
+            self.capture()
+            self.recaptures += 1
 
     def static_batch(self, bs: int, seq_lens_cpu: list[int]) -> ForwardBatch:
         """A decode batch made of views of the static buffers: what the graphs were captured on."""
@@ -148,6 +178,7 @@ class GraphRunner:
         raw_bs = forward_batch.batch_size
         # Under DP attention every rank pads to the bucket of the largest rank's batch: one graph shape.
         bs = self.capture_bs[bisect.bisect_left(self.capture_bs, dp_buffer_len(forward_batch))]
+        self.recapture_if_kv_cache_moved()
         self.prepare_static_inputs(forward_batch, bs)
         seq_lens_cpu = forward_batch.seq_lens_cpu + [self.seq_len_fill_value] * (bs - raw_bs)
         self.replay_graph(bs, seq_lens_cpu)
@@ -158,14 +189,18 @@ class GraphRunner:
         # The pool is shared: the next replay of any size may overwrite this buffer.
         return self.output_buffers[bs][:raw_bs].clone()
 
+    def pad_static_inputs(self, start: int, end: int) -> None:
+        """Rows `start:end` become padding: they write the dummy slot 0 and read no live block."""
+        self.input_ids[start:end].zero_()
+        self.positions[start:end].zero_()
+        self.out_cache_loc[start:end].zero_()
+        self.seq_lens[start:end].fill_(self.seq_len_fill_value)
+        self.block_tables[start:end].zero_()
+
     def prepare_static_inputs(self, forward_batch: ForwardBatch, bs: int) -> None:
         raw_bs = forward_batch.batch_size
-        if bs != raw_bs:  # padded rows write the dummy slot 0 and read no live block
-            self.input_ids[raw_bs:bs].zero_()
-            self.positions[raw_bs:bs].zero_()
-            self.out_cache_loc[raw_bs:bs].zero_()
-            self.seq_lens[raw_bs:bs].fill_(self.seq_len_fill_value)
-            self.block_tables[raw_bs:bs].zero_()
+        if bs != raw_bs:
+            self.pad_static_inputs(raw_bs, bs)
         self.input_ids[:raw_bs].copy_(forward_batch.input_ids)
         self.positions[:raw_bs].copy_(forward_batch.positions)
         self.out_cache_loc[:raw_bs].copy_(forward_batch.out_cache_loc)
@@ -203,7 +238,7 @@ class NPUGraphRunner(GraphRunner):
             found = self.backend.task_groups(graph)
             if found != expected:
                 raise TaskGroupMismatch(
-                    f"graph bs={bs}: {found} updatable task groups captured for the step's {expected} attention calls: "
+                    f"{self.name}={bs}: {found} updatable task groups captured for the step's {expected} attention calls: "
                     f"{self.backend.release} did not capture FIA (npu_fused_infer_attention_score) as one updatable "
                     "task group per call, so update() would change nothing and the lengths would stay frozen at capture")
 
@@ -231,15 +266,15 @@ class NPUGraphRunner(GraphRunner):
                 if self.backend.unblock is not None:
                     self.backend.unblock(self.graphs[bs])
                 raise ReplayHang(
-                    f"graph bs={bs}: replay not finished after {self.replay_timeout_s:g} s: it would wait forever, "
+                    f"{self.name}={bs}: replay not finished after {self.replay_timeout_s:g} s: it would wait forever, "
                     "for a task group's ExternalEvent that no update() recorded since the previous replay")
             time.sleep(pause)
             pause = min(2 * pause, 1e-3)
 
 
-def make_graph_runner(model_runner, max_bs: int, graph_bs: tuple[int, ...] | None = None,
-                      compile: bool = False, replay_timeout_s: float = EngineArgs.replay_timeout_s) -> GraphRunner:
-    """The runner of the device's graph backend (`NPUGraphRunner` on npu and on the CPU's SimNPUGraph,
-    `GraphRunner` on cuda); `compile` captures compiled graphs (engine mode "compile")."""
-    backend = get_graph_backend(model_runner.device, compile)
-    return backend.runner_cls(model_runner, backend, max_bs, graph_bs, replay_timeout_s)
+def make_graph_runner(model_runner, max_bs: int, graph_bs: tuple[int, ...] | None = None, mode: str = "graph",
+                      replay_timeout_s: float = EngineArgs.replay_timeout_s, **family: Any) -> GraphRunner:
+    """The runner of the device's graph backend for engine `mode` (`NPUGraphRunner` on npu and on the CPU's
+    SimNPUGraph, `GraphRunner` on cuda, `GraphTreeRunner` in mode "tree"); `family`: its `forward`, `name`, `pool`."""
+    backend = get_graph_backend(model_runner.device, mode)
+    return backend.runner_cls(model_runner, backend, max_bs, graph_bs, replay_timeout_s, **family)

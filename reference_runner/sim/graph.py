@@ -5,7 +5,9 @@ about as cheap as eager. Replay runs the recording as straight-line Python over 
 at capture, so it reproduces what matters for correctness on an NPU:
 
 1. static addresses: replay reads the current contents of the tensors used at capture and writes
-   into the output tensors allocated once at capture (in the graph's memory pool);
+   into the output tensors allocated once at capture (in the graph's memory pool, which graphs of every
+   family share: a replay silently overwrites the others' outputs, and the pool knows which graph last wrote
+   each output);
 2. capture does not compute: outputs are poisoned (NaN) and side effects on pre-existing tensors
    (KV cache writes) are undone at `capture_end`;
 3. frozen host values: every non-tensor argument is deep-copied at capture; Python control flow
@@ -239,7 +241,7 @@ class SimNPUGraph:
             recording.values.clear()
             # Whatever outlived the captured region is an output: it lives in the pool.
             self.outputs = [t for t in (r() for r in refs) if t is not None]
-            self._pool.place(self.outputs)
+            self._pool.place(self.outputs, self.name)
             for t in self.outputs:
                 t.fill_(_poison(t.dtype))
         program = self.program = recording.program
@@ -272,6 +274,7 @@ class SimNPUGraph:
         self._recorded = [False] * len(self._recorded)  # each captured wait consumes its event's record
         with torch.inference_mode():
             self._replay_fn()
+        self._pool.written(self.name)
         self._replays += 1
         _in_flight.add(self)
 

@@ -44,6 +44,18 @@ def test_passing_check_exits_0_and_reports_graph_steps(tmp_path):
     assert ET.parse(junit).getroot().get("failures") == "0"
 
 
+def test_check_with_prefill_graphs_reports_prefill_graph_steps_and_the_memory_of_all_families(tmp_path, capsys):
+    report = tmp_path / "check.json"
+    assert main([*FAST, "--model", "llama,qwen2_moe", "--modes", "graph", "--prefill-graphs", "--json", str(report)]) == 0
+    for scenario in json.loads(report.read_text())["scenarios"]:
+        assert scenario["name"] == f"{scenario['model']}-graph+prefill-vs-eager-mixed"
+        assert (scenario["prefill_graph_steps"], scenario["prefill_eager_steps"]) == (6, 0)
+        memory = scenario["graph_memory"]
+        assert memory["largest_family_bytes"] <= memory["all_families_bytes"] <= 1.1 * memory["largest_family_bytes"]
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "+prefill" in line]
+    assert [row[7] for row in rows] == ["6/0", "6/0"]  # the table's prefill column: graph/eager
+
+
 def test_a_graph_bug_makes_check_exit_1(tmp_path, monkeypatch):
     FAULTS["update_fed_previous_step_lengths"].inject(monkeypatch)
     report, junit = tmp_path / "check.json", tmp_path / "check.xml"

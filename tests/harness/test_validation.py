@@ -56,7 +56,7 @@ OPTION_PROBES = {
                                                   "(see npugraph-harness check --help)"),
     "max-bs-not-int": (["--max-bs", "abc"], "argument --max-bs: invalid int value: 'abc' (see npugraph-harness check --help)"),
     "unknown-option": (["--frobnicate"], "unrecognized arguments: --frobnicate (see npugraph-harness --help)"),
-    "unknown-mode": (["--modes", "eager,turbo"], "--modes: unknown mode 'turbo'; choose from eager, graph, compile"),
+    "unknown-mode": (["--modes", "eager,turbo"], "--modes: unknown mode 'turbo'; choose from eager, graph, compile, tree"),
     "mode-twice": (["--modes", "eager,graph,eager"], "--modes lists 'eager' twice"),
     "model-twice": (["--model", "llama,qwen2,llama"], "--model lists 'llama' twice"),
     "graph-bs-twice": (["--graph-bs", "1,2,2"], "--graph-bs lists 2 twice"),
@@ -79,6 +79,14 @@ OPTION_PROBES = {
                                                  "skewed, batch1, batch3, batch5, batch7, batch8, batch13"),
     "unknown-target": (["--target", "tgi"], "--target tgi: unknown target 'tgi'; choose one of reference, sglang, vllm"),
     "unknown-device": (["--device", "tpu"], "--device tpu: unknown device 'tpu'; choose one of cpu, cuda, npu"),
+    "prefill-graphs-with-dp": (["--prefill-graphs", "--dp", "2"], "prefill_graphs (--prefill-graphs) with dp_size 2: DP "
+                                                                 "ranks would have to agree on one prefill bucket every "
+                                                                 "step; prefill graphs run with dp_size 1"),
+    "prefill-graphs-on-sglang": (["--target", "sglang", "--prefill-graphs"],
+                                 "--prefill-graphs: the sglang target cannot be told to capture prefill graphs, nor report "
+                                 "their steps; it is an option of the reference target"),
+    "tree-on-sglang": (["--target", "sglang", "--modes", "tree"],
+                       "--modes tree: the sglang target has no graph-tree mode; it is a mode of the reference target"),
 }
 
 
@@ -95,6 +103,12 @@ def test_a_bad_option_exits_2_with_one_line_naming_it(capsys, argv, message):
 def test_an_unknown_choice_exits_2_with_one_line_naming_it(capsys, argv, start, hint):
     line = refused(argv, capsys)
     assert line.startswith(error(start)) and line.endswith(f") (see npugraph-harness {hint})")
+
+
+def test_mode_tree_on_the_cpu_is_refused_before_any_scenario(capsys):
+    assert refused([*fast(), "--modes", "eager,tree", "--device", "cpu"], capsys) == error(
+        "--modes tree: the CPU has no graph trees (mode 'tree' runs the step through torch's CUDA graph trees or "
+        "torch_npu's NPU graph trees): use --device cuda or npu")
 
 
 def test_an_unknown_npugraph_device_is_named(capsys, monkeypatch):

@@ -28,6 +28,7 @@ from reference_runner.engine.args import EngineArgs
 from reference_runner.engine.engine import Engine
 from reference_runner.engine.forward_batch import ForwardBatch, decode_batch
 from reference_runner.engine.kv_cache import KVCache
+from reference_runner.errors import GraphTreesUnsupported
 from reference_runner.graphs import compiled
 from reference_runner.graphs.cpu import sim_backend
 from reference_runner.graphs.cuda import inductor
@@ -148,7 +149,7 @@ def cuda_path_on_the_cpu(monkeypatch):
     GraphRunner, which never updates, over the CPU's graphs."""
     monkeypatch.setitem(attention._BACKENDS, "cpu", "reference_runner.attention.cuda:CudaAttnBackend")
     monkeypatch.setattr("reference_runner.graphs.runner.get_graph_backend",
-                        lambda device, compile=False: dataclasses.replace(sim_backend(compile), runner_cls=GraphRunner))
+                        lambda device, mode="graph": dataclasses.replace(sim_backend(mode), runner_cls=GraphRunner))
 
 
 def graph_vs_eager_on_the_cpu() -> tuple[set[str], int]:
@@ -266,3 +267,21 @@ def test_npu_unblock_records_every_task_groups_event_on_the_update_stream(npu_gr
     log = []
     npu_graphs.record_external_events(torch.npu.NPUGraph(log))
     assert log == [("record", "update stream")] * 2
+
+
+def test_npu_tree_mode_is_refused_in_one_line_where_torch_npus_trees_would_freeze_fia(npu_graphs):
+    with pytest.raises(GraphTreesUnsupported) as refused:
+        npu_graphs.npu_backend("tree")
+    assert str(refused.value) == (
+        "torch_npu 2.8.0.post2 (release 7.3) records NPU graph tree nodes without auto dispatch capture, so FIA's host "
+        "list actual_seq_lengths_kv would stay frozen at capture; NPU graph trees update FIA only from torch_npu 2.11.0 "
+        "(release 26.1, ACLGraph update plans)")
+
+
+def test_npu_trees_without_an_update_plan_are_a_refusal_naming_torch_npu(npu_graphs):
+    error = RuntimeError("Captured updatable ACLGraph operators but missing ACLGraph update plan: "
+                         "['npu_fused_infer_attention_score.out']. This may be caused by ...\nmore")
+    assert npu_graphs.update_plan_refusal(error) == (
+        "torch_npu 2.8.0.post2 (release 7.3) refuses FIA inside NPU graph trees: Captured updatable ACLGraph operators "
+        "but missing ACLGraph update plan: ['npu_fused_infer_attention_score.out']. This may be caused by ...")
+    assert npu_graphs.update_plan_refusal(RuntimeError("out of memory")) is None

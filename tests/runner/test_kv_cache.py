@@ -88,3 +88,17 @@ def test_write_stores_kv_at_their_slots():
     assert torch.equal(cache.key_caches[1][block, :2], k)
     assert torch.equal(cache.value_caches[1][block, :2], v)
     assert not cache.key_caches[0].any()  # other layers untouched
+
+
+def test_allocate_gives_zeroed_pools_at_new_addresses_and_keeps_the_block_tables():
+    kv = KVCache(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=2, max_context=6,
+                 dtype=torch.float32, device="cpu")
+    kv.reserve("a", 3)
+    kv.key_caches[0].fill_(1.0)
+    old, old_caches = kv.data_ptrs(), kv.key_caches + kv.value_caches
+    kv.allocate()
+    assert len(set(old) & set(kv.data_ptrs())) == 0 and len(kv.data_ptrs()) == 4
+    assert [c.abs().sum().item() for c in kv.key_caches + kv.value_caches] == [0.0] * 4
+    assert [c.shape for c in kv.key_caches] == [c.shape for c in old_caches[:2]]
+    assert kv.key_slots[0].data_ptr() == kv.key_caches[0].data_ptr()
+    assert kv.block_tables == {"a": [1, 2]}

@@ -39,8 +39,8 @@ def weight():
     return torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
 
 
-def capture(step, auto_dispatch_capture=True, pool=None, release=TORCH_NPU_FLOOR):
-    g = SimNPUGraph("graph bs=2", release)
+def capture(step, auto_dispatch_capture=True, pool=None, release=TORCH_NPU_FLOOR, name="graph bs=2"):
+    g = SimNPUGraph(name, release)
     with graph(g, pool=pool, auto_dispatch_capture=auto_dispatch_capture):
         out = step()
     return g, out
@@ -432,3 +432,17 @@ def test_graphs_in_one_pool_share_their_output_memory():
     small.replay()  # overwrites the shared memory the big graph's output lives in
     assert big_out.tolist()[:2] == [3.0, 3.0]
     assert pool.nbytes() == math.ceil(4 * 4 / 64) * 64
+
+
+def test_the_pool_names_the_graph_whose_replay_last_wrote_an_output():
+    pool = graph_pool_handle()
+    x = torch.ones(4)
+    decode, decode_out = capture(lambda: x * 2, pool=pool, name="graph bs=4")
+    prefill, prefill_out = capture(lambda: x[:2] * 3, pool=pool, name="prefill graph tokens=2")
+    decode.replay()
+    held = decode_out[2:]  # beyond the prefill graph's output: only ever written by the decode graph
+    prefill.replay()  # silently overwrites decode_out[:2], as on the device
+    assert (pool.last_writer(decode_out), pool.last_writer(decode_out[:2]), pool.last_writer(held)) == (
+        "prefill graph tokens=2", "prefill graph tokens=2", "graph bs=4")
+    decode.replay()
+    assert (pool.last_writer(prefill_out), pool.last_writer(decode_out.clone())) == ("graph bs=4", None)
