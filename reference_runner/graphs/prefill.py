@@ -44,6 +44,7 @@ def token_rows(forward_batch: ForwardBatch) -> tuple[ForwardBatch, torch.Tensor]
         seq_lens_cpu=seq_lens_cpu,
         block_tables=forward_batch.block_tables.repeat_interleave(per_request, dim=0),
         global_num_tokens=forward_batch.global_num_tokens,
+        routing=forward_batch.routing,  # one row per token, as the prefill's: replayed experts in, own choices out
     )
     return rows, per_request.cumsum(0) - 1
 

@@ -22,12 +22,13 @@ FORCED_FROM = 3
 
 @pytest.fixture(scope="module")
 def engines():
-    cache: dict[tuple[str, str, str], Engine] = {}
+    cache: dict[tuple[str, str, str, bool], Engine] = {}
 
-    def get(model: str, mode: str, dtype: str = "float32") -> Engine:
-        if (model, mode, dtype) not in cache:
-            cache[model, mode, dtype] = Engine(ensure_checkpoint(model), EngineArgs(mode=mode, dtype=dtype))
-        return cache[model, mode, dtype]
+    def get(model: str, mode: str, dtype: str = "float32", prefill_graphs: bool = False) -> Engine:
+        key = (model, mode, dtype, prefill_graphs)
+        if key not in cache:
+            cache[key] = Engine(ensure_checkpoint(model), EngineArgs(mode=mode, dtype=dtype, prefill_graphs=prefill_graphs))
+        return cache[key]
 
     return get
 
@@ -96,15 +97,16 @@ def test_dense_generations_record_no_routing(engines):
     assert all(not g.routed_experts and not g.router_gaps for g in engines("llama", "eager").generate(REQUESTS))
 
 
-def test_moe_generations_record_the_routing_of_every_fed_token(engines):
-    engine = engines("qwen2_moe", "eager")
+@pytest.mark.parametrize("prefill_graphs", [False, True], ids=["prefill", "prefill-as-token-rows"])
+def test_moe_generations_record_the_routing_of_every_fed_token(engines, prefill_graphs):
+    engine = engines("qwen2_moe", "graph", prefill_graphs=prefill_graphs)
     moe_layers, top_k, num_experts = engine.model_runner.routing_shape
     for request, generation in zip(REQUESTS, engine.generate(REQUESTS)):
         fed = [len(step) for step in generation.routed_experts]
         assert fed == [len(request.prompt_ids)] + [1] * (request.max_new_tokens - 1)
         for step_experts, step_gaps in zip(generation.routed_experts, generation.router_gaps):
             for layers, gaps in zip(step_experts, step_gaps):
-                assert [len(ids) for ids in layers] == [top_k] * moe_layers
+                assert [len(set(ids)) for ids in layers] == [top_k] * moe_layers  # distinct: each a real choice
                 assert all(0 <= e < num_experts for ids in layers for e in ids)
                 assert len(gaps) == moe_layers and min(gaps) >= 0
 
@@ -128,13 +130,15 @@ def test_replayed_experts_are_computed_with_and_the_routers_own_choice_is_record
                                                                           for f in free]
 
 
-def test_graph_mode_replays_experts_exactly_as_eager(engines):
-    eager = engines("qwen2_moe", "eager", "bfloat16")
+@pytest.mark.parametrize("prefill_graphs", [False, True], ids=["decode-graphs", "prefill-graphs"])
+def test_graph_mode_replays_experts_exactly_as_eager(engines, prefill_graphs):
+    eager = engines("qwen2_moe", "eager", "bfloat16", prefill_graphs)
     requests = replaying(with_forced_tokens(REQUESTS), eager.generate(REQUESTS), expert=lambda e: 3 - e)
-    graph = engines("qwen2_moe", "graph", "bfloat16")
-    before = graph.stats.graph_steps
+    graph = engines("qwen2_moe", "graph", "bfloat16", prefill_graphs)
+    before = (graph.stats.graph_steps, graph.stats.prefill_graph_steps)
     assert records(graph.generate(requests)) == records(eager.generate(requests))
-    assert graph.stats.graph_steps > before
+    after = (graph.stats.graph_steps, graph.stats.prefill_graph_steps)
+    assert after[0] > before[0] and (after[1] > before[1]) == prefill_graphs
 
 
 ROUTE = [[0, 1], [2, 3]]  # one position: two MoE layers, two experts each
