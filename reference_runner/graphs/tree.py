@@ -128,7 +128,9 @@ class GraphTreeRunner(GraphRunner):
         (re-recording when it moves) instead of skipping a step that writes a non-static input."""
         kv = self.model_runner.kv_cache
         tensors = [*kv.key_caches, *kv.value_caches, *kv.key_slots, *kv.value_slots]
-        tensors += [t for batch in self.batches.values() for t in vars(batch).values() if isinstance(t, torch.Tensor)]
+        for batch in self.batches.values():  # MoE routing buffers too: the routers write their choices in place
+            fields = [*vars(batch).values(), *(vars(batch.routing).values() if batch.routing is not None else ())]
+            tensors += [t for t in fields if isinstance(t, torch.Tensor)]
         for t in tensors:
             torch._dynamo.mark_static_address(t, guard=False)
 
