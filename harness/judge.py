@@ -5,11 +5,15 @@ Past a near-tie the free-running test no longer sees the baseline's inputs. A ta
 tokens is then run once more, every request of the scenario in one run (so the schedule is the same),
 those that stopped at a near-tie fed the baseline's tokens from there on and, on MoE models, computing
 with the baseline's experts: the comparison continues to their last step (`verdicts/compare.py`).
+
+The target's eager run on one rank is made once per model, workload, length, seed and engine options, and
+serves both as the `eager` scenario's run and as the baseline of every other mode.
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -41,6 +45,30 @@ SETUP_ERRORS = (CheckpointError, UnsupportedModel, DeviceUnavailable, TargetUnav
 
 
 @dataclass
+class Phases:
+    """Where a scenario's time went, in seconds per phase (`PHASES`), and which phases reused an earlier run."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def timing(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def as_dict(self) -> dict:
+        return {"phase_seconds": {p: round(self.seconds[p], 2) for p in PHASES if p in self.seconds}, "reused": self.reused}
+
+
+# In the order they run: the eager baseline, the capture (or compile) of the target's graphs, the target's
+# run without it, transformers scoring the run, the forced re-run past near-ties, and the comparison.
+PHASES = ("baseline", "capture", "run", "oracle", "forced_rerun", "compare")
+
+
+@dataclass
 class ScenarioResult:
     """The verdicts of one scenario and why it failed, if it did."""
 
@@ -50,6 +78,7 @@ class ScenarioResult:
     seconds: float
     failures: list[str] = field(default_factory=list)
     forced_requests: int = 0  # requests re-run with the baseline's tokens forced past a near-tie
+    phases: Phases = field(default_factory=Phases)
 
     @property
     def passed(self) -> bool:
@@ -90,6 +119,7 @@ class ScenarioResult:
             "graph_memory": self.run.graph_memory,
             "first_divergence": None if first is None else first.__dict__ | {"passed": first.passed},
             "seconds": round(self.seconds, 2),
+            **self.phases.as_dict(),
         }
 
 
@@ -121,63 +151,93 @@ def forced_request(request: Request, baseline: Generation, step: int) -> Request
 
 
 class Judge:
-    """Runs scenarios on one target, caching baseline runs shared by several scenarios."""
+    """Runs scenarios on one target, reusing the eager run that several scenarios share."""
 
     def __init__(self, target: Target, progress: Callable[[str], None] = lambda line: None,
                  min_coverage: float | None = None) -> None:
         self.target = target
         self.progress = progress
         self.min_coverage = default_min_coverage(target) if min_coverage is None else min_coverage
-        self._baselines: dict[tuple, list[Generation]] = {}
+        self._eager_runs: dict[tuple, TargetRun] = {}
 
     def run(self, scenario: Scenario) -> ScenarioResult:
-        start = time.perf_counter()
+        start, phases = time.perf_counter(), Phases()
         checkpoint = ensure_checkpoint(scenario.model)
         self.target.validate(scenario, checkpoint)
         requests = make_requests(scenario.workload, read_config(checkpoint).vocab_size, scenario.max_new_tokens,
                                  scenario.seed)
         engine = scenario.engine
+
+        def result(verdicts: list[Verdict], run: TargetRun, failures: list[str], forced: int = 0) -> ScenarioResult:
+            return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures, forced, phases)
+
         dtype = getattr(torch, engine.dtype)
-        baseline = self.eager_baseline(scenario, checkpoint, requests) if scenario.baseline == "eager" else None
+        baseline = None
+        if scenario.baseline == "eager":
+            baseline = self.eager_run(scenario, checkpoint, requests, phases, "baseline").generations
         self.progress(f"{scenario.name}: running {scenario.mode} on {self.target.name}")
-        run = self._run_target(scenario, checkpoint, requests)
+        run = self._run_target(scenario, checkpoint, requests, phases, "run")
         if isinstance(run, str):
-            return ScenarioResult(scenario, [], TargetRun([]), time.perf_counter() - start, [run])
+            return result([], TargetRun([]), [run])
         if baseline is None:
             self.progress(f"{scenario.name}: scoring its tokens with transformers")
-            baseline = oracle_score(checkpoint, requests, run.generations, top_k=engine.top_k, dtype=dtype)
+            with phases.timing("oracle"):
+                baseline = oracle_score(checkpoint, requests, run.generations, top_k=engine.top_k, dtype=dtype)
         # Other kernels, or the other reduction order of several ranks: float noise, bounded per dtype.
         # Modes compile and tree run inductor's kernels.
         across_kernels = scenario.baseline == "oracle" or engine.mode in ("compile", "tree") or engine.world_size > 1
         tolerance = Tolerance.for_pair(dtype, self.target.device, across_kernels)
-        ties = self.routing_ties(scenario, checkpoint, requests, baseline, run.generations, tolerance)
-        verdicts = compare_generations(baseline, run.generations, tolerance, routing_ties=ties)
+        with phases.timing("compare"):
+            ties = self.routing_ties(scenario, checkpoint, requests, baseline, run.generations, tolerance)
+            verdicts = compare_generations(baseline, run.generations, tolerance, routing_ties=ties)
         stopped = {v.rid: v.force_from for v in verdicts if v.force_from is not None}
         if stopped and self.target.can_force_tokens:
             self.progress(f"{scenario.name}: re-running with the baseline's tokens forced past the near-ties of "
                           f"{len(stopped)} request(s)")
             by_rid = {g.rid: g for g in baseline}
             rerun = self._run_target(scenario, checkpoint, [
-                forced_request(r, by_rid[r.rid], stopped[r.rid]) if r.rid in stopped else r for r in requests])
+                forced_request(r, by_rid[r.rid], stopped[r.rid]) if r.rid in stopped else r for r in requests],
+                phases, "forced_rerun")
             if isinstance(rerun, str):
-                return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, [rerun], len(stopped))
+                return result(verdicts, run, [rerun], len(stopped))
             continuations = {g.rid: g for g in rerun.generations if g.rid in stopped}
-            verdicts = compare_generations(baseline, run.generations, tolerance, continuations=continuations,
-                                           routing_ties=ties)
+            with phases.timing("compare"):
+                verdicts = compare_generations(baseline, run.generations, tolerance, continuations=continuations,
+                                               routing_ties=ties)
         wrong_length = length_problems(requests, run.generations)
         verdicts = [wrong_length.get(v.rid, v) for v in verdicts]
         failures = scenario_failures(scenario, verdicts, run, self.min_coverage)
-        forced = len(stopped) if self.target.can_force_tokens else 0
-        return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures, forced)
+        return result(verdicts, run, failures, len(stopped) if self.target.can_force_tokens else 0)
 
-    def _run_target(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun | str:
-        """The target's run, or why the scenario failed: the engine under test crashed."""
+    def _run_target(self, scenario: Scenario, checkpoint: Path, requests: list[Request], phases: Phases,
+                    phase: str) -> TargetRun | str:
+        """The target's run, or why the scenario failed: the engine under test crashed. The eager run on one
+        rank of the unforced requests is the shared one (`eager_run`)."""
         try:
-            return self.target.run(scenario, checkpoint, requests)
+            if scenario.engine == scenario.baseline_engine() and not scenario.dp_ranks and phase == "run":
+                return self.eager_run(scenario, checkpoint, requests, phases, phase)
+            with phases.timing(phase):
+                run = self.target.run(scenario, checkpoint, requests)
+            _split_capture(phases, phase, run)
+            return run
         except SETUP_ERRORS:
             raise
         except Exception as error:
             return f"the engine under test ({self.target.name}) raised {type(error).__name__}: {error}"
+
+    def eager_run(self, scenario: Scenario, checkpoint: Path, requests: list[Request], phases: Phases,
+                  phase: str) -> TargetRun:
+        """The target's eager run on one rank of `scenario`'s requests, made once and reused by later scenarios."""
+        engine = scenario.baseline_engine()
+        key = (str(checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed, engine)
+        if key in self._eager_runs:
+            phases.reused.append(phase)
+            return self._eager_runs[key]
+        if phase == "baseline":
+            self.progress(f"{scenario.name}: baseline eager")
+        with phases.timing(phase):
+            self._eager_runs[key] = self.target.run(replace(scenario, engine=engine, dp_ranks=None), checkpoint, requests)
+        return self._eager_runs[key]
 
     def routing_ties(self, scenario: Scenario, checkpoint: Path, requests: list[Request], baseline: list[Generation],
                      test: list[Generation], tolerance: Tolerance) -> dict[str, RoutingTie]:
@@ -197,12 +257,9 @@ class Judge:
                 for r, gaps in zip(judged, routing.router_gaps(checkpoint, sequences))}
         return {rid: tie for rid, tie in ties.items() if tie is not None}
 
-    def eager_baseline(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> list[Generation]:
-        """The generations of the target's own eager run on one rank, the baseline of every other mode."""
-        engine = scenario.baseline_engine()
-        key = (str(checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed, engine)
-        if key not in self._baselines:
-            self.progress(f"{scenario.name}: baseline eager")
-            eager = replace(scenario, engine=engine, dp_ranks=None)
-            self._baselines[key] = self.target.run(eager, checkpoint, requests).generations
-        return self._baselines[key]
+
+def _split_capture(phases: Phases, phase: str, run: TargetRun) -> None:
+    """Move the time the target reports for capturing (or compiling) its graphs out of `phase` into "capture"."""
+    if run.capture_seconds:
+        phases.seconds[phase] -= run.capture_seconds
+        phases.seconds["capture"] = phases.seconds.get("capture", 0.0) + run.capture_seconds

@@ -5,7 +5,7 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from harness.judge import ScenarioResult
+from harness.judge import PHASES, ScenarioResult
 
 
 def table(results: list[ScenarioResult]) -> str:
@@ -31,6 +31,9 @@ def table(results: list[ScenarioResult]) -> str:
         if d["near_ties"] or d["router_near_ties"] or r.forced_requests:
             lines.append(f"    ~ near-ties: {d['near_ties']} of tokens, {d['router_near_ties']} of routing; "
                          f"{r.forced_requests} request(s) re-run forced past them")
+        lines.append("    time: " + ", ".join(
+            [*(f"{phase.replace('_', ' ')} {r.phases.seconds[phase]:.1f}s" for phase in PHASES if phase in r.phases.seconds),
+             *(f"{phase} reused" for phase in r.phases.reused)]))
         for v in r.verdicts:
             if v.status == "tie" and v.compared < v.generated:
                 lines.append(f"    ~ {v.rid}: {v.reason}")

@@ -30,6 +30,7 @@ def run_engine(job: WorkerJob) -> TargetRun:
         fallback_reasons=dict(stats.fallback_reasons),
         graph_memory=engine.graph_memory(),
         engine_version=ENGINE_VERSION,
+        capture_seconds=engine.capture_seconds,
     )
 
 

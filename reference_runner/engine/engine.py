@@ -21,6 +21,7 @@ one), so the collectives of DP attention always pair up, and all pad to the same
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +73,11 @@ class Engine:
         self.graph_families: list[GraphRunner] = []  # in capture order, sharing one pool
         if args.prefill_graphs:
             self.model_runner.prefill_graphs = PrefillGraphs(self.model_runner, args.max_context)
+        self.capture_seconds = 0.0  # capturing (and in compile mode compiling) every graph family
         if args.mode != "eager":
+            start = time.perf_counter()
             self._capture_graphs()
+            self.capture_seconds = time.perf_counter() - start
 
     def _capture_graphs(self) -> None:
         """Capture each family of graphs, the one with the largest graph first (its pool memory is then reused by

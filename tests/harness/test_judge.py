@@ -97,3 +97,22 @@ def test_against_the_oracle_a_generation_shorter_than_asked_for_is_a_mismatch():
     result = Judge(target).run(Scenario(model="llama", baseline="oracle", engine=EngineArgs(mode="eager")))
     r3 = next(v for v in result.verdicts if v.rid == "r3")
     assert (r3.status, r3.reason) == ("mismatch", "test produced 18 tokens, the request asks for 19")
+
+
+def test_the_eager_run_is_made_once_and_serves_the_eager_scenario_and_every_baseline():
+    target = ScriptedTarget(can_force_tokens=True, parts=set())
+    judge = Judge(target)
+    eager = judge.run(Scenario(model="llama", baseline="oracle", engine=EngineArgs(mode="eager")))
+    graph, compiled = (judge.run(Scenario(model="llama", baseline="eager", engine=EngineArgs(mode=mode)))
+                       for mode in ("graph", "compile"))
+    assert [mode for mode, _ in target.runs] == ["eager", "graph", "compile"]
+    assert (eager.phases.reused, graph.phases.reused, compiled.phases.reused) == ([], ["baseline"], ["baseline"])
+    assert {"run", "oracle", "compare"} <= set(eager.phases.seconds) and "baseline" not in eager.phases.seconds
+
+
+def test_an_eager_run_is_not_reused_for_another_workload():
+    target = ScriptedTarget(can_force_tokens=True, parts=set())
+    judge = Judge(target)
+    for workload in ("mixed", "batch8"):
+        judge.run(Scenario(model="llama", baseline="eager", engine=EngineArgs(mode="graph"), workload=workload))
+    assert [(mode, len(requests)) for mode, requests in target.runs] == [("eager", 8), ("graph", 8)] * 2

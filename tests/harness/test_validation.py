@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from harness.check import MAX_BS
 from harness.cli import main
 from harness.inputs.checkpoints import BUILTIN_MODELS, ensure_checkpoint
+from harness.inputs.real_models import REAL_MODELS
 from harness.inputs.scenarios import Scenario
 from harness.judge import scenario_failures
 from harness.targets.base import TargetRun
@@ -27,7 +28,7 @@ def fast(model: str = "llama") -> list[str]:
 
 
 FAST = fast()
-BUILTINS = ", ".join(BUILTIN_MODELS)
+BUILTINS = ", ".join([*BUILTIN_MODELS, *REAL_MODELS])
 
 
 def refused(argv: list[str], capsys) -> str:
@@ -262,9 +263,10 @@ def test_ranks_on_the_cpu_share_its_memory(capsys, monkeypatch):
 # --- nothing checked is never a pass ---------------------------------------------------------------
 
 def test_a_scenario_that_judged_no_request_fails():
-    assert scenario_failures(Scenario("llama", "oracle"), [], TargetRun([])) == [
+    assert scenario_failures(Scenario("llama", "oracle"), [], TargetRun([]), min_coverage=0.9) == [
         "no request was judged: a scenario that compared nothing cannot pass"]
 
 
 def test_a_scenario_that_judged_a_request_has_no_failure():
-    assert scenario_failures(Scenario("llama", "oracle"), [Verdict("r0", "match", "same tokens")], TargetRun([])) == []
+    judged = [Verdict("r0", "match", "same tokens", compared=3, generated=3)]
+    assert scenario_failures(Scenario("llama", "oracle"), judged, TargetRun([]), min_coverage=0.9) == []
