@@ -12,8 +12,10 @@ from reference_runner.parallel.state import ParallelState
 
 
 def num_experts(config: ModelConfig) -> int:
-    """Experts per sparse layer; transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`."""
-    return config.hf.get("num_experts", config.hf.get("num_local_experts", 0))
+    """Experts per sparse layer; transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`. Neither
+    field is a KeyError naming `num_experts` (the loader reports it as missing)."""
+    hf = config.hf
+    return hf["num_local_experts"] if "num_experts" not in hf and "num_local_experts" in hf else hf["num_experts"]
 
 
 def expert_params(config: ModelConfig, dense_mapping: list[tuple]) -> list[tuple]:
