@@ -16,6 +16,8 @@ from harness.bench.results import (
     BASELINES,
     GOALS,
     BenchResult,
+    CostRatio,
+    load_cost_ratios,
     load_ratios,
     load_results,
     machine_class,
@@ -41,8 +43,10 @@ def stored_baseline(machine_info: dict) -> Path | None:
 
 
 def render_markdown(results: list[BenchResult], machine_info: dict, baseline: list[BenchResult],
-                    stored_ratios: dict[str, float], tolerance: float, check: dict | None, sources: dict[str, str]) -> str:
-    """The summary: correctness verdicts, then per model and kind a row per batch size and mode."""
+                    stored_ratios: dict[str, float], tolerance: float, check: dict | None, sources: dict[str, str],
+                    cost_ratios: list[CostRatio] = ()) -> str:
+    """The summary: correctness verdicts, the time to a verdict, then per model and kind a row per batch size and
+    mode."""
     info = machine_info.get("npugraph", {})
     device = info.get("device", "?")
     lines = ["# npugraph-harness results", "",
@@ -51,6 +55,7 @@ def render_markdown(results: list[BenchResult], machine_info: dict, baseline: li
     lines += [f"- {what}: `{path}`" for what, path in sources.items()] + [""]
     if check is not None:
         lines += _check_section(check)
+    lines += _cost_section(cost_ratios)
     measured = speedups(results)
     checks = {c.key: c for c in ratio_gate(measured, stored_ratios, tolerance)}
     base = {r.key: r for r in baseline}
@@ -103,6 +108,18 @@ def _check_section(check: dict) -> list[str]:
         lines += ["", "Environment: " + ", ".join(f"{k} {v if v is not None else '-'}" for k, v in environment.items())]
     lines += [f"- **WARNING**: {w}" for w in check.get("environment", {}).get("warnings", [])]
     return lines + ([""] if failed or environment else [])
+
+
+def _cost_section(cost_ratios: list[CostRatio]) -> list[str]:
+    if not cost_ratios:
+        return []
+    lines = ["## Time to verdict", "", "Ratios of wall times measured in one run (`suites/bench/test_time_to_verdict.py`).",
+             "", "| ratio | model | seconds | measured | required | met |", "|---|---|---|---:|---:|---|"]
+    for c in cost_ratios:
+        seconds = ", ".join(f"{side} {s:.1f}" for side, s in c.seconds.items())
+        lines.append(f"| {c.ratio} | {c.model} | {seconds} | {c.measured:.2f}x | <= {c.limit:g}x | "
+                     f"{'yes' if c.met else '**no**'} |")
+    return [*lines, ""]
 
 
 def _goals_section(results: list[BenchResult], device: str) -> list[str]:
@@ -186,13 +203,15 @@ def _load(path: Path, what: str, loader: Callable[[Path], Any]) -> Any:
 
 
 def report(args: argparse.Namespace) -> int:
-    """Write `summary.md` and `bench.png`; exit 1 when the ratio gate or the check failed."""
+    """Write `summary.md` and `bench.png`; exit 1 when the ratio gate or the check failed, or a time-to-verdict
+    ratio was above its limit."""
     folder = args.results if args.results.is_dir() else args.results.parent
     bench_json = args.results / "bench.json" if args.results.is_dir() else args.results
     if not bench_json.is_file():
         raise UsageError(f"no benchmark results at {bench_json} (write them with --benchmark-json)")
     results, machine_info = _load(bench_json, "pytest-benchmark results", load_results)
-    if not results:
+    cost_ratios = _load(bench_json, "pytest-benchmark results", load_cost_ratios)
+    if not results and not cost_ratios:
         raise UsageError(f"{bench_json} holds no suites/bench results")
     sources = {"results": str(bench_json)}
     baseline_file = args.baseline or stored_baseline(machine_info)
@@ -209,8 +228,10 @@ def report(args: argparse.Namespace) -> int:
         sources["check"] = str(check_file)
     out = args.out or folder
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(render_markdown(results, machine_info, baseline, stored, args.tolerance, check, sources))
+    (out / "summary.md").write_text(render_markdown(results, machine_info, baseline, stored, args.tolerance, check, sources,
+                                                       cost_ratios))
     render_chart(results, baseline, out / "bench.png")
     print(f"wrote {out / 'summary.md'} and {out / 'bench.png'}")
     gate_ok = all(c.passed for c in ratio_gate(speedups(results), stored, args.tolerance))
-    return 0 if gate_ok and (check is None or check.get("passed")) else 1
+    costs_ok = all(c.met for c in cost_ratios)
+    return 0 if gate_ok and costs_ok and (check is None or check.get("passed")) else 1

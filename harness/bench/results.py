@@ -7,6 +7,7 @@ Each speed-up is measured by its benchmark, against eager rounds interleaved wit
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from dataclasses import dataclass
@@ -56,6 +57,32 @@ def results_from_benchmarks(benchmarks: list[dict]) -> list[BenchResult]:
     return [BenchResult(**{f: b["extra_info"][f] for f in fields}, median_s=b["stats"]["median"], min_s=b["stats"]["min"],
                         speedup=b["extra_info"].get("speedup_vs_eager"))
             for b in benchmarks if all(f in b["extra_info"] for f in fields)]
+
+
+@dataclass(frozen=True)
+class CostRatio:
+    """A time-to-verdict ratio measured in one run (`suites/bench/test_time_to_verdict.py`), required at most `limit`."""
+
+    ratio: str  # e.g. "check_vs_generate": the check's seconds over the reference's
+    model: str
+    measured: float
+    limit: float
+    seconds: dict[str, float]  # each side's seconds
+
+    @property
+    def met(self) -> bool:
+        return self.measured <= self.limit
+
+
+def cost_ratios_from_benchmarks(benchmarks: list[dict]) -> list[CostRatio]:
+    """The time-to-verdict ratios among pytest-benchmark's `benchmarks` (those whose `extra_info` holds one)."""
+    fields = [f.name for f in dataclasses.fields(CostRatio)]
+    return [CostRatio(**{f: b["extra_info"][f] for f in fields}) for b in benchmarks
+            if all(f in b["extra_info"] for f in fields)]
+
+
+def load_cost_ratios(path: Path) -> list[CostRatio]:
+    return cost_ratios_from_benchmarks(json.loads(Path(path).read_text())["benchmarks"])
 
 
 def load_results(path: Path) -> tuple[list[BenchResult], dict]:

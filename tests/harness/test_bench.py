@@ -153,6 +153,24 @@ def test_report_passes_an_unchanged_run(tmp_path, stored):
     assert main(["report", str(write_results(tmp_path / "results", RUN)), *stored]) == 0
 
 
+def cost(ratio: str, measured: float, limit: float, seconds: dict[str, float]) -> dict:
+    """A benchmark of suites/bench/test_time_to_verdict.py, as pytest-benchmark writes it."""
+    return {"name": f"test_{ratio}", "stats": {"min": 60.0, "median": 60.0},
+            "extra_info": {"ratio": ratio, "model": "smollm2", "measured": measured, "limit": limit, "seconds": seconds}}
+
+
+@pytest.mark.parametrize(("compile_vs_graph", "status", "met"), [(3.2, 0, "yes"), (6.0, 1, "**no**")])
+def test_report_lists_each_time_to_verdict_ratio_against_its_limit(tmp_path, stored, compile_vs_graph, status, met):
+    costs = [cost("check_vs_generate", 1.31, 1.5, {"generate": 10.2, "check": 13.4}),
+             cost("compile_vs_graph", compile_vs_graph, 5, {"graph": 30.0, "compile": 30.0 * compile_vs_graph})]
+    results = write_results(tmp_path / "results", [*RUN, *costs])
+    assert main(["report", str(results), *stored]) == status
+    summary = (results / "summary.md").read_text()
+    assert "| check_vs_generate | smollm2 | generate 10.2, check 13.4 | 1.31x | <= 1.5x | yes |" in summary
+    assert (f"| compile_vs_graph | smollm2 | graph 30.0, compile {30 * compile_vs_graph:.1f} | {compile_vs_graph:.2f}x | "
+            f"<= 5x | {met} |") in summary
+
+
 def test_report_without_results_exits_2_with_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
