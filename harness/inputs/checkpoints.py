@@ -169,19 +169,34 @@ def manifest(path: Path) -> dict[str, Any]:
     return {"config_sha256": _sha256(path / "config.json"), "files": files}
 
 
+# Entries this process found matching their manifest, with their files' stat: a real model's weights take a
+# second to hash, and a check looks its checkpoint up once per scenario.
+_MATCHED: dict[Path, tuple] = {}
+
+
+def _stat_signature(entry: Path) -> tuple:
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(entry.iterdir()))
+
+
 def entry_problem(entry: Path) -> str | None:
     """Why cache entry `entry` cannot be used (missing, no manifest, not matching it), or None if it can."""
     if not entry.is_dir():
         return "is missing"
+    with contextlib.suppress(OSError):
+        if _MATCHED.get(entry) == _stat_signature(entry):  # unchanged since it matched, in this process
+            return None
     try:
         stored = json.loads((entry / MANIFEST).read_text())
     except (OSError, ValueError):
         return f"has no readable {MANIFEST}"
     try:
-        current = manifest(entry)
+        signature, current = _stat_signature(entry), manifest(entry)
     except (OSError, SafetensorError) as e:
         return f"is unreadable ({e})"
-    return None if current == stored else f"does not match its {MANIFEST}"
+    if current != stored:
+        return f"does not match its {MANIFEST}"
+    _MATCHED[entry] = signature
+    return None
 
 
 def _build_cached(name: str, cache_dir: Path, overrides: dict[str, Any]) -> Path:
@@ -213,6 +228,7 @@ def _publish(name: str, target: Path, write: Callable[[Path], None]) -> Path:
             (staging / MANIFEST).write_text(json.dumps(manifest(staging), indent=1))
             try:
                 os.rename(staging, target)  # atomic; fails if another process published first
+                _MATCHED[target] = _stat_signature(target)  # its manifest was just written from these files
             except OSError:
                 if entry_problem(target) is not None:
                     raise

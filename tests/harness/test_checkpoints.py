@@ -95,6 +95,17 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, capsys, damage, problem):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # nothing set aside is left
 
 
+def test_an_unchanged_entry_is_hashed_once_per_process_and_a_changed_one_again(tmp_path, monkeypatch):
+    path = ensure_checkpoint("llama", tmp_path / "cache")
+    hashed = []
+    monkeypatch.setattr(checkpoints, "manifest", lambda entry: hashed.append(entry) or manifest(entry))
+    assert [ensure_checkpoint("llama", tmp_path / "cache") for _ in range(3)] == [path] * 3
+    assert hashed == []  # it matched when it was built, and has not changed since
+    append_to_config(path)
+    assert entry_problem(path) == f"does not match its {MANIFEST}"
+    assert hashed == [path]
+
+
 def test_staging_directories_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     name = f"llama-{checkpoints._fingerprint(tiny_config('llama'))}"
