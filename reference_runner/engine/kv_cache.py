@@ -63,9 +63,6 @@ class KVCache:
         be captured again, or its replays read and write freed memory."""
         self.key_caches = [torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.value_caches = [torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        # Slot-indexed views, made once so that a KV write is a single op.
-        self.key_slots = [c.view(-1, *self.shape[2:]) for c in self.key_caches]
-        self.value_slots = [c.view(-1, *self.shape[2:]) for c in self.value_caches]
 
     def data_ptrs(self) -> tuple[int, ...]:
         """The pools' addresses: what a captured graph reads and writes."""
@@ -97,5 +94,8 @@ class KVCache:
 
     def write(self, layer_id: int, out_cache_loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [num_tokens, num_kv_heads, head_dim] at slots `out_cache_loc` (`slot_dtype`)."""
-        self.key_slots[layer_id].index_copy_(0, out_cache_loc, k)
-        self.value_slots[layer_id].index_copy_(0, out_cache_loc, v)
+        # The slot view is made here, not kept: a compiled step must take each pool as its only input on that memory.
+        # Given a pool and a view of it, AOT autograd merges the two into a synthetic base that graph trees do not
+        # count as static, and skip every step for "mutated inputs" (seen on CUDA).
+        self.key_caches[layer_id].view(-1, *self.shape[2:]).index_copy_(0, out_cache_loc, k)
+        self.value_caches[layer_id].view(-1, *self.shape[2:]).index_copy_(0, out_cache_loc, v)

@@ -127,7 +127,7 @@ class GraphTreeRunner(GraphRunner):
         """Mark what the step reads and writes in place as static: the trees then record it at its address
         (re-recording when it moves) instead of skipping a step that writes a non-static input."""
         kv = self.model_runner.kv_cache
-        tensors = [*kv.key_caches, *kv.value_caches, *kv.key_slots, *kv.value_slots]
+        tensors = [*kv.key_caches, *kv.value_caches]
         for batch in self.batches.values():  # MoE routing buffers too: the routers write their choices in place
             fields = [*vars(batch).values(), *(vars(batch.routing).values() if batch.routing is not None else ())]
             tensors += [t for t in fields if isinstance(t, torch.Tensor)]
