@@ -27,7 +27,8 @@ class TargetRun:
     graph_memory: dict | None = None
     counts_graph_steps: bool = True  # False where the engine does not say which steps replayed a graph (SGLang, vLLM)
     engine_version: str = ""  # the engine that ran and its version, e.g. "vllm 0.32.0"
-    capture_seconds: float = 0.0  # of the run, spent capturing or compiling graphs (where the engine reports it)
+    # Of the run, spent capturing or compiling graphs (where the engine reports it); a timing, not a record.
+    capture_seconds: float = field(default=0.0, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TargetRun:
