@@ -21,7 +21,7 @@ step check python -m harness check --device cuda --modes eager,graph,compile,tre
     --json "$out/check.json"
 step check-prefill python -m harness check --device cuda --modes graph,tree --prefill-graphs --model llama,qwen2_moe \
     --json "$out/check-prefill.json"
-step suites python -m pytest -q -p no:cacheprovider --device cuda suites/test_graph_families.py suites/test_graph_memory.py \
+step suites python -m pytest -q -p no:cacheprovider --nightly --device cuda suites/test_graph_families.py suites/test_graph_memory.py \
     suites/test_faults.py -k "families or prefill or family or lazy or all_sizes or random_order or late"
 step bench python -m pytest -q -p no:cacheprovider --device cuda suites/bench/test_decode_throughput.py \
     -k "test_decode_step and llama" --benchmark-json "$out/bench.json"

@@ -34,7 +34,7 @@ def test_all_sizes_hold_at_most_a_tenth_more_than_the_largest_alone(device, mode
     assert alone <= report["all_buckets_bytes"] <= 1.1 * alone
 
 
-@pytest.mark.parametrize("mode", ["graph", "compile"])
+@pytest.mark.parametrize("mode", ["graph", pytest.param("compile", marks=pytest.mark.slow)])  # compile: ~60 s
 def test_prefill_and_decode_families_hold_at_most_a_tenth_more_than_the_largest_alone(device, mode):
     report = engine(device, mode, prefill_graphs=True).graph_memory()
     decode_alone = engine(device, mode).graph_memory()["all_buckets_bytes"]
