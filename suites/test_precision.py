@@ -11,7 +11,9 @@ import pytest
 from harness.inputs.scenarios import Scenario
 from reference_runner.engine.args import EngineArgs
 
-MODELS = ["llama", "qwen2", "qwen2_moe", "mixtral", "qwen3", "qwen3_moe"]
+# llama_hd32 in bfloat16 compiled against eager once tied at the 5th rank of a flat step: a false mismatch with
+# top-5 records, none with top-20 (EngineArgs.top_k).
+MODELS = ["llama", "qwen2", "qwen2_moe", "mixtral", "llama_kv1", "llama_hd32", "qwen3", "qwen3_moe"]
 DTYPES = ["float16", "bfloat16"]
 
 

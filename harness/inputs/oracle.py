@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
 
 SCORE_BATCH = 8  # requests per teacher-forced forward
 
 
 def oracle_generate(
-    checkpoint: Path, requests: list[Request], *, top_k: int = 5, dtype: torch.dtype = torch.float32
+    checkpoint: Path, requests: list[Request], *, top_k: int = EngineArgs.top_k, dtype: torch.dtype = torch.float32
 ) -> list[Generation]:
     """Greedy-decode each request alone with transformers, recording top-k logprobs of the raw logits.
 
@@ -50,7 +51,7 @@ def _greedy(model: torch.nn.Module, cache_kwarg: str, request: Request, top_k: i
 
 
 @torch.inference_mode()
-def oracle_score(checkpoint: Path, requests: list[Request], generations: list[Generation], *, top_k: int = 5,
+def oracle_score(checkpoint: Path, requests: list[Request], generations: list[Generation], *, top_k: int = EngineArgs.top_k,
                  dtype: torch.dtype = torch.float32) -> list[Generation]:
     """Transformers' distributions along each generation's own tokens: per step, the top-k logprobs of
     transformers' logits for the next token after the engine's prefix (`forced_from=0`: the tokens are the

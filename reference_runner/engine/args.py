@@ -51,7 +51,9 @@ class EngineArgs:
     max_context: int = _option(256, "longest sequence (prompt + generated tokens) a request may reach")
     num_blocks: int | None = _option(None, "KV-cache blocks (default: room for 2 x max-bs requests of max-context)",
                                      type=int)
-    top_k: int = _option(5, "logprobs recorded per step")
+    # 20, vLLM's default ceiling: in bfloat16 a flat step can tie at the 5th rank, and a near-tie chosen by one side
+    # then falls out of the other's top-5 (a false mismatch, seen on llama_hd32 compiled against eager).
+    top_k: int = _option(20, "logprobs recorded per step")
     tp_size: int = _option(1, "tensor-parallel ranks", flag="--tp")
     dp_size: int = _option(1, "data-parallel ranks (DP attention for MoE)", flag="--dp")
     prefill_graphs: bool = _option(False, "capture prefill too, per token bucket, in the decode graphs' pool (prefill runs "
