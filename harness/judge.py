@@ -176,7 +176,8 @@ class Judge:
         if scenario.baseline == "eager":
             baseline = self.eager_run(scenario, checkpoint, requests, phases, "baseline").generations
         self.progress(f"{scenario.name}: running {scenario.mode} on {self.target.name}")
-        run = self._run_target(scenario, checkpoint, requests, phases, "run")
+        is_eager_run = scenario.engine == scenario.baseline_engine() and not scenario.dp_ranks
+        run = self._run_target(scenario, checkpoint, requests, phases, "run", shared=is_eager_run)
         if isinstance(run, str):
             return result([], TargetRun([]), [run])
         if baseline is None:
@@ -210,11 +211,11 @@ class Judge:
         return result(verdicts, run, failures, len(stopped) if self.target.can_force_tokens else 0)
 
     def _run_target(self, scenario: Scenario, checkpoint: Path, requests: list[Request], phases: Phases,
-                    phase: str) -> TargetRun | str:
-        """The target's run, or why the scenario failed: the engine under test crashed. The eager run on one
-        rank of the unforced requests is the shared one (`eager_run`)."""
+                    phase: str, shared: bool = False) -> TargetRun | str:
+        """The target's run (`shared`: the eager run on one rank that baselines reuse, `eager_run`), or why the
+        scenario failed: the engine under test crashed."""
         try:
-            if scenario.engine == scenario.baseline_engine() and not scenario.dp_ranks and phase == "run":
+            if shared:
                 return self.eager_run(scenario, checkpoint, requests, phases, phase)
             with phases.timing(phase):
                 run = self.target.run(scenario, checkpoint, requests)

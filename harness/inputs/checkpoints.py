@@ -175,7 +175,7 @@ _MATCHED: dict[Path, tuple] = {}
 
 
 def _stat_signature(entry: Path) -> tuple:
-    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(entry.iterdir()))
+    return tuple((f.name, s.st_size, s.st_mtime_ns) for f in sorted(entry.iterdir()) for s in [f.stat()])
 
 
 def entry_problem(entry: Path) -> str | None:
