@@ -4,6 +4,8 @@ recorded graph (a warm-up, a re-recording, a skip) is counted with its reason, n
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -176,3 +178,59 @@ def test_the_compiled_step_takes_no_two_inputs_sharing_memory(monkeypatch):
                                                                          trees=trees))
     tree_engine(graph_bs=(1,))
     assert storages and all(len(inputs) == len(set(inputs)) for inputs in storages)
+
+
+@pytest.fixture
+def inductor_verdicts(monkeypatch) -> Iterator[list[str | None]]:
+    """Mode tree on the CPU through the real `torch.compile(mode="reduce-overhead")`, up to the point where inductor
+    hands each compiled step to the graph trees: what the trees would decide at its first recording (a skip's
+    reason, or None: recorded), from torch's own checks. The CPU lowering's own refusal ("cpu device") is lifted."""
+    from torch._inductor import cudagraph_utils, output_code
+    from torch._inductor.utils import remove_unaligned_input_idxs
+
+    verdicts: list[str | None] = []
+
+    def defer_to_first_call(example_inputs, compiled_graph, cudagraphs, *rest):
+        model, info = compiled_graph.current_callable, compiled_graph.cudagraph_info
+
+        def first_call(inputs):  # as the trees do: their checks need the real inputs, not the fake ones
+            static = remove_unaligned_input_idxs(inputs, compiled_graph.fx_kwargs["static_input_idxs"] or ())
+            func = SimpleNamespace(mutated_input_idxs=compiled_graph.mutated_input_idxs, static_input_idxs=static,
+                                   placeholders=info.placeholders)
+            mutation = cudagraph_utils.check_for_mutation(func, inputs, lambda t: False)
+            verdicts.append(mutation or (f"skipping cudagraphs due to {info.cudagraph_fail_reasons}"
+                                         if info.cudagraph_fail_reasons else None))
+            compiled_graph.current_callable = model
+            return model(inputs)
+
+        compiled_graph.current_callable = first_call
+
+    monkeypatch.setattr(cudagraph_utils, "check_lowering_disable_cudagraph", lambda device_node_mapping: None)
+    monkeypatch.setattr(output_code, "cudagraph_post_compile", defer_to_first_call)
+    monkeypatch.setattr(output_code, "cudagraph_partition_post_compile", defer_to_first_call)
+    trees = GraphTrees(name="inductor", compile=lambda forward: compile_into_trees(forward, mode="reduce-overhead"),
+                       manager=lambda: None, mark_step_begin=lambda: None, pool_attribute="pool", skip_count=lambda: 0)
+    monkeypatch.setattr("reference_runner.graphs.runner.get_graph_backend",
+                        lambda device, mode="graph": dataclasses.replace(sim_backend(), runner_cls=GraphTreeRunner,
+                                                                         trees=trees))
+    # Cached compiles on the CPU were refused at lowering and carry no checks; dynamo's own entries too (their
+    # guards do not see what was marked static, unguarded).
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield verdicts
+
+
+@pytest.mark.parametrize(("model", "prefill_graphs"), [("llama", False), ("qwen2_moe", True)])
+def test_inductor_hands_the_trees_every_step_as_recordable(inductor_verdicts, model, prefill_graphs):
+    # On the H200, the trees skipped every step for "mutated inputs" until the KV pools stopped sharing memory with
+    # another input: this is the check that skipped them, run on the CPU.
+    Engine(ensure_checkpoint(model), EngineArgs(mode="tree", max_context=16, graph_bs=(1,),
+                                                prefill_graphs=prefill_graphs))
+    assert inductor_verdicts == [None] * (2 if prefill_graphs else 1)  # one decode size, one prefill bucket
+
+
+def test_a_step_writing_an_input_not_marked_static_is_one_the_trees_skip(inductor_verdicts, monkeypatch):
+    monkeypatch.setattr(GraphTreeRunner, "mark_static", lambda self: None)
+    Engine(ensure_checkpoint("llama"), EngineArgs(mode="tree", max_context=16, graph_bs=(1,)))
+    assert [v.split(".")[0] if v else v for v in inductor_verdicts] == [
+        "skipping cudagraphs due to mutated inputs (4 instances)"]  # the two layers' key and value pools
