@@ -218,6 +218,7 @@ def inductor_verdicts(monkeypatch) -> Iterator[list[str | None]]:
     torch._dynamo.reset()
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         yield verdicts
+    torch._dynamo.reset()  # no entry compiled under these patches outlives the test
 
 
 @pytest.mark.parametrize(("model", "prefill_graphs"), [("llama", False), ("qwen2_moe", True)])
