@@ -131,24 +131,34 @@ class GraphRunner:
         return self.fallback_reason(forward_batch) is None
 
     def capture(self) -> None:
-        if self.pool is None:
-            self.pool = self.backend.graph_pool_handle()
-        forward = self.forward
-        if self.backend.compile_forward is not None:
-            forward = self.backend.compile_forward(forward)
+        """Capture every size of the family, largest first (smaller graphs reuse its pool memory), on the KV cache
+        where it is now."""
+        self.prepare_capture()
         self.captured_on = self.model_runner.kv_cache.data_ptrs()
         self.pad_static_inputs(0, self.max_bs)  # warmups write dummy slot 0, never a live slot of the last replay
-        for bs in reversed(self.capture_bs):  # largest first: smaller graphs reuse its pool memory
-            forward_batch = self.static_batch(bs, [self.seq_len_fill_value] * bs)
-            for _ in range(self.num_warmup):
-                forward(forward_batch)
-            graph = self.backend.new_graph(f"{self.name}={bs}")
-            with self.backend.capture(graph, self.pool):
-                output = forward(forward_batch)
-            self.graphs[bs], self.output_buffers[bs] = graph, output
+        for bs in reversed(self.capture_bs):
+            self.capture_size(bs)
             if bs == self.max_bs:
                 self.largest_bucket_bytes = self.graph_memory_bytes()
         self.family_bytes = self.graph_memory_bytes()  # with the families captured before into the same pool
+
+    def prepare_capture(self) -> None:
+        """The pool the graphs go into and the forward they capture (compiled first in compile-then-capture)."""
+        if self.pool is None:
+            self.pool = self.backend.graph_pool_handle()
+        self.captured_forward = self.forward
+        if self.backend.compile_forward is not None:
+            self.captured_forward = self.backend.compile_forward(self.forward)
+
+    def capture_size(self, bs: int) -> None:
+        """Warm up the forward of size `bs` and capture it into the pool."""
+        forward_batch = self.static_batch(bs, [self.seq_len_fill_value] * bs)
+        for _ in range(self.num_warmup):
+            self.captured_forward(forward_batch)
+        graph = self.backend.new_graph(f"{self.name}={bs}")
+        with self.backend.capture(graph, self.pool):
+            output = self.captured_forward(forward_batch)
+        self.graphs[bs], self.output_buffers[bs] = graph, output
 
     def recapture_if_kv_cache_moved(self) -> None:
         """Capture every graph again, into the same pool, when the KV cache no longer lives where they were

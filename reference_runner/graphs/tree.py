@@ -105,23 +105,21 @@ class GraphTreeRunner(GraphRunner):
     refreshes_host_lists = True
     max_calls_to_replay = 4  # warm-up, record, replay, and one more for a tree that warms up twice
 
-    def capture(self) -> None:
-        trees = self.trees = self.backend.trees
+    def prepare_capture(self) -> None:
+        """The step compiled into the trees, a static batch per size, and what it writes marked static."""
+        self.trees = self.backend.trees
         self.probe = TreeProbe()
-        self.compiled = trees.compile(self.forward)
+        self.compiled = self.trees.compile(self.forward)
         self.batches = {bs: self.static_batch(bs, [self.seq_len_fill_value] * bs) for bs in self.capture_bs}
         self.mark_static()
-        self.captured_on = self.model_runner.kv_cache.data_ptrs()
-        self.pad_static_inputs(0, self.max_bs)
         self.skipped: dict[int, str] = {}  # size -> why the trees never replayed it
-        for bs in reversed(self.capture_bs):  # largest first, as every runner captures
-            calls = [self.call(bs) for _ in range(self.max_calls_to_replay)]
-            if not calls[-1].replayed:  # a skip is logged and counted once, at the call that decided it
-                skips = TreeCall(bs, calls[-1].paths, sum(c.skips for c in calls), [r for c in calls for r in c.skip_reasons])
-                self.skipped[bs] = self.describe(skips, at_capture=True)
-            if bs == self.max_bs:
-                self.largest_bucket_bytes = self.graph_memory_bytes()
-        self.family_bytes = self.graph_memory_bytes()
+
+    def capture_size(self, bs: int) -> None:
+        """Call the step of size `bs` until the trees replay it; a size they never replay is named, with why."""
+        calls = [self.call(bs) for _ in range(self.max_calls_to_replay)]
+        if not calls[-1].replayed:  # a skip is logged and counted once, at the call that decided it
+            skips = TreeCall(bs, calls[-1].paths, sum(c.skips for c in calls), [r for c in calls for r in c.skip_reasons])
+            self.skipped[bs] = self.describe(skips, at_capture=True)
 
     def mark_static(self) -> None:
         """Mark what the step reads and writes in place as static: the trees then record it at its address
