@@ -17,7 +17,6 @@ from harness.bench.results import (
     GOALS,
     BenchResult,
     CostRatio,
-    load_cost_ratios,
     load_ratios,
     load_results,
     machine_class,
@@ -209,8 +208,7 @@ def report(args: argparse.Namespace) -> int:
     bench_json = args.results / "bench.json" if args.results.is_dir() else args.results
     if not bench_json.is_file():
         raise UsageError(f"no benchmark results at {bench_json} (write them with --benchmark-json)")
-    results, machine_info = _load(bench_json, "pytest-benchmark results", load_results)
-    cost_ratios = _load(bench_json, "pytest-benchmark results", load_cost_ratios)
+    results, cost_ratios, machine_info = _load(bench_json, "pytest-benchmark results", load_results)
     if not results and not cost_ratios:
         raise UsageError(f"{bench_json} holds no suites/bench results")
     sources = {"results": str(bench_json)}

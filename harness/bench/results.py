@@ -81,14 +81,12 @@ def cost_ratios_from_benchmarks(benchmarks: list[dict]) -> list[CostRatio]:
             if all(f in b["extra_info"] for f in fields)]
 
 
-def load_cost_ratios(path: Path) -> list[CostRatio]:
-    return cost_ratios_from_benchmarks(json.loads(Path(path).read_text())["benchmarks"])
-
-
-def load_results(path: Path) -> tuple[list[BenchResult], dict]:
-    """The results and machine info of a pytest-benchmark JSON file (`--benchmark-json` or a stored one)."""
+def load_results(path: Path) -> tuple[list[BenchResult], list[CostRatio], dict]:
+    """The results, time-to-verdict ratios and machine info of a pytest-benchmark JSON file (`--benchmark-json` or
+    a stored one)."""
     doc = json.loads(Path(path).read_text())
-    return results_from_benchmarks(doc["benchmarks"]), doc.get("machine_info", {})
+    benchmarks = doc["benchmarks"]
+    return results_from_benchmarks(benchmarks), cost_ratios_from_benchmarks(benchmarks), doc.get("machine_info", {})
 
 
 def speedups(results: list[BenchResult]) -> dict[str, float]:
