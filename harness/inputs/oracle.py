@@ -49,7 +49,6 @@ def _greedy(model: torch.nn.Module, cache_kwarg: str, request: Request, top_k: i
     return generation
 
 
-
 @torch.inference_mode()
 def oracle_score(checkpoint: Path, requests: list[Request], generations: list[Generation], *, top_k: int = EngineArgs.top_k,
                  dtype: torch.dtype = torch.float32) -> list[Generation]:

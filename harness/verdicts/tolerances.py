@@ -33,8 +33,6 @@ class Tolerance:
 
 EXACT = Tolerance(logprob_atol=0.0, tie_margin=0.0, router_gap=0.0)  # any difference is a mismatch
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 # Same kernels: graph replay against eager. Measured on the CPU (AMD EPYC, AVX2: bfloat16 and float16
 # matrix products go through torch's own kernels, float32 ones through MKL), built-in checkpoints x
 # workloads mixed, join_leave and batch8 x seeds 0 and 1, 64 tokens (24 scenarios per dtype):

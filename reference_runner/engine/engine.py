@@ -256,7 +256,7 @@ class Engine:
         if batch.forward_mode is ForwardMode.DECODE or self.model_runner.prefill_graphs is not None:
             self._count(batch, in_graph)
         next_ids = logits.argmax(-1)
-        forced = [(row, r.forced_token) for row, r in enumerate(reqs) if r.forced_token is not None]
+        forced = [(row, token) for row, r in enumerate(reqs) if (token := r.forced_token) is not None]
         if forced:
             rows, tokens = zip(*forced)
             next_ids = next_ids.index_put((torch.tensor(rows, device=self.device),), torch.tensor(tokens, device=self.device))

@@ -224,9 +224,9 @@ class PiecewiseCompiler:
                 self.fakes.update((r, env[r.name]) for r in op.bound())
 
     def parameters(self, inputs: list[Ref]) -> tuple[list[Ref], list[tuple[Ref, Ref, str]]]:
-        """A piece's parameters, and (view, base, how) for each view input (the KV cache's slot view) that the
-        piece rebuilds from its base, which is passed instead (as an EXTERNAL ref): an in-place write to a
-        view input would become a copy of the whole base."""
+        """A piece's parameters, and (view, base, how) for each view input (rows of a static buffer, such as the
+        routing buffers MoE layers write) that the piece rebuilds from its base, which is passed instead (as an
+        EXTERNAL ref): an in-place write to a view input would become a copy of the whole base."""
         params: dict[Ref, None] = {}  # ordered, without repeats
         views = []
         for ref in inputs:
