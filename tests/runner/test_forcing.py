@@ -159,6 +159,6 @@ def test_forced_experts_of_another_shape_than_the_models_routing_are_refused(eng
         engine.validate(Request("bad", [1, 2, 3], 3, forced_experts=forced_experts))
 
 
-def test_routing_of_fewer_positions_than_fed_replays_those_and_routes_the_rest(engines):
+def test_forced_experts_for_fewer_positions_than_fed_are_accepted(engines):
     engine = engines("qwen2_moe", "eager")
     engine.validate(Request("prompt only", [1, 2, 3], 3, forced_experts=[ROUTE] * 3))
