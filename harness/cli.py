@@ -2,7 +2,8 @@
 
 Parsing imports nothing heavy: each command's module (and torch with it) is imported only once its
 options have parsed, so `--help` and bad options answer at once. Every bad input is one line on stderr
-and exit 2; Ctrl-C (SIGINT) and SIGTERM stop a command cleanly, with one line and exit 130 or 143.
+and exit 2; Ctrl-C (SIGINT) and SIGTERM stop a command cleanly, with one line and exit 130 or 143 (`stops.py`).
+Whatever the exit, the command returns only once every process it started is gone.
 """
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import sys
 from pathlib import Path
 
 from harness.bench.results import DEFAULT_TOLERANCE
-from harness.exits import EXIT_PASS, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, Terminated, UsageError, sigterm_raises
+from harness.exits import EXIT_PASS, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, Terminated, UsageError, stop_reason
+from harness.stops import raise_if_stopped, stop_signals
 from harness.targets import TARGETS
 from harness.targets.base import MIN_COVERAGE
+from harness.targets.subprocesses import descendants_ended
 from reference_runner.engine.args import MODES, EngineArgs, csv_items
 
 DEFAULT_MODELS = "llama,qwen2_moe"  # one dense, one MoE
+STOP_STATUS = {UsageError: EXIT_USAGE, KeyboardInterrupt: EXIT_SIGINT, Terminated: EXIT_SIGTERM}
 COMMANDS = {"check": "harness.check:check", "bench": "harness.bench.run:bench", "report": "harness.bench.report:report"}
 
 
@@ -45,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens decoded per request (before per-request offsets)")
     check.add_argument("--json", type=Path, default=None, help="write the JSON report here")
     check.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
+    check.add_argument("--resume", type=Path, default=None, metavar="FILE",
+                       help="take the scenarios that check report FILE (--json) holds as finished with the same options "
+                            "and checkpoints from there, and run the rest")
     check.add_argument("--min-coverage", type=float, default=None,
                        help=f"share of generated tokens a scenario must compare to pass, 0..1 (default: "
                             f"{MIN_COVERAGE[True]:g}, or {MIN_COVERAGE[False]:g} for a target that cannot force "
@@ -73,22 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `npugraph-harness` and `python -m harness`; returns the exit status."""
-    with sigterm_raises():
+    """Entry point of `npugraph-harness` and `python -m harness`; returns the exit status once every process the
+    command started is gone."""
+    with stop_signals():
         try:
-            args = build_parser().parse_args(argv)
-            module, name = COMMANDS[args.command].split(":")
-            return getattr(importlib.import_module(module), name)(args)
+            with descendants_ended():
+                args = build_parser().parse_args(argv)
+                module, name = COMMANDS[args.command].split(":")
+                status = getattr(importlib.import_module(module), name)(args)
+            raise_if_stopped()  # a stop that something swallowed on its way up still stops the command
+            return status
         except SystemExit as exit_:  # --help
             return EXIT_USAGE if exit_.code else EXIT_PASS
-        except UsageError as error:
-            return _stop(f"error: {error}", EXIT_USAGE)
-        except KeyboardInterrupt:
-            return _stop("stopped by SIGINT (Ctrl-C)", EXIT_SIGINT)
-        except Terminated:
-            return _stop("stopped by SIGTERM", EXIT_SIGTERM)
-
-
-def _stop(line: str, status: int) -> int:
-    print(f"npugraph-harness: {line}", file=sys.stderr)
-    return status
+        except (UsageError, KeyboardInterrupt, Terminated) as error:
+            print(f"npugraph-harness: {stop_reason(error)}", file=sys.stderr)
+            return next(status for kind, status in STOP_STATUS.items() if isinstance(error, kind))

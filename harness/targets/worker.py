@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.scratch import scratch, signals_deferred
+from harness.scratch import scratch
+from harness.stops import raise_if_stopped, signals_deferred
 from harness.targets.base import TargetRun
 from harness.targets.subprocesses import kill, log_tail, python_env, signal_name, start
 from reference_runner.engine.args import EngineArgs
@@ -33,6 +34,7 @@ from reference_runner.records import Request
 
 WORKER_TIMEOUT_S = 900.0  # one engine start and run: vLLM's compile mode alone takes minutes on two loaded cores
 PARENT_CHECK_S = 1.0
+WAIT_POLL_S = 0.05
 
 
 class WorkerFailed(RuntimeError):
@@ -62,23 +64,30 @@ def run_in_worker(job: WorkerJob, env: dict[str, str] | None = None, timeout_s: 
     with scratch(Path(tempfile.gettempdir()), "npugraph-worker-") as out:
         (out / "job.json").write_text(json.dumps(dataclasses.asdict(job)))
         log = out / "worker.log"
-        proc = None
+        procs: list[subprocess.Popen] = []
         try:
             # The worker watches for our death itself and ends its whole group: its engine may start processes.
-            proc = start(__name__, ["--job", str(out / "job.json"), "--out", str(out)], python_env(**(env or {})), log,
-                         die_with_parent=False)
-            try:
-                code = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                raise WorkerFailed(f"the worker did not finish within {timeout_s:g} s and was killed; its log ends:\n"
-                                   f"{log_tail(log)}") from None
+            start(__name__, ["--job", str(out / "job.json"), "--out", str(out)], python_env(**(env or {})), log,
+                  die_with_parent=False, started=procs)
+            code = _wait(procs[0], timeout_s, log)
         finally:
-            if proc is not None:
-                with signals_deferred():  # a second Ctrl-C must not leave the worker behind
-                    kill([proc])
+            with signals_deferred():  # a second Ctrl-C must not leave the worker behind
+                kill(procs)
         if code != 0:
             raise WorkerFailed(f"{_failure(out, code)}; its log ends:\n{log_tail(log)}")
         return TargetRun.from_dict(json.loads((out / "result.json").read_text()))
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float, log: Path) -> int:
+    """The worker's exit status; WorkerFailed once it outlives `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while (code := proc.poll()) is None:
+        raise_if_stopped()
+        if time.monotonic() > deadline:
+            raise WorkerFailed(f"the worker did not finish within {timeout_s:g} s and was killed; its log ends:\n"
+                               f"{log_tail(log)}")
+        time.sleep(WAIT_POLL_S)
+    return code
 
 
 def _failure(out: Path, code: int) -> str:
