@@ -10,19 +10,23 @@ layout, KV-cache memory). A new check is one function added to either tuple.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import os
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness.exits import EXIT_FAIL, EXIT_PASS, UsageError
+from harness.exits import EXIT_FAIL, EXIT_PASS, UsageError, stop_reason
 from harness.inputs.scenarios import Scenario, default_matrix
 from harness.inputs.workloads import WORKLOADS, make_requests
+from harness.stops import raise_if_stopped
 from harness.targets import TARGETS
 from reference_runner.device import DEVICES
 from reference_runner.engine.args import MODES, EngineArgs
@@ -31,6 +35,8 @@ from reference_runner.records import Request
 if TYPE_CHECKING:
     import torch
 
+    from harness.judge import Judge, ScenarioResult
+    from harness.report import CheckReports
     from harness.targets.base import Target
     from reference_runner.models.config import ModelConfig
 
@@ -48,6 +54,7 @@ class ModelPlan:
     config: ModelConfig
     workload: str
     requests: list[Request]
+    fingerprint: str  # changes when the checkpoint does (`checkpoints.fingerprint`)
 
 
 @dataclass(frozen=True)
@@ -61,43 +68,87 @@ class CheckPlan:
     workload: str
     max_new_tokens: int
     models: list[ModelPlan]
+    min_coverage: float
     json: Path | None = None
     junit: Path | None = None
-    min_coverage: float | None = None  # None: the target's default
+    resumed: dict[str, ScenarioResult] = dataclasses.field(default_factory=dict)  # by name: finished, from --resume
 
     @property
     def scenarios(self) -> list[Scenario]:
         return default_matrix([m.name for m in self.models], self.modes, self.engine, workload=self.workload,
                               max_new_tokens=self.max_new_tokens)
 
+    @property
+    def identity(self) -> dict:
+        """What decides every verdict besides each scenario's own fields and checkpoint: a resumed scenario must
+        share it."""
+        return {"device": self.device, "target": self.target.name, "min_coverage": self.min_coverage}
+
 
 def check(args: argparse.Namespace) -> int:
-    """Plan, run every scenario, print the table, write the reports; EXIT_PASS only if every scenario passed."""
+    """Plan, run every scenario (the reports rewritten as each ends), print the table; EXIT_PASS only if every
+    scenario passed."""
     plan = plan_check(args)
     from harness.environment import ascend_environment
-    from harness.judge import SETUP_ERRORS, Judge
-    from harness.report import table, write_json, write_junit
+    from harness.judge import Judge
+    from harness.report import CheckReports, table
 
-    scenarios = plan.scenarios
     judge = Judge(plan.target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr),
                   min_coverage=plan.min_coverage)
-    judge.progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(scenarios)} scenario(s)")
+    judge.progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(plan.scenarios)} "
+                   f"scenario(s)" + (f", {len(plan.resumed)} finished in {args.resume}" if args.resume else ""))
     environment = ascend_environment(plan.device)
     for warning in environment.get("warnings", []):
         print(f"npugraph-harness: warning: {warning}", file=sys.stderr)
+    reports = CheckReports(plan.json, plan.junit, {**plan.identity, "environment": environment},
+                           {m.name: m.fingerprint for m in plan.models})
+    results: list[ScenarioResult] = []
     try:
-        results = []
+        run_scenarios(plan, judge, reports, results)
+    except BaseException as error:  # what finished is kept, and the files say why the rest did not run
+        with contextlib.suppress(OSError):
+            reports.write(results, plan.scenarios[len(results):], stopped_by=stop_reason(error))
+        if results:
+            print(table(results))
+        raise
+    print(table(results))
+    return EXIT_PASS if results and all(r.passed for r in results) else EXIT_FAIL
+
+
+def run_scenarios(plan: CheckPlan, judge: Judge, reports: CheckReports, results: list[ScenarioResult]) -> None:
+    """Each scenario of `plan` in turn (a resumed one taken from its file), appended to `results` and written."""
+    from harness.judge import SETUP_ERRORS
+
+    scenarios = plan.scenarios
+    try:
+        reports.write(results, scenarios)
         for i, scenario in enumerate(scenarios, 1):
-            judge.progress(f"scenario {i}/{len(scenarios)}: {scenario.name}")
-            results.append(judge.run(scenario))
-        print(table(results))
-        if plan.json:
-            write_json(results, plan.json, device=plan.device, target=plan.target.name, environment=environment)
-        if plan.junit:
-            write_junit(results, plan.junit)
+            raise_if_stopped()
+            if scenario.name in plan.resumed:
+                judge.progress(f"scenario {i}/{len(scenarios)}: {scenario.name}: finished before, not run again")
+                results.append(plan.resumed[scenario.name])
+            else:
+                judge.progress(f"scenario {i}/{len(scenarios)}: {scenario.name}")
+                results.append(run_scenario(judge, scenario))
+            reports.write(results, scenarios[i:])
     except (OSError, *SETUP_ERRORS) as error:
         raise UsageError(str(error)) from None
-    return EXIT_PASS if results and all(r.passed for r in results) else EXIT_FAIL
+
+
+def run_scenario(judge: Judge, scenario: Scenario) -> ScenarioResult:
+    """The judge's result, or, where the harness itself raised, the scenario failed with that error: the run goes on.
+    A setup error (a checkpoint, a device) raises: every later scenario would meet it too."""
+    from harness.judge import SETUP_ERRORS, ScenarioResult
+
+    start = time.perf_counter()
+    try:
+        return judge.run(scenario)
+    except SETUP_ERRORS:
+        raise
+    except Exception as error:
+        judge.progress(f"{scenario.name}: internal error, the scenario fails and the run goes on:\n"
+                       + traceback.format_exc().rstrip())
+        return ScenarioResult.raised(scenario, error, time.perf_counter() - start)
 
 
 def plan_check(args: argparse.Namespace) -> CheckPlan:
@@ -108,7 +159,7 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     import transformers
 
     from harness.targets import get_target
-    from harness.targets.base import TargetUnavailable
+    from harness.targets.base import TargetUnavailable, default_min_coverage
     from reference_runner.attention import default_dtype
     from reference_runner.device import DeviceUnavailable, detect_device, resolve_device
 
@@ -119,8 +170,9 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     except (DeviceUnavailable, TargetUnavailable) as error:
         raise UsageError(str(error)) from None
     engine = EngineArgs.from_cli_args(args, dtype=args.dtype or default_dtype(device))
+    min_coverage = default_min_coverage(target) if args.min_coverage is None else args.min_coverage
     plan = CheckPlan(device, target, engine, list(args.modes), args.workload, args.max_new_tokens, models=[],
-                     **{output: getattr(args, output) for output in OUTPUTS}, min_coverage=args.min_coverage)
+                     min_coverage=min_coverage, **{output: getattr(args, output) for output in OUTPUTS})
     for name in args.model:  # all of them before any scenario: a bad last model costs nothing
         model = resolve_model(name, args.workload, args.max_new_tokens, getattr(torch, engine.dtype))
         for model_check in MODEL_CHECKS:
@@ -128,12 +180,43 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
         plan.models.append(model)
     if not plan.scenarios:
         raise UsageError("no scenario to run: give at least one --model and one of --modes")
+    if args.resume:
+        plan.resumed.update(resumable(plan, args.resume))
     return plan
+
+
+def resumable(plan: CheckPlan, file: Path) -> dict[str, ScenarioResult]:
+    """The scenarios of `plan` that check report `file` holds as finished with the same options, target, device and
+    checkpoint, by name; a file that is no check report raises UsageError."""
+    from harness.judge import ScenarioResult
+
+    try:
+        doc = json.loads(file.read_text())
+        records = {record["name"]: record for record in doc["scenarios"]}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as error:
+        raise UsageError(f"--resume {file}: not a check report written by --json ({type(error).__name__}: "
+                         f"{error})") from None
+    if any(doc.get(key) != value for key, value in plan.identity.items()):
+        return {}
+    fingerprints = {m.name: m.fingerprint for m in plan.models}
+    finished = {}
+    for scenario in plan.scenarios:
+        record = records.get(scenario.name)
+        if record is None or record.get("checkpoint_fingerprint") != fingerprints[scenario.model]:
+            continue
+        try:
+            result = ScenarioResult.from_dict(record)
+        except (KeyError, TypeError, ValueError) as error:
+            raise UsageError(f"--resume {file}: scenario {scenario.name!r} cannot be read back ({type(error).__name__}: "
+                             f"{error}); was it written by an older npugraph-harness?") from None
+        if result.scenario == scenario:
+            finished[scenario.name] = result
+    return finished
 
 
 def resolve_model(name: str, workload: str, max_new_tokens: int, dtype: torch.dtype) -> ModelPlan:
     """Model `name`'s checkpoint (built, or validated tensor by tensor for a run in `dtype`) and its requests."""
-    from harness.inputs.checkpoints import ensure_checkpoint
+    from harness.inputs.checkpoints import ensure_checkpoint, fingerprint
     from reference_runner.errors import CheckpointError, UnsupportedModel
     from reference_runner.models.loader import validate_checkpoint
 
@@ -145,7 +228,7 @@ def resolve_model(name: str, workload: str, max_new_tokens: int, dtype: torch.dt
     requests = make_requests(workload, config.vocab_size, max_new_tokens)
     if not requests:
         raise UsageError(f"--workload {workload} has no request for model {name!r}: the check would compare nothing")
-    return ModelPlan(name, checkpoint, config, workload, requests)
+    return ModelPlan(name, checkpoint, config, workload, requests, fingerprint(checkpoint))
 
 
 # --- option checks: the parsed options alone, before torch is imported ---------------------------
@@ -219,6 +302,12 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise UsageError(f"--{option} {path}: cannot write there ({error})") from None
 
 
+def check_resume(args: argparse.Namespace) -> None:
+    """--resume names a file (what it holds is read once the plan is made)."""
+    if args.resume is not None and not args.resume.is_file():
+        raise UsageError(f"--resume {args.resume}: no such file (give the --json report of the run to resume)")
+
+
 def check_reference_only(args: argparse.Namespace) -> None:
     """Prefill graphs and graph trees are modes of the reference runner: another target would run without them and
     pass having checked none of it."""
@@ -233,7 +322,7 @@ def check_reference_only(args: argparse.Namespace) -> None:
 
 
 OPTION_CHECKS: tuple[Callable[[argparse.Namespace], None], ...] = (
-    check_names, check_lists, check_numbers, check_outputs, check_reference_only)
+    check_names, check_lists, check_numbers, check_outputs, check_resume, check_reference_only)
 
 
 # --- model checks: each model's config and requests against the engine's limits -----------------

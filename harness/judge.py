@@ -12,6 +12,7 @@ serves both as the `eager` scenario's run and as the baseline of every other mod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -63,6 +64,10 @@ class Phases:
         return {"phase_seconds": {p: round(self.seconds[p], 2) for p in PHASES if p in self.seconds}, "reused": self.reused}
 
 
+# The TargetRun fields a scenario's JSON keeps: all but the records and the capture time (a phase).
+RUN_STATS = ("engine_version", "graph_steps", "counts_graph_steps", "eager_steps", "prefill_graph_steps",
+             "prefill_eager_steps", "fallback_reasons", "graph_memory")
+
 # In the order they run: the eager baseline, the capture (or compile) of the target's graphs, the target's
 # run without it, transformers scoring the run, the forced re-run past near-ties, and the comparison.
 PHASES = ("baseline", "capture", "run", "oracle", "forced_rerun", "compare")
@@ -110,17 +115,26 @@ class ScenarioResult:
             "near_ties": sum(v.ties for v in self.verdicts),
             "router_near_ties": sum(v.router_ties for v in self.verdicts),
             "forced_requests": self.forced_requests,
-            "graph_steps": self.run.graph_steps,
-            "counts_graph_steps": self.run.counts_graph_steps,
-            "eager_steps": self.run.eager_steps,
-            "prefill_graph_steps": self.run.prefill_graph_steps,
-            "prefill_eager_steps": self.run.prefill_eager_steps,
-            "fallback_reasons": self.run.fallback_reasons,
-            "graph_memory": self.run.graph_memory,
+            **{stat: getattr(self.run, stat) for stat in RUN_STATS if stat != "engine_version"},
             "first_divergence": None if first is None else first.__dict__ | {"passed": first.passed},
             "seconds": round(self.seconds, 2),
             **self.phases.as_dict(),
+            "requests": [dataclasses.asdict(v) for v in self.verdicts],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScenarioResult:
+        """The inverse of `as_dict` (after a JSON round trip), the run's records aside: a finished scenario read
+        back from a check's JSON (`check --resume`)."""
+        run = TargetRun([], **{f: d[f] for f in RUN_STATS})
+        return cls(Scenario.from_dict(d), [Verdict(**v) for v in d["requests"]], run, d["seconds"], d["failures"],
+                   d["forced_requests"], Phases(dict(d["phase_seconds"]), list(d["reused"])))
+
+    @classmethod
+    def raised(cls, scenario: Scenario, error: Exception, seconds: float) -> ScenarioResult:
+        """A scenario that the harness itself could not finish: failed, naming the error."""
+        return cls(scenario, [], TargetRun([]), seconds, [f"internal error: {type(error).__name__}: {error}"])
+
 
 
 def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRun, min_coverage: float) -> list[str]:

@@ -1,11 +1,15 @@
-"""Readable check reports: a console table, a JSON document and JUnit XML."""
+"""Readable check reports: a console table, a JSON document and JUnit XML, the files written as scenarios end."""
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.inputs.scenarios import Scenario
 from harness.judge import PHASES, ScenarioResult
+from harness.stops import signals_deferred
 
 
 def table(results: list[ScenarioResult]) -> str:
@@ -47,21 +51,53 @@ def table(results: list[ScenarioResult]) -> str:
     return "\n".join(lines)
 
 
-def write_json(results: list[ScenarioResult], path: Path, **meta) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    doc = {"passed": all(r.passed for r in results), **meta, "scenarios": [r.as_dict() for r in results]}
-    Path(path).write_text(json.dumps(doc, indent=2, default=str))
+@dataclass
+class CheckReports:
+    """The check's `--json` and `--junit` files, rewritten atomically after every scenario, so that each holds every
+    finished scenario at any moment, and says whether the run is complete and, if not, why."""
+
+    json: Path | None
+    junit: Path | None
+    meta: dict = field(default_factory=dict)  # the run's: device, target, environment...
+    fingerprints: dict[str, str] = field(default_factory=dict)  # by model: its checkpoint's, for `check --resume`
+
+    def write(self, results: list[ScenarioResult], pending: list[Scenario], stopped_by: str | None = None) -> None:
+        """Both files for `results` finished and `pending` not run yet; `stopped_by`: why the run ended early."""
+        complete = not pending and stopped_by is None
+        if self.json:
+            scenarios = [r.as_dict() | {"checkpoint_fingerprint": self.fingerprints.get(r.scenario.model)} for r in results]
+            doc = {"passed": complete and all(r.passed for r in results), "complete": complete, "stopped_by": stopped_by,
+                   **self.meta, "scenarios": scenarios, "pending": [s.name for s in pending]}
+            _replace(self.json, json.dumps(doc, indent=2, default=str).encode())
+        if self.junit:
+            _replace(self.junit, junit_xml(results, pending, stopped_by))
 
 
-def write_junit(results: list[ScenarioResult], path: Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+def junit_xml(results: list[ScenarioResult], pending: list[Scenario], stopped_by: str | None) -> bytes:
+    """JUnit XML: a test case per scenario, failed ones with their failures, pending ones skipped."""
     suite = ET.Element(
-        "testsuite", name="npugraph-harness", tests=str(len(results)),
-        failures=str(sum(not r.passed for r in results)), time=f"{sum(r.seconds for r in results):.2f}",
+        "testsuite", name="npugraph-harness", tests=str(len(results) + len(pending)),
+        failures=str(sum(not r.passed for r in results)), skipped=str(len(pending)),
+        time=f"{sum(r.seconds for r in results):.2f}",
     )
     for r in results:
         case = ET.SubElement(suite, "testcase", classname=f"check.{r.scenario.model}", name=r.scenario.name,
                              time=f"{r.seconds:.2f}")
         if not r.passed:
             ET.SubElement(case, "failure", message=r.failures[0]).text = "\n".join(r.failures)
-    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+    for scenario in pending:
+        case = ET.SubElement(suite, "testcase", classname=f"check.{scenario.model}", name=scenario.name, time="0")
+        ET.SubElement(case, "skipped", message=f"not run: {stopped_by or 'the run has not reached it yet'}")
+    return ET.tostring(suite, encoding="utf-8", xml_declaration=True)
+
+
+def _replace(path: Path, content: bytes) -> None:
+    # A reader (or a stop) never sees half a file: the new one is written aside, then renamed over the old.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with signals_deferred():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            temporary.write_bytes(content)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)

@@ -42,6 +42,14 @@ class Scenario:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "engine"}
         return {"name": self.name, **fields, **self.engine.as_dict()}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Scenario:
+        """The inverse of `as_dict` (after a JSON round trip); other keys of `d` are ignored."""
+        engine = EngineArgs.from_dict({f.name: d[f.name] for f in dataclasses.fields(EngineArgs)})
+        fields = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "engine"}
+        dp_ranks = fields["dp_ranks"]
+        return cls(**{**fields, "dp_ranks": tuple(dp_ranks) if dp_ranks is not None else None}, engine=engine)
+
 
 def default_matrix(models: list[str], modes: list[str], engine: EngineArgs, **options) -> list[Scenario]:
     """`eager` against the oracle; every other mode against eager on the same target."""
