@@ -27,7 +27,7 @@ from harness.exits import EXIT_FAIL, EXIT_PASS, UsageError, stop_reason
 from harness.inputs.scenarios import Scenario, default_matrix
 from harness.inputs.workloads import WORKLOADS, make_requests
 from harness.stops import raise_if_stopped
-from harness.targets import TARGETS
+from harness.targets import ENTRY_POINT_GROUP, find_target, target_names
 from reference_runner.device import DEVICES
 from reference_runner.engine.args import MODES, EngineArgs
 from reference_runner.records import Request
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from harness.judge import Judge, ScenarioResult
-    from harness.report import CheckReports
+    from harness.report import CheckResult
     from harness.targets.base import Target
     from reference_runner.models.config import ModelConfig
 
@@ -86,53 +86,66 @@ class CheckPlan:
 
 
 def check(args: argparse.Namespace) -> int:
-    """Plan, run every scenario (the reports rewritten as each ends), print the table; EXIT_PASS only if every
-    scenario passed."""
+    """The command: plan, run every scenario (the reports rewritten as each ends), print the table, also of a run
+    stopped early; EXIT_PASS only if every scenario passed."""
     plan = plan_check(args)
-    from harness.environment import ascend_environment
-    from harness.judge import Judge
-    from harness.report import CheckReports, table
+    result = new_result(plan)
+    try:
+        run_check(plan, result, progress=stderr_progress)
+    finally:
+        if result.scenarios:
+            print(result.summary())
+    return EXIT_PASS if result.passed else EXIT_FAIL
 
-    judge = Judge(plan.target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr),
-                  min_coverage=plan.min_coverage)
-    judge.progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(plan.scenarios)} "
-                   f"scenario(s)" + (f", {len(plan.resumed)} finished in {args.resume}" if args.resume else ""))
-    environment = ascend_environment(plan.device)
+
+def stderr_progress(line: str) -> None:
+    """A progress line on stderr, time-stamped."""
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr)
+
+
+def new_result(plan: CheckPlan) -> CheckResult:
+    """The result of `plan` before any scenario has run."""
+    from harness.report import CheckResult
+
+    return CheckResult([], plan.scenarios, meta=dict(plan.identity),
+                       fingerprints={m.name: m.fingerprint for m in plan.models})
+
+
+def run_check(plan: CheckPlan, result: CheckResult, progress: Callable[[str], None]) -> None:
+    """Run `plan`'s scenarios into `result`, a resumed one taken as it was, writing the reports before the first
+    and after each. However the run ends, what finished is kept, and the reports say why the rest did not run."""
+    from harness.environment import ascend_environment
+    from harness.judge import SETUP_ERRORS, Judge
+    from harness.report import CheckReports
+
+    judge = Judge(plan.target, progress=progress, min_coverage=plan.min_coverage)
+    scenarios = plan.scenarios
+    progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(scenarios)} scenario(s)"
+             + (f", {len(plan.resumed)} finished before" if plan.resumed else ""))
+    result.meta["environment"] = environment = ascend_environment(plan.device)
     for warning in environment.get("warnings", []):
         print(f"npugraph-harness: warning: {warning}", file=sys.stderr)
-    reports = CheckReports(plan.json, plan.junit, {**plan.identity, "environment": environment},
-                           {m.name: m.fingerprint for m in plan.models})
-    results: list[ScenarioResult] = []
+    reports = CheckReports(plan.json, plan.junit)
     try:
-        run_scenarios(plan, judge, reports, results)
-    except BaseException as error:  # what finished is kept, and the files say why the rest did not run
+        try:
+            reports.write(result)
+            for i, scenario in enumerate(scenarios, 1):
+                raise_if_stopped()
+                if scenario.name in plan.resumed:
+                    progress(f"scenario {i}/{len(scenarios)}: {scenario.name}: finished before, not run again")
+                    result.scenarios.append(plan.resumed[scenario.name])
+                else:
+                    progress(f"scenario {i}/{len(scenarios)}: {scenario.name}")
+                    result.scenarios.append(run_scenario(judge, scenario))
+                result.pending = scenarios[i:]
+                reports.write(result)
+        except (OSError, *SETUP_ERRORS) as error:
+            raise UsageError(str(error)) from None
+    except BaseException as error:
+        result.stopped_by = stop_reason(error)
         with contextlib.suppress(OSError):
-            reports.write(results, plan.scenarios[len(results):], stopped_by=stop_reason(error))
-        if results:
-            print(table(results))
+            reports.write(result)
         raise
-    print(table(results))
-    return EXIT_PASS if results and all(r.passed for r in results) else EXIT_FAIL
-
-
-def run_scenarios(plan: CheckPlan, judge: Judge, reports: CheckReports, results: list[ScenarioResult]) -> None:
-    """Each scenario of `plan` in turn (a resumed one taken from its file), appended to `results` and written."""
-    from harness.judge import SETUP_ERRORS
-
-    scenarios = plan.scenarios
-    try:
-        reports.write(results, scenarios)
-        for i, scenario in enumerate(scenarios, 1):
-            raise_if_stopped()
-            if scenario.name in plan.resumed:
-                judge.progress(f"scenario {i}/{len(scenarios)}: {scenario.name}: finished before, not run again")
-                results.append(plan.resumed[scenario.name])
-            else:
-                judge.progress(f"scenario {i}/{len(scenarios)}: {scenario.name}")
-                results.append(run_scenario(judge, scenario))
-            reports.write(results, scenarios[i:])
-    except (OSError, *SETUP_ERRORS) as error:
-        raise UsageError(str(error)) from None
 
 
 def run_scenario(judge: Judge, scenario: Scenario) -> ScenarioResult:
@@ -275,8 +288,9 @@ def check_names(args: argparse.Namespace) -> None:
     for where, device in (("--device ", args.device), ("NPUGRAPH_DEVICE=", forced)):
         if device is not None and device not in DEVICES:
             raise UsageError(f"{where}{device}: unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if args.target not in TARGETS:
-        raise UsageError(f"--target {args.target}: unknown target {args.target!r}; choose one of {', '.join(TARGETS)}")
+    if find_target(args.target) is None:
+        raise UsageError(f"--target {args.target}: unknown target {args.target!r}; choose one of "
+                         f"{', '.join(target_names())} (or register one under the entry-point group {ENTRY_POINT_GROUP})")
     if args.workload not in WORKLOADS:
         raise UsageError(f"--workload {args.workload}: unknown workload {args.workload!r}; choose one of "
                          f"{', '.join(WORKLOADS)}")

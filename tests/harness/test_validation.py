@@ -78,7 +78,8 @@ OPTION_PROBES = {
                                                             "that takes 16 blocks of 16 tokens, plus block 0 (reserved)"),
     "unknown-workload": (["--workload", "nope"], "--workload nope: unknown workload 'nope'; choose one of mixed, join_leave, "
                                                  "skewed, batch1, batch3, batch5, batch7, batch8, batch13"),
-    "unknown-target": (["--target", "tgi"], "--target tgi: unknown target 'tgi'; choose one of reference, sglang, vllm"),
+    "unknown-target": (["--target", "tgi"], "--target tgi: unknown target 'tgi'; choose one of reference, sglang, vllm (or "
+                                            "register one under the entry-point group npugraph_harness.targets)"),
     "unknown-device": (["--device", "tpu"], "--device tpu: unknown device 'tpu'; choose one of cpu, cuda, npu"),
     "prefill-graphs-with-dp": (["--prefill-graphs", "--dp", "2"], "prefill_graphs (--prefill-graphs) with dp_size 2: DP "
                                                                  "ranks would have to agree on one prefill bucket every "
