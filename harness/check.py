@@ -64,10 +64,12 @@ class CheckPlan:
     json: Path | None = None
     junit: Path | None = None
     min_coverage: float | None = None  # None: the target's default
+    against: Target | None = None  # the target whose eager run is every scenario's baseline (--against)
 
     @property
     def scenarios(self) -> list[Scenario]:
-        return default_matrix([m.name for m in self.models], self.modes, self.engine, workload=self.workload,
+        return default_matrix([m.name for m in self.models], self.modes, self.engine,
+                              self.against.name if self.against else None, workload=self.workload,
                               max_new_tokens=self.max_new_tokens)
 
 
@@ -80,7 +82,7 @@ def check(args: argparse.Namespace) -> int:
 
     scenarios = plan.scenarios
     judge = Judge(plan.target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr),
-                  min_coverage=plan.min_coverage)
+                  min_coverage=plan.min_coverage, against=plan.against)
     judge.progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(scenarios)} scenario(s)")
     environment = ascend_environment(plan.device)
     for warning in environment.get("warnings", []):
@@ -116,11 +118,13 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     try:
         device = resolve_device(args.device) if args.device else detect_device()
         target = get_target(args.target, device)
+        against = get_target(args.against, device) if args.against else None
     except (DeviceUnavailable, TargetUnavailable) as error:
         raise UsageError(str(error)) from None
     engine = EngineArgs.from_cli_args(args, dtype=args.dtype or default_dtype(device))
     plan = CheckPlan(device, target, engine, list(args.modes), args.workload, args.max_new_tokens, models=[],
-                     **{output: getattr(args, output) for output in OUTPUTS}, min_coverage=args.min_coverage)
+                     **{output: getattr(args, output) for output in OUTPUTS}, min_coverage=args.min_coverage,
+                     against=against)
     for name in args.model:  # all of them before any scenario: a bad last model costs nothing
         model = resolve_model(name, args.workload, args.max_new_tokens, getattr(torch, engine.dtype))
         for model_check in MODEL_CHECKS:
@@ -192,8 +196,12 @@ def check_names(args: argparse.Namespace) -> None:
     for where, device in (("--device ", args.device), ("NPUGRAPH_DEVICE=", forced)):
         if device is not None and device not in DEVICES:
             raise UsageError(f"{where}{device}: unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if args.target not in TARGETS:
-        raise UsageError(f"--target {args.target}: unknown target {args.target!r}; choose one of {', '.join(TARGETS)}")
+    for option, target in (("--target", args.target), ("--against", args.against)):
+        if target is not None and target not in TARGETS:
+            raise UsageError(f"{option} {target}: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if args.against == args.target:
+        raise UsageError(f"--against {args.against}: the target under test itself; name another target to judge it "
+                         "against (without --against, its modes are judged against its own eager run)")
     if args.workload not in WORKLOADS:
         raise UsageError(f"--workload {args.workload}: unknown workload {args.workload!r}; choose one of "
                          f"{', '.join(WORKLOADS)}")
@@ -280,13 +288,18 @@ def check_layout(plan: CheckPlan, model: ModelPlan) -> None:
 
 
 def check_target(plan: CheckPlan, model: ModelPlan) -> None:
-    """The target can run the model in every mode asked for (a third-party engine refuses what it lacks)."""
+    """The target can run the model in every mode asked for, and the target judged against can run its eager baseline
+    (a third-party engine refuses what it lacks)."""
     from harness.targets.base import TargetUnavailable
 
-    for mode in plan.modes:
-        scenario = Scenario(model.name, baseline="eager", engine=dataclasses.replace(plan.engine, mode=mode))
+    base = Scenario(model.name, baseline="eager", engine=plan.engine)
+    runs = [(plan.target, dataclasses.replace(base, engine=dataclasses.replace(plan.engine, mode=mode)))
+            for mode in plan.modes]
+    if plan.against:
+        runs.append((plan.against, dataclasses.replace(base, engine=base.baseline_engine())))
+    for target, scenario in runs:
         try:
-            plan.target.validate(scenario, model.checkpoint)
+            target.validate(scenario, model.checkpoint)
         except TargetUnavailable as error:
             raise UsageError(f"--model {model.name}: {error}") from None
 

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 from reference_runner.engine.args import EngineArgs
 
-BASELINES = ("oracle", "eager")
+BASELINES = ("oracle", "eager")  # or the name of another target: its eager run (`check --against TARGET`)
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """`engine` (its mode above all) is judged against `baseline`: the transformers `oracle`, or the same
-    target run `eager` on one rank."""
+    """`engine` (its mode above all) is judged against `baseline`: the transformers `oracle`, the same target run
+    `eager` on one rank, or another target (named: `vllm`, `reference`...) run eager on one rank."""
 
     model: str
     baseline: str
@@ -43,8 +43,10 @@ class Scenario:
         return {"name": self.name, **fields, **self.engine.as_dict()}
 
 
-def default_matrix(models: list[str], modes: list[str], engine: EngineArgs, **options) -> list[Scenario]:
-    """`eager` against the oracle; every other mode against eager on the same target."""
-    return [Scenario(model=model, baseline="oracle" if mode == "eager" else "eager",
+def default_matrix(models: list[str], modes: list[str], engine: EngineArgs, against: str | None = None,
+                   **options) -> list[Scenario]:
+    """`eager` against the oracle; every other mode against eager on the same target. With `against` (a target's
+    name), every mode against that target's eager run."""
+    return [Scenario(model=model, baseline=against or ("oracle" if mode == "eager" else "eager"),
                      engine=dataclasses.replace(engine, mode=mode), **options)
             for model in models for mode in modes]

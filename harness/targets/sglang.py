@@ -149,8 +149,8 @@ def check_supported(device: str, scenario: Scenario, checkpoint: Path) -> None:
     if device != "cpu":
         return
     if scenario.engine.world_size > 1:
-        raise TargetUnavailable("target 'sglang' runs one rank on cpu (its CPU engine's parallel layers need "
-                                "sgl_kernel's CPU build): drop --tp and --dp")
+        raise TargetUnavailable("target 'sglang' runs one rank on cpu (SGLang's CPU engine wants a NUMA node, or "
+                                "cores bound with SGLANG_CPU_OMP_THREADS_BIND, per rank): drop --tp and --dp")
     architecture = (json.loads((checkpoint / "config.json").read_text()).get("architectures") or ["(none)"])[0]
     if architecture in CPU_UNSUPPORTED:
         raise TargetUnavailable(f"target 'sglang' cannot run {checkpoint.name} ({architecture}) on cpu: "
@@ -160,6 +160,12 @@ def check_supported(device: str, scenario: Scenario, checkpoint: Path) -> None:
 def sampling_params(requests: list[Request]) -> list[dict]:
     """Greedy, exactly `max_new_tokens` per request (EOS ignored, as by the reference runner)."""
     return [{"temperature": 0, "max_new_tokens": r.max_new_tokens, "ignore_eos": True} for r in requests]
+
+
+def generate_args(requests: list[Request], top_k: int) -> dict[str, Any]:
+    """Keyword arguments of `Engine.generate` for every request in one call: token ids in, top-k logprobs out."""
+    return {"input_ids": [r.prompt_ids for r in requests], "sampling_params": sampling_params(requests),
+            "return_logprob": True, "top_logprobs_num": top_k}
 
 
 def to_generation(request: Request, output: dict, mode: str) -> Generation:
@@ -183,9 +189,7 @@ def run_engine(job: WorkerJob) -> TargetRun:
         raise ValueError(f"sglang {sglang.__version__} rejects the adapter's arguments: {'; '.join(problems)}")
     engine = sglang.Engine(**args)
     try:
-        outputs = engine.generate(input_ids=[r.prompt_ids for r in job.requests],
-                                  sampling_params=sampling_params(job.requests),
-                                  return_logprob=True, top_logprobs_num=job.engine.top_k)
+        outputs = engine.generate(**generate_args(job.requests, job.engine.top_k))
     finally:
         engine.shutdown()
     generations = [to_generation(r, out, job.engine.mode) for r, out in zip(job.requests, outputs)]
@@ -198,8 +202,9 @@ class SGLangTarget(Target):
 
     def __init__(self, device: str, setup: str | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> None:
         if importlib.util.find_spec("sglang") is None:
-            raise TargetUnavailable("target 'sglang' needs SGLang installed (pip install .[sglang]; on Ascend, "
-                                    "SGLang's NPU build)")
+            raise TargetUnavailable("target 'sglang' needs SGLang installed: on a CPU host sglang without its "
+                                    "dependencies, then packaging/sglang-cpu.txt; on cuda pip install .[sglang]; on "
+                                    "Ascend, SGLang's NPU build (README, \"Judging your engine\")")
         self.device = device
         self.setup = setup  # WorkerJob.setup: fault injection in the worker
         self.timeout_s = timeout_s
