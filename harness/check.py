@@ -64,13 +64,12 @@ class CheckPlan:
     json: Path | None = None
     junit: Path | None = None
     min_coverage: float | None = None  # None: the target's default
-    against: Target | None = None  # the target whose eager run is every scenario's baseline (--against)
+    against: list[Target] = dataclasses.field(default_factory=list)  # targets whose eager runs are baselines
 
     @property
     def scenarios(self) -> list[Scenario]:
-        return default_matrix([m.name for m in self.models], self.modes, self.engine,
-                              self.against.name if self.against else None, workload=self.workload,
-                              max_new_tokens=self.max_new_tokens)
+        return default_matrix([m.name for m in self.models], self.modes, self.engine, [t.name for t in self.against],
+                              workload=self.workload, max_new_tokens=self.max_new_tokens)
 
 
 def check(args: argparse.Namespace) -> int:
@@ -118,7 +117,7 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     try:
         device = resolve_device(args.device) if args.device else detect_device()
         target = get_target(args.target, device)
-        against = get_target(args.against, device) if args.against else None
+        against = [get_target(name, device) for name in args.against or ()]
     except (DeviceUnavailable, TargetUnavailable) as error:
         raise UsageError(str(error)) from None
     engine = EngineArgs.from_cli_args(args, dtype=args.dtype or default_dtype(device))
@@ -159,7 +158,8 @@ def check_lists(args: argparse.Namespace) -> None:
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         raise UsageError(f"--modes: unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
-    for option, items in (("--modes", args.modes), ("--model", args.model), ("--graph-bs", args.graph_bs or ())):
+    for option, items in (("--modes", args.modes), ("--model", args.model), ("--graph-bs", args.graph_bs or ()),
+                          ("--against", args.against or ())):
         twice = [item for i, item in enumerate(items) if item in items[:i]]
         if twice:
             raise UsageError(f"{option} lists {twice[0]!r} twice")
@@ -196,11 +196,11 @@ def check_names(args: argparse.Namespace) -> None:
     for where, device in (("--device ", args.device), ("NPUGRAPH_DEVICE=", forced)):
         if device is not None and device not in DEVICES:
             raise UsageError(f"{where}{device}: unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    for option, target in (("--target", args.target), ("--against", args.against)):
-        if target is not None and target not in TARGETS:
+    for option, target in (("--target", args.target), *(("--against", name) for name in args.against or ())):
+        if target not in TARGETS:
             raise UsageError(f"{option} {target}: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if args.against == args.target:
-        raise UsageError(f"--against {args.against}: the target under test itself; name another target to judge it "
+    if args.target in (args.against or ()):
+        raise UsageError(f"--against {args.target}: the target under test itself; name other targets to judge it "
                          "against (without --against, its modes are judged against its own eager run)")
     if args.workload not in WORKLOADS:
         raise UsageError(f"--workload {args.workload}: unknown workload {args.workload!r}; choose one of "
@@ -288,15 +288,14 @@ def check_layout(plan: CheckPlan, model: ModelPlan) -> None:
 
 
 def check_target(plan: CheckPlan, model: ModelPlan) -> None:
-    """The target can run the model in every mode asked for, and the target judged against can run its eager baseline
+    """The target can run the model in every mode asked for, and each target judged against can run its eager baseline
     (a third-party engine refuses what it lacks)."""
     from harness.targets.base import TargetUnavailable
 
     base = Scenario(model.name, baseline="eager", engine=plan.engine)
     runs = [(plan.target, dataclasses.replace(base, engine=dataclasses.replace(plan.engine, mode=mode)))
             for mode in plan.modes]
-    if plan.against:
-        runs.append((plan.against, dataclasses.replace(base, engine=base.baseline_engine())))
+    runs += [(against, dataclasses.replace(base, engine=base.baseline_engine())) for against in plan.against]
     for target, scenario in runs:
         try:
             target.validate(scenario, model.checkpoint)

@@ -40,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--modes", type=csv_items, default=["eager", "graph"], help=f"comma-separated of {', '.join(MODES)}")
     check.add_argument("--device", default=None, help="cpu, cuda or npu (default: detected)")
     check.add_argument("--target", default="reference", help=f"engine under test: {', '.join(TARGETS)}")
-    check.add_argument("--against", default=None, metavar="TARGET",
-                       help="judge every scenario against this other target's eager run (same checkpoint and token "
-                            "ids, the tolerance for different kernels) instead of transformers and the target's own "
-                            f"eager run: {', '.join(TARGETS)}")
+    check.add_argument("--against", type=csv_items, default=None, metavar="TARGETS",
+                       help="judge every mode against each of these other targets' eager runs (same checkpoint and "
+                            "token ids, the tolerance for different kernels) instead of transformers and the target's "
+                            f"own eager run; comma-separated of {', '.join(TARGETS)}")
     check.add_argument("--workload", default="mixed", help="request mix (mixed, join_leave, skewed, batch1, batch3, ...)")
     check.add_argument("--max-new-tokens", type=int, default=32,
                        help="tokens decoded per request (before per-request offsets)")

@@ -8,13 +8,13 @@ with the baseline's experts: the comparison continues to their last step (`verdi
 
 The target's eager run on one rank is made once per model, workload, length, seed and engine options, and
 serves both as the `eager` scenario's run and as the baseline of every other mode. With another target to judge
-against (`--against`), that target's eager run, made once likewise, is the baseline of every scenario.
+against (`--against`), that target's eager run, made once likewise, is the baseline of the scenarios named after it.
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -157,9 +157,9 @@ class Judge:
     """Runs scenarios on one target, reusing the eager run that several scenarios share."""
 
     def __init__(self, target: Target, progress: Callable[[str], None] = lambda line: None,
-                 min_coverage: float | None = None, against: Target | None = None) -> None:
+                 min_coverage: float | None = None, against: Sequence[Target] = ()) -> None:
         self.target = target
-        self.against = against  # the target whose eager run is every scenario's baseline, if any (`--against`)
+        self.against = {t.name: t for t in against}  # targets whose eager runs are baselines, by name (`--against`)
         self.progress = progress
         self.min_coverage = default_min_coverage(target) if min_coverage is None else min_coverage
         self._eager_runs: dict[tuple, TargetRun] = {}
@@ -234,13 +234,11 @@ class Judge:
 
     def baseline_target(self, scenario: Scenario) -> Target | None:
         """The target whose eager run is `scenario`'s baseline: this one, the one judged against, or none (the oracle)."""
-        if scenario.baseline == "eager":
-            return self.target
-        if self.against is not None and scenario.baseline == self.against.name:
-            return self.against
-        if scenario.baseline != "oracle":
-            raise ValueError(f"scenario {scenario.name}: baseline {scenario.baseline!r} is not the target judged against")
-        return None
+        if scenario.baseline in ("oracle", "eager"):
+            return None if scenario.baseline == "oracle" else self.target
+        if scenario.baseline not in self.against:
+            raise ValueError(f"scenario {scenario.name}: baseline {scenario.baseline!r} is no target judged against")
+        return self.against[scenario.baseline]
 
     def eager_run(self, scenario: Scenario, checkpoint: Path, requests: list[Request], phases: Phases,
                   phase: str, target: Target | None = None) -> TargetRun:

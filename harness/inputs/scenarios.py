@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from reference_runner.engine.args import EngineArgs
 
-BASELINES = ("oracle", "eager")  # or the name of another target: its eager run (`check --against TARGET`)
+BASELINES = ("oracle", "eager")  # or the name of another target: its eager run (`check --against TARGETS`)
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,10 @@ class Scenario:
         return {"name": self.name, **fields, **self.engine.as_dict()}
 
 
-def default_matrix(models: list[str], modes: list[str], engine: EngineArgs, against: str | None = None,
+def default_matrix(models: list[str], modes: list[str], engine: EngineArgs, against: Sequence[str] = (),
                    **options) -> list[Scenario]:
-    """`eager` against the oracle; every other mode against eager on the same target. With `against` (a target's
-    name), every mode against that target's eager run."""
-    return [Scenario(model=model, baseline=against or ("oracle" if mode == "eager" else "eager"),
+    """`eager` against the oracle; every other mode against eager on the same target. With `against` (targets'
+    names), every mode against each of those targets' eager runs instead."""
+    return [Scenario(model=model, baseline=baseline or ("oracle" if mode == "eager" else "eager"),
                      engine=dataclasses.replace(engine, mode=mode), **options)
-            for model in models for mode in modes]
+            for model in models for baseline in (against or [None]) for mode in modes]

@@ -1,5 +1,5 @@
-"""Engines judged against each other (`check --against TARGET`): another target's eager run, made once, is the
-baseline of every scenario, on the same checkpoint and token ids, with the tolerance for different kernels. The records
+"""Engines judged against each other (`check --against TARGETS`): another target's eager run, made once, is the
+baseline of every mode, on the same checkpoint and token ids, with the tolerance for different kernels. The records
 of the judge's tests come from scripted targets written by hand; the command line's from the reference runner."""
 import json
 
@@ -42,16 +42,17 @@ class ScriptedEngine(Target):
         return generation
 
 
-def judged(against: ScriptedEngine, modes: tuple[str, ...] = ("eager",)) -> tuple[ScriptedEngine, list]:
+def judged(*against: ScriptedEngine, modes: tuple[str, ...] = ("eager",)) -> tuple[ScriptedEngine, list]:
     test = ScriptedEngine("test")
     judge = Judge(test, against=against)
-    return test, [judge.run(s) for s in default_matrix(["llama"], list(modes), EngineArgs(), against.name)]
+    return test, [judge.run(s) for s in default_matrix(["llama"], list(modes), EngineArgs(), [t.name for t in against])]
 
 
-def test_every_scenario_is_named_after_the_target_it_is_judged_against():
-    scenarios = default_matrix(["llama"], ["eager", "graph"], EngineArgs(tp_size=2), "vllm")
+def test_every_mode_is_judged_against_each_target_and_named_after_it():
+    scenarios = default_matrix(["llama"], ["eager", "graph"], EngineArgs(tp_size=2), ["vllm", "reference"])
     assert [(s.baseline, s.name) for s in scenarios] == [
-        ("vllm", "llama-eager-tp2-vs-vllm-mixed"), ("vllm", "llama-graph-tp2-vs-vllm-mixed")]
+        ("vllm", "llama-eager-tp2-vs-vllm-mixed"), ("vllm", "llama-graph-tp2-vs-vllm-mixed"),
+        ("reference", "llama-eager-tp2-vs-reference-mixed"), ("reference", "llama-graph-tp2-vs-reference-mixed")]
 
 
 def test_the_other_targets_eager_run_on_one_rank_is_made_once_and_is_every_modes_baseline():
@@ -65,11 +66,12 @@ def test_the_other_targets_eager_run_on_one_rank_is_made_once_and_is_every_modes
         "baseline": "other", "engine_version": "test 1.0", "baseline_engine_version": "other 1.0"}
 
 
-def test_a_token_the_other_target_chooses_differently_fails_naming_request_and_step():
-    _, (result,) = judged(ScriptedEngine("other", {("r1", 3): [(7, -0.1), (5, -3.0)]}))
-    assert not result.passed
-    assert (result.first_divergence.rid, result.first_divergence.step, result.first_divergence.status) == (
-        "r1", 3, "mismatch")
+def test_a_token_one_other_target_chooses_differently_fails_its_scenario_naming_request_and_step():
+    test, (agreeing, differing) = judged(ScriptedEngine("same"), ScriptedEngine("other", {("r1", 3): [(7, -0.1), (5, -3.0)]}))
+    assert test.runs == [("eager", 1)]  # the target's own run, once for both
+    assert (agreeing.passed, differing.passed) == (True, False)
+    divergence = differing.first_divergence
+    assert (divergence.rid, divergence.step, divergence.status) == ("r1", 3, "mismatch")
 
 
 @pytest.mark.parametrize(("drift", "passed"), [(5e-4, True), (5e-3, False)])
@@ -81,9 +83,10 @@ def test_logprobs_may_drift_as_far_as_different_kernels_do(drift, passed):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--against", "reference"], "error: --against reference: the target under test itself; name another target to "
+    (["--against", "reference"], "error: --against reference: the target under test itself; name other targets to "
                                  "judge it against (without --against, its modes are judged against its own eager run)"),
-    (["--against", "nope"], "error: --against nope: unknown target 'nope'; choose one of reference, sglang, vllm"),
+    (["--against", "vllm,nope"], "error: --against nope: unknown target 'nope'; choose one of reference, sglang, vllm"),
+    (["--target", "sglang", "--against", "vllm,vllm"], "error: --against lists 'vllm' twice"),
 ])
 def test_a_bad_against_is_one_line_and_exit_2(capsys, argv, message):
     assert main(["check", "--model", "llama", *argv]) == EXIT_USAGE
