@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -492,10 +492,16 @@ def _at_sglang_step(step: int, fault) -> None:
     from harness.targets import sglang as target
 
     class AtStep(CustomLogitProcessor):
+        # Per request, the steps sampled so far: called once per step, the prefill's first. (Its output_ids cannot
+        # say which step: the overlap scheduler appends each token a step late.)
+        sampled: ClassVar[dict[str, int]] = {}
+
         def __call__(self, logits, custom_param_list=None):
             # Each row's custom_params, with its request under "__req__" (SGLang adds it where custom_params is a dict).
             for row, params in enumerate(custom_param_list):
-                if len(params["__req__"].output_ids) == step:
+                rid = params["__req__"].rid
+                AtStep.sampled[rid] = AtStep.sampled.get(rid, -1) + 1
+                if AtStep.sampled[rid] == step:
                     fault(logits[row])
             return logits
 
