@@ -69,6 +69,7 @@ def test_a_run_that_ends_normally_leaves_no_sglang_process(perturbed):
     assert tagged_processes(tag) == {}
 
 
+@pytest.mark.slow  # a third SGLang start-up: nightly, to keep CI within its time
 def test_an_engine_crash_fails_the_scenario_and_leaves_no_sglang_process(monkeypatch, tmp_path, device):
     tag = f"{os.getpid()}-crash"
     target = SGLangTarget(device, setup=WORKER_FAULTS["sglang_scheduler_crashes"])
