@@ -16,6 +16,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from harness.targets.sglang_cpu import torchvision
+
 STARTUP_DIR = Path(__file__).parent / "startup"
 
 
@@ -28,6 +30,4 @@ def prepare_process() -> None:
     from transformers.utils.import_utils import is_torchvision_available
 
     is_torchvision_available()
-    from harness.targets.sglang_cpu import torchvision
-
     torchvision.install()
