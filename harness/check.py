@@ -71,12 +71,13 @@ class CheckPlan:
     min_coverage: float
     json: Path | None = None
     junit: Path | None = None
+    against: list[Target] = dataclasses.field(default_factory=list)  # targets whose eager runs are baselines
     resumed: dict[str, ScenarioResult] = dataclasses.field(default_factory=dict)  # by name: finished, from --resume
 
     @property
     def scenarios(self) -> list[Scenario]:
-        return default_matrix([m.name for m in self.models], self.modes, self.engine, workload=self.workload,
-                              max_new_tokens=self.max_new_tokens)
+        return default_matrix([m.name for m in self.models], self.modes, self.engine, [t.name for t in self.against],
+                              workload=self.workload, max_new_tokens=self.max_new_tokens)
 
     @property
     def identity(self) -> dict:
@@ -118,7 +119,7 @@ def run_check(plan: CheckPlan, result: CheckResult, progress: Callable[[str], No
     from harness.judge import SETUP_ERRORS, Judge
     from harness.report import CheckReports
 
-    judge = Judge(plan.target, progress=progress, min_coverage=plan.min_coverage)
+    judge = Judge(plan.target, progress=progress, min_coverage=plan.min_coverage, against=plan.against)
     scenarios = plan.scenarios
     progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(scenarios)} scenario(s)"
              + (f", {len(plan.resumed)} finished before" if plan.resumed else ""))
@@ -180,12 +181,13 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     try:
         device = resolve_device(args.device) if args.device else detect_device()
         target = get_target(args.target, device)
+        against = [get_target(name, device) for name in args.against or ()]
     except (DeviceUnavailable, TargetUnavailable) as error:
         raise UsageError(str(error)) from None
     engine = EngineArgs.from_cli_args(args, dtype=args.dtype or default_dtype(device))
     min_coverage = default_min_coverage(target) if args.min_coverage is None else args.min_coverage
     plan = CheckPlan(device, target, engine, list(args.modes), args.workload, args.max_new_tokens, models=[],
-                     min_coverage=min_coverage, **{output: getattr(args, output) for output in OUTPUTS})
+                     min_coverage=min_coverage, against=against, **{output: getattr(args, output) for output in OUTPUTS})
     for name in args.model:  # all of them before any scenario: a bad last model costs nothing
         model = resolve_model(name, args.workload, args.max_new_tokens, getattr(torch, engine.dtype))
         for model_check in MODEL_CHECKS:
@@ -251,7 +253,8 @@ def check_lists(args: argparse.Namespace) -> None:
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         raise UsageError(f"--modes: unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
-    for option, items in (("--modes", args.modes), ("--model", args.model), ("--graph-bs", args.graph_bs or ())):
+    for option, items in (("--modes", args.modes), ("--model", args.model), ("--graph-bs", args.graph_bs or ()),
+                          ("--against", args.against or ())):
         twice = [item for i, item in enumerate(items) if item in items[:i]]
         if twice:
             raise UsageError(f"{option} lists {twice[0]!r} twice")
@@ -288,9 +291,13 @@ def check_names(args: argparse.Namespace) -> None:
     for where, device in (("--device ", args.device), ("NPUGRAPH_DEVICE=", forced)):
         if device is not None and device not in DEVICES:
             raise UsageError(f"{where}{device}: unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if find_target(args.target) is None:
-        raise UsageError(f"--target {args.target}: unknown target {args.target!r}; choose one of "
-                         f"{', '.join(target_names())} (or register one under the entry-point group {ENTRY_POINT_GROUP})")
+    for option, target in (("--target", args.target), *(("--against", name) for name in args.against or ())):
+        if find_target(target) is None:
+            raise UsageError(f"{option} {target}: unknown target {target!r}; choose one of {', '.join(target_names())} "
+                             f"(or register one under the entry-point group {ENTRY_POINT_GROUP})")
+    if args.target in (args.against or ()):
+        raise UsageError(f"--against {args.target}: the target under test itself; name other targets to judge it "
+                         "against (without --against, its modes are judged against its own eager run)")
     if args.workload not in WORKLOADS:
         raise UsageError(f"--workload {args.workload}: unknown workload {args.workload!r}; choose one of "
                          f"{', '.join(WORKLOADS)}")
@@ -383,13 +390,17 @@ def check_layout(plan: CheckPlan, model: ModelPlan) -> None:
 
 
 def check_target(plan: CheckPlan, model: ModelPlan) -> None:
-    """The target can run the model in every mode asked for (a third-party engine refuses what it lacks)."""
+    """The target can run the model in every mode asked for, and each target judged against can run its eager baseline
+    (a third-party engine refuses what it lacks)."""
     from harness.targets.base import TargetUnavailable
 
-    for mode in plan.modes:
-        scenario = Scenario(model.name, baseline="eager", engine=dataclasses.replace(plan.engine, mode=mode))
+    base = Scenario(model.name, baseline="eager", engine=plan.engine)
+    runs = [(plan.target, dataclasses.replace(base, engine=dataclasses.replace(plan.engine, mode=mode)))
+            for mode in plan.modes]
+    runs += [(against, dataclasses.replace(base, engine=base.baseline_engine())) for against in plan.against]
+    for target, scenario in runs:
         try:
-            plan.target.validate(scenario, model.checkpoint)
+            target.validate(scenario, model.checkpoint)
         except TargetUnavailable as error:
             raise UsageError(f"--model {model.name}: {error}") from None
 

@@ -43,6 +43,10 @@ def add_check_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="reference",
                         help=f"engine under test: {', '.join(TARGETS)}, or one an installed package registers (entry-point "
                              f"group {ENTRY_POINT_GROUP})")
+    parser.add_argument("--against", type=csv_items, default=None, metavar="TARGETS",
+                        help="judge every mode against each of these other targets' eager runs (same checkpoint and "
+                             "token ids, the tolerance for different kernels) instead of transformers and the target's "
+                             f"own eager run; comma-separated of {', '.join(TARGETS)}")
     parser.add_argument("--workload", default="mixed", help="request mix (mixed, join_leave, skewed, batch1, batch3, ...)")
     parser.add_argument("--max-new-tokens", type=int, default=32,
                         help="tokens decoded per request (before per-request offsets)")

