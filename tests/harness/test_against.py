@@ -85,7 +85,8 @@ def test_logprobs_may_drift_as_far_as_different_kernels_do(drift, passed):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--against", "reference"], "error: --against reference: the target under test itself; name other targets to "
                                  "judge it against (without --against, its modes are judged against its own eager run)"),
-    (["--against", "vllm,nope"], "error: --against nope: unknown target 'nope'; choose one of reference, sglang, vllm"),
+    (["--against", "vllm,nope"], "error: --against nope: unknown target 'nope'; choose one of reference, sglang, vllm (or "
+                                 "register one under the entry-point group npugraph_harness.targets)"),
     (["--target", "sglang", "--against", "vllm,vllm"], "error: --against lists 'vllm' twice"),
 ])
 def test_a_bad_against_is_one_line_and_exit_2(capsys, argv, message):
