@@ -147,6 +147,8 @@ def run_check(plan: CheckPlan, result: CheckResult, progress: Callable[[str], No
         with contextlib.suppress(OSError):
             reports.write(result)
         raise
+    finally:
+        judge.close()
 
 
 def run_scenario(judge: Judge, scenario: Scenario) -> ScenarioResult:
@@ -173,7 +175,7 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     import transformers
 
     from harness.targets import get_target
-    from harness.targets.base import TargetUnavailable, default_min_coverage
+    from harness.targets.base import MIN_COVERAGE, TargetUnavailable
     from reference_runner.attention import default_dtype
     from reference_runner.device import DeviceUnavailable, detect_device, resolve_device
 
@@ -185,7 +187,7 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     except (DeviceUnavailable, TargetUnavailable) as error:
         raise UsageError(str(error)) from None
     engine = EngineArgs.from_cli_args(args, dtype=args.dtype or default_dtype(device))
-    min_coverage = default_min_coverage(target) if args.min_coverage is None else args.min_coverage
+    min_coverage = MIN_COVERAGE if args.min_coverage is None else args.min_coverage
     plan = CheckPlan(device, target, engine, list(args.modes), args.workload, args.max_new_tokens, models=[],
                      min_coverage=min_coverage, against=against, **{output: getattr(args, output) for output in OUTPUTS})
     for name in args.model:  # all of them before any scenario: a bad last model costs nothing
@@ -391,8 +393,15 @@ def check_layout(plan: CheckPlan, model: ModelPlan) -> None:
 
 def check_target(plan: CheckPlan, model: ModelPlan) -> None:
     """The target can run the model in every mode asked for, and each target judged against can run its eager baseline
-    (a third-party engine refuses what it lacks)."""
-    from harness.targets.base import TargetUnavailable
+    (a third-party engine refuses what it lacks); and each can be compared past a near-tie, or a scenario would stop
+    at the first one."""
+    from harness.targets.base import FORCINGS, TargetUnavailable
+
+    for option, target in (("--target", plan.target), *(("--against", t) for t in plan.against)):
+        if getattr(target, "forcing", None) not in FORCINGS:
+            raise UsageError(f"{option} {target.name}: it can neither force tokens in its loop nor be continued "
+                             f"(forcing={getattr(target, 'forcing', None)!r}, not one of {', '.join(FORCINGS)}), so its "
+                             f"scenarios would stop comparing at their first near-tie, below the minimum coverage")
 
     base = Scenario(model.name, baseline="eager", engine=plan.engine)
     runs = [(plan.target, dataclasses.replace(base, engine=dataclasses.replace(plan.engine, mode=mode)))

@@ -56,9 +56,7 @@ def add_check_options(parser: argparse.ArgumentParser) -> None:
                         help="take the scenarios that check report FILE (--json) holds as finished with the same options "
                              "and checkpoints from there, and run the rest")
     parser.add_argument("--min-coverage", type=float, default=None,
-                        help=f"share of generated tokens a scenario must compare to pass, 0..1 (default: "
-                             f"{MIN_COVERAGE[True]:g}, or {MIN_COVERAGE[False]:g} for a target that cannot force "
-                             "tokens: sglang, vllm)")
+                        help=f"share of generated tokens a scenario must compare to pass, 0..1 (default: {MIN_COVERAGE:g})")
     EngineArgs.add_cli_args(parser, exclude=("mode",))
 
 

@@ -449,9 +449,15 @@ def vllm_compiled_logits_perturbed(job) -> None:
             return lift
 
     llm_args, sampling_params = target.llm_args, target.sampling_params
-    target.llm_args = lambda job, config: {**llm_args(job, config), "logits_processors": [LiftRunnerUp]}
+
+    def with_processor(job, config):
+        args = llm_args(job, config)
+        return {**args, "logits_processors": [*args["logits_processors"], LiftRunnerUp]}
+
+    target.llm_args = with_processor
     target.sampling_params = lambda requests, top_k: [
-        {**params, "extra_args": {"perturbed": True}} if request.rid == PERTURBED_REQUEST else params
+        {**params, "extra_args": {**params.get("extra_args", {}), "perturbed": True}}
+        if request.rid == PERTURBED_REQUEST else params
         for request, params in zip(requests, sampling_params(requests, top_k))]
 
 

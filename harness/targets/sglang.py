@@ -43,7 +43,7 @@ from typing import Any
 from harness.inputs.scenarios import Scenario
 from harness.targets.base import Target, TargetRun, TargetUnavailable
 from harness.targets.sglang_cpu import STARTUP_DIR
-from harness.targets.worker import WORKER_TIMEOUT_S, WorkerJob, run_in_worker
+from harness.targets.worker import WORKER_TIMEOUT_S, RunRequests, WorkerJob, WorkerSessions, sessions_capacity
 from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
 
@@ -178,8 +178,8 @@ def to_generation(request: Request, output: dict, mode: str) -> Generation:
     return gen
 
 
-def run_engine(job: WorkerJob) -> TargetRun:
-    """The worker's run: build `sglang.Engine`, generate every request in one call, return the records."""
+def start_engine(job: WorkerJob) -> RunRequests:
+    """The worker's engine: `sglang.Engine` built once; each run generates every request in one call."""
     import sglang
 
     fields = server_args_fields()
@@ -188,17 +188,21 @@ def run_engine(job: WorkerJob) -> TargetRun:
     if problems:  # values are checked only once the engine launches its processes: say it here, plainly
         raise ValueError(f"sglang {sglang.__version__} rejects the adapter's arguments: {'; '.join(problems)}")
     engine = sglang.Engine(**args)
-    try:
-        outputs = engine.generate(**generate_args(job.requests, job.engine.top_k))
-    finally:
-        engine.shutdown()
-    generations = [to_generation(r, out, job.engine.mode) for r, out in zip(job.requests, outputs)]
-    return TargetRun(generations, counts_graph_steps=False, engine_version=f"sglang {sglang.__version__}")
+
+    def run(requests: list[Request]) -> TargetRun:
+        outputs = engine.generate(**generate_args(requests, job.engine.top_k))
+        generations = [to_generation(r, out, job.engine.mode) for r, out in zip(requests, outputs)]
+        return TargetRun(generations, counts_graph_steps=False, engine_version=f"sglang {sglang.__version__}")
+
+    # The worker's end ends the engine: its scheduler and detokenizer share the worker's process group.
+    return run
 
 
 class SGLangTarget(Target):
     name = "sglang"
-    can_force_tokens = False  # its public API cannot feed given tokens while reporting the model's own logprobs
+    # Its logprobs are taken after its custom logit processors (srt/layers/sampler.py: _preprocess_logits, then
+    # log_softmax), so forcing a token through one would falsify them: it is continued instead.
+    forcing = "continuation"
 
     def __init__(self, device: str, setup: str | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> None:
         if importlib.util.find_spec("sglang") is None:
@@ -207,12 +211,15 @@ class SGLangTarget(Target):
                                     "Ascend, SGLang's NPU build (README, \"Judging your engine\")")
         self.device = device
         self.setup = setup  # WorkerJob.setup: fault injection in the worker
-        self.timeout_s = timeout_s
+        self.workers = WorkerSessions(worker_env(device), timeout_s, sessions_capacity(device))
 
     def validate(self, scenario: Scenario, checkpoint: Path) -> None:
         check_supported(self.device, scenario, checkpoint)
 
     def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
-        job = WorkerJob(f"{__name__}:run_engine", str(checkpoint), requests, scenario.engine, self.device, scenario.seed,
+        job = WorkerJob(f"{__name__}:start_engine", str(checkpoint), scenario.engine, self.device, scenario.seed,
                         self.setup)
-        return run_in_worker(job, worker_env(self.device), self.timeout_s)
+        return self.workers.run(job, requests)
+
+    def close(self) -> None:
+        self.workers.close()

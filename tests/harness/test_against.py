@@ -22,7 +22,7 @@ class ScriptedEngine(Target):
     """Always chooses token 5 with logprobs TOP, except where `chooses` says (rid, step) -> top-k."""
 
     device = "cpu"
-    can_force_tokens = False
+    forcing = "continuation"
 
     def __init__(self, name: str, chooses: dict[tuple[str, int], list[tuple[int, float]]] | None = None) -> None:
         self.name = name

@@ -14,7 +14,7 @@ import pytest
 
 from harness.inputs.scenarios import Scenario
 from harness.judge import scenario_failures
-from harness.targets.base import MIN_COVERAGE, TargetRun, TargetUnavailable, default_min_coverage
+from harness.targets.base import TargetRun, TargetUnavailable
 from harness.targets.sglang import (
     WORKER_ENV,
     SGLangTarget,
@@ -187,8 +187,8 @@ def test_a_graph_run_that_counts_zero_graph_steps_still_fails():
         "no decode step replayed a graph in mode 'graph' (silent eager fallback)"]
 
 
-def test_sglang_cannot_force_tokens_so_it_is_held_to_the_lower_minimum_coverage():
-    assert (SGLangTarget.can_force_tokens, default_min_coverage(SGLangTarget)) == (False, MIN_COVERAGE[False])
+def test_sglang_is_compared_past_near_ties_by_continuation():
+    assert SGLangTarget.forcing == "continuation"
 
 
 @pytest.mark.skipif(SGLANG_INSTALLED, reason="sglang is installed here")

@@ -20,6 +20,7 @@ from harness.inputs.real_models import REAL_MODELS
 from harness.inputs.scenarios import Scenario
 from harness.judge import scenario_failures
 from harness.targets.base import TargetRun
+from harness.targets.reference import ReferenceTarget
 from harness.verdicts.compare import Verdict
 
 
@@ -274,3 +275,13 @@ def test_a_scenario_that_judged_no_request_fails():
 def test_a_scenario_that_judged_a_request_has_no_failure():
     judged = [Verdict("r0", "match", "same tokens", compared=3, generated=3)]
     assert scenario_failures(Scenario("llama", "oracle"), judged, TargetRun([]), min_coverage=0.9) == []
+
+
+def test_a_target_that_can_neither_force_nor_be_continued_is_refused(monkeypatch, capsys):
+    class Unforceable(ReferenceTarget):
+        name, forcing = "unforceable", None
+
+    monkeypatch.setattr("harness.targets.get_target", lambda name, device: Unforceable(device))
+    assert refused(FAST, capsys) == error(
+        "--target unforceable: it can neither force tokens in its loop nor be continued (forcing=None, not one of "
+        "in_loop, continuation), so its scenarios would stop comparing at their first near-tie, below the minimum coverage")
