@@ -25,7 +25,7 @@ from suites.processes import TAG, tagged_processes, watching
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
-                       reason="needs SGLang installed (README, \"Judging your engine\"; CI installs its CPU engine)"),
+                       reason="needs SGLang installed (docs/engines.md; CI installs its CPU engine)"),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds SGLang's processes through /proc"),
 ]
 SGLANG_PROCESSES = {"sglang::scheduler", "sglang::detokenizer"}  # as SGLang names them (setproctitle)

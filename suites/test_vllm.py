@@ -15,7 +15,7 @@ from harness.targets.vllm import VLLMTarget
 from suites.faults import LATE_LIFT, PERTURBED_REQUEST, PERTURBED_STEP, WORKER_FAULTS
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="needs vLLM installed (README, \"Judging your engine\"; CI installs it)")
+                                reason="needs vLLM installed (docs/engines.md; CI installs it)")
 
 
 def test_check_fails_naming_the_request_and_step_whose_compiled_logits_were_perturbed(monkeypatch, tmp_path, device, capsys):
