@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.inputs.scenarios import Scenario
-from harness.targets.base import Target, TargetRun, TargetUnavailable
+from harness.targets.base import TargetRun, TargetUnavailable
 from harness.targets.sglang_cpu import STARTUP_DIR
-from harness.targets.worker import WORKER_TIMEOUT_S, RunRequests, WorkerJob, WorkerSessions, sessions_capacity
+from harness.targets.worker import WORKER_TIMEOUT_S, RunRequests, WorkerJob, WorkerTarget
 from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
 
@@ -198,8 +198,9 @@ def start_engine(job: WorkerJob) -> RunRequests:
     return run
 
 
-class SGLangTarget(Target):
+class SGLangTarget(WorkerTarget):
     name = "sglang"
+    start_engine = f"{__name__}:start_engine"
     # Its logprobs are taken after its custom logit processors (srt/layers/sampler.py: _preprocess_logits, then
     # log_softmax), so forcing a token through one would falsify them: it is continued instead.
     forcing = "continuation"
@@ -209,17 +210,7 @@ class SGLangTarget(Target):
             raise TargetUnavailable("target 'sglang' needs SGLang installed: on a CPU host sglang without its "
                                     "dependencies, then packaging/sglang-cpu.txt; on cuda pip install .[sglang]; on "
                                     "Ascend, SGLang's NPU build (docs/engines.md)")
-        self.device = device
-        self.setup = setup  # WorkerJob.setup: fault injection in the worker
-        self.workers = WorkerSessions(worker_env(device), timeout_s, sessions_capacity(device))
+        super().__init__(device, setup, worker_env(device), timeout_s)
 
     def validate(self, scenario: Scenario, checkpoint: Path) -> None:
         check_supported(self.device, scenario, checkpoint)
-
-    def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
-        job = WorkerJob(f"{__name__}:start_engine", str(checkpoint), scenario.engine, self.device, scenario.seed,
-                        self.setup)
-        return self.workers.run(job, requests)
-
-    def close(self) -> None:
-        self.workers.close()

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.inputs.scenarios import Scenario
-from harness.targets.base import Target, TargetRun, TargetUnavailable
-from harness.targets.worker import WORKER_TIMEOUT_S, RunRequests, WorkerJob, WorkerSessions, sessions_capacity
+from harness.targets.base import TargetRun, TargetUnavailable
+from harness.targets.worker import WORKER_TIMEOUT_S, RunRequests, WorkerJob, WorkerTarget
 from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
 
@@ -213,8 +213,9 @@ def check_supported(device: str, scenario: Scenario, checkpoint: Path) -> None:
                                 "the built-in llama_hd32 has head_dim 32")
 
 
-class VLLMTarget(Target):
+class VLLMTarget(WorkerTarget):
     name = "vllm"
+    start_engine = f"{__name__}:start_engine"
     forcing = "in_loop"  # FORCE_TOKENS: vLLM reports the raw logprobs of a forced step, taken before it runs
 
     def __init__(self, device: str, setup: str | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> None:
@@ -223,17 +224,7 @@ class VLLMTarget(Target):
                                     "placeholders, on cuda vllm, on npu vllm-ascend (docs/engines.md)")
         if device == "npu" and importlib.util.find_spec("vllm_ascend") is None:
             raise TargetUnavailable("target 'vllm' on npu needs vLLM-Ascend installed (pip install vllm-ascend)")
-        self.device = device
-        self.setup = setup  # WorkerJob.setup: fault injection in the worker
-        self.workers = WorkerSessions(WORKER_ENV, timeout_s, sessions_capacity(device))
+        super().__init__(device, setup, WORKER_ENV, timeout_s)
 
     def validate(self, scenario: Scenario, checkpoint: Path) -> None:
         check_supported(self.device, scenario, checkpoint)
-
-    def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
-        job = WorkerJob(f"{__name__}:start_engine", str(checkpoint), scenario.engine, self.device, scenario.seed,
-                        self.setup)
-        return self.workers.run(job, requests)
-
-    def close(self) -> None:
-        self.workers.close()

@@ -29,11 +29,12 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from harness.inputs.scenarios import Scenario
 from harness.scratch import scratch
 from harness.stops import raise_if_stopped, signals_deferred
-from harness.targets.base import TargetRun
+from harness.targets.base import Target, TargetRun
 from harness.targets.subprocesses import kill, log_tail, python_env, signal_name, start
 from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Request
@@ -152,6 +153,25 @@ def sessions_capacity(device: str) -> int:
     """How many engines of one target may live at once on `device`: on the CPU two, so that a scenario's eager baseline
     and its mode under test both serve its continuations; on an accelerator one, whose memory one engine may fill."""
     return 2 if device == "cpu" else 1
+
+
+class WorkerTarget(Target):
+    """A target whose engine runs in worker processes, one engine start serving a scenario's run and its re-runs:
+    `start_engine` names the function that starts it there (`WorkerJob.runner`)."""
+
+    start_engine: ClassVar[str]
+
+    def __init__(self, device: str, setup: str | None, env: dict[str, str] | None, timeout_s: float) -> None:
+        self.device = device
+        self.setup = setup  # WorkerJob.setup: fault injection in the worker
+        self.workers = WorkerSessions(env, timeout_s, sessions_capacity(device))
+
+    def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
+        job = WorkerJob(self.start_engine, str(checkpoint), scenario.engine, self.device, scenario.seed, self.setup)
+        return self.workers.run(job, requests)
+
+    def close(self) -> None:
+        self.workers.close()
 
 
 def run_in_worker(job: WorkerJob, requests: list[Request], env: dict[str, str] | None = None,
