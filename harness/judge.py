@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from harness.inputs.checkpoints import ensure_checkpoint
-from harness.inputs.oracle import oracle_score
 from harness.inputs.scenarios import Scenario
 from harness.inputs.workloads import make_requests
 from harness.targets.base import Target, TargetRun, TargetUnavailable, default_min_coverage
@@ -181,6 +180,8 @@ class Judge:
         if isinstance(run, str):
             return result([], TargetRun([]), [run])
         if baseline is None:
+            from harness.inputs.oracle import oracle_score  # transformers: only a scenario judged against it imports it
+
             self.progress(f"{scenario.name}: scoring its tokens with transformers")
             with phases.timing("oracle"):
                 baseline = oracle_score(checkpoint, requests, run.generations, top_k=engine.top_k, dtype=dtype)
