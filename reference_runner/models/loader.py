@@ -8,6 +8,11 @@ the run dtype), its whole shape against the config (before a rank cuts out its s
 values in the run dtype. `validate_checkpoint` runs all of it on a meta-device model: the whole
 checkpoint checked without the memory of its model, once, before any work starts.
 
+One rank's model (tp 1, dp 1) is kept after it loads: the next engine of the process that asks for the same
+checkpoint, device, dtype and context (a check's graph modes after its eager run) takes it as it is, the files
+read once. It is kept only while every file keeps its stat, and only if none was written less than `RACY_NS`
+before the load (a change in the clock tick of the stat would not show); one model at a time.
+
 Each tensor is handed to its parameter's `weight_loader` as a lazy safetensors slice, so under
 tensor parallelism a rank reads only its shard. Fused parameters (qkv, gate_up, stacked experts) are
 filled part by part through the model's `stacked_params_mapping`, or whole from a checkpoint that
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +40,9 @@ INDEX_NAME = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' dtype names; cast to the run dtype
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+RACY_NS = 2_000_000_000  # the coarsest file-time resolution in common use (FAT: 2 s)
+
+_kept: tuple[tuple, nn.Module] | None = None  # (what it was loaded from and for, the model): see the docstring
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -119,17 +128,42 @@ def _tensor_names(file: Path) -> list[str]:
 
 def load_model(path: str | Path, *, device: str | torch.device, dtype: torch.dtype,
                parallel: ParallelState | None = None, max_positions: int | None = None) -> nn.Module:
-    """Build the checkpoint's model on `device` in `dtype` (this rank's shard under TP) and load its weights."""
+    """Build the checkpoint's model on `device` in `dtype` (this rank's shard under TP) and load its weights; on
+    one rank, the model kept from the last load where it was loaded from the same unchanged files for the same use."""
+    global _kept
     path = Path(path)
+    parallel = parallel or ParallelState()
+    kept_as = _kept_as(path, device, dtype, max_positions) if parallel.world_size == 1 else None
+    if kept_as is not None and _kept is not None and _kept[0] == kept_as:
+        return _kept[1]
     config = read_config(path)
     tensors = weight_files(path)
     with torch.device(device), _default_dtype(dtype):
         try:
-            model = get_model_class(config.architecture)(config, parallel or ParallelState(), max_positions)
+            model = get_model_class(config.architecture)(config, parallel, max_positions)
         except KeyError as e:  # a field only this architecture reads (num_experts, ...)
             raise CheckpointError(f"{path / 'config.json'}: missing field {e} of {config.architecture}") from None
     load_weights(model, tensors)
-    return model.eval()
+    model.eval()
+    if kept_as is not None:
+        _kept = (kept_as, model)
+    return model
+
+
+def _kept_as(path: Path, device: str | torch.device, dtype: torch.dtype, max_positions: int | None) -> tuple | None:
+    """What a model loaded now would be kept as: the checkpoint, the stat of each of its files, device, dtype and
+    context; None where it cannot be kept (the meta device, an unreadable directory, a file written too recently)."""
+    if torch.device(device).type == "meta":
+        return None
+    now = time.time_ns()
+    try:
+        files = tuple((p.name, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino)
+                      for p in sorted(path.iterdir()) for s in [p.stat()])
+    except OSError:  # read_config names what is wrong
+        return None
+    if any(max(mtime, ctime) >= now - RACY_NS for _, _, mtime, ctime, _ in files):
+        return None
+    return str(path.resolve()), files, str(torch.device(device)), dtype, max_positions
 
 
 def validate_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> ModelConfig:
