@@ -222,8 +222,17 @@ class CompiledPiece:
                 and all(guard.xreplace(values) is sympy.true for guard in self.guards))
 
 
-# Per pool (the graphs of one engine, all families and sizes): piece key -> its compiled functions.
-_SHARED: weakref.WeakKeyDictionary[SimGraphPool, dict[Hashable, list[CompiledPiece]]] = weakref.WeakKeyDictionary()
+@dataclass
+class PoolPieces:
+    """What the graphs of one pool (one engine: all its families and sizes) share: the compiled pieces by key, and
+    per program signature the compiler that traced it, whose symbolic fake values serve the same step at another
+    batch size (tracing a 30-layer step symbolically costs as much as compiling a piece)."""
+
+    pieces: dict[Hashable, list[CompiledPiece]] = field(default_factory=dict)
+    traced: dict[Hashable, PiecewiseCompiler] = field(default_factory=dict)
+
+
+_SHARED: weakref.WeakKeyDictionary[SimGraphPool, PoolPieces] = weakref.WeakKeyDictionary()
 
 
 class PiecewiseCompiler:
@@ -234,25 +243,97 @@ class PiecewiseCompiler:
     get one symbol per size, as do the host lists lifted into tensors (one entry per row) and the outputs; the
     fake values of the whole program are then symbolic in the batch size, and so is each piece's compile."""
 
-    def __init__(self, program: Program, shared: dict[Hashable, list[CompiledPiece]] | None = None) -> None:
+    def __init__(self, program: Program, shared: PoolPieces | None = None) -> None:
         # Imported here: with sympy they cost a second, which only compiled mode should pay.
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
         self.program, self.lifts = lift_host_lists(program)
         self.scope = self.program.namespace  # the replay's globals: the recording's, lifted lists, bases, pieces
-        self.fake_mode = FakeTensorMode(shape_env=ShapeEnv())  # a shape env lets inductor's FX graph cache serve
-        self.fakes: dict[Ref, torch.Tensor] = {}
         externals = [Ref(Kind.EXTERNAL, i) for i in range(self.program.counts[Kind.EXTERNAL])]
         # id(tensor from before capture) -> its EXTERNAL ref: how pieces receive a view input's base
         self.externals = {id(self.program.value(r)): r for r in externals}
-        self.symbolic = any(dynamic_dims(self.program.value(r)) for r in externals)
+        # The inputs whose size is the batch: those the graph runner marked, and the host lists lifted into tensors.
+        self.batch_inputs = {r: dims for r in externals if (dims := dynamic_dims(self.program.value(r)))}
+        self.symbolic = bool(self.batch_inputs)
+        if self.symbolic:
+            self.batch_inputs.update((Ref(Kind.LIFTED, i), {0}) for i in range(self.program.counts[Kind.LIFTED]))
         # Each output buffer and the value replay copies into it: the output takes that value's (symbolic) shape.
         self.output_values = {op.args[0]: op.args[1] for op in self.program.ops
                               if op.args and isinstance(op.args[0], Ref) and op.args[0].kind is Kind.OUTPUT}
-        self.shared = {} if shared is None else shared
+        self.shared = PoolPieces() if shared is None else shared
         self.compiled: dict[Hashable, Ref] = {}  # piece key -> the CONST ref of its compiled function in this program
-        self._propagate_fakes()
+        signature = self.signature() if self.symbolic else None
+        traced = self.shared.traced.get(signature)
+        sizes = None if traced is None else self.sizes(traced.fakes)
+        if traced is not None and traced.admits(sizes):
+            self.fake_mode, self.fakes = traced.fake_mode, dict(traced.fakes)  # the same step, traced symbolically
+            self.symbol_values = sizes
+        else:
+            self.fake_mode = FakeTensorMode(shape_env=ShapeEnv())  # a shape env lets inductor's FX graph cache serve
+            self.fakes: dict[Ref, torch.Tensor] = {}
+            self._propagate_fakes()
+            self.symbol_values = dict(self.fake_mode.shape_env.backed_var_to_val)  # traced at this graph's sizes
+            if signature is not None:
+                self.shared.traced.setdefault(signature, self)
+
+    def signature(self) -> Hashable:
+        """The program with its batch size left out: per op its callable and constants (by `const_key`), the storage,
+        offset, dtype, strides and unmarked sizes of each tensor from before capture, and the host arguments of each
+        task group but its lists. Two captures of one step at other batch sizes have equal signatures."""
+
+        def arg(a: Any) -> Hashable:
+            if isinstance(a, Ref):
+                return self._ref_signature(a)
+            if isinstance(a, (list, tuple)):
+                return type(a), tuple(map(arg, a))
+            if isinstance(a, dict):
+                return dict, tuple((k, arg(v)) for k, v in a.items())
+            return const_key(a)
+
+        return tuple((arg(op.fn), arg(op.args), arg(op.kwargs), op.task and arg(op.task), op.binds, op.unpack)
+                     for op in self.program.ops)
+
+    def _ref_signature(self, ref: Ref) -> Hashable:
+        value = self.program.namespace.get(ref.name)
+        if ref.kind is Kind.CONST:
+            return ref, const_key(value)
+        if ref.kind is Kind.EXTERNAL:
+            dims = self.batch_inputs.get(ref, ())
+            return (ref, value.untyped_storage().data_ptr(), value.storage_offset(), value.dtype, value.stride(),
+                    tuple(size for d, size in enumerate(value.shape) if d not in dims))
+        if ref.kind is Kind.TASK:  # its lists are the host lists update() replaces, one entry per row
+            return ref, tuple((k, "list" if isinstance(v, list) else const_key(v)) for k, v in value.items())
+        return ref  # values, outputs and lifted lists: shaped by the ops that make them
+
+    def sizes(self, fakes: dict[Ref, torch.Tensor]) -> dict[Any, int] | None:
+        """This graph's value of each symbol that `fakes` give its batch inputs, or None where two disagree."""
+        values: dict[Any, int] = {}
+        for ref, dims in self.batch_inputs.items():
+            if ref not in fakes:  # read by no op
+                continue
+            for d in dims:
+                size, real = fakes[ref].shape[d], self.program.value(ref).shape[d]
+                expr = size.node.expr if isinstance(size, torch.SymInt) else size
+                if not isinstance(size, torch.SymInt) or len(expr.free_symbols) != 1 or expr != next(iter(expr.free_symbols)):
+                    if expr != real:  # specialised (a size of 1), or not a lone symbol: must be this very size
+                        return None
+                    continue
+                if values.setdefault(expr, real) != real:
+                    return None
+        return values
+
+    def admits(self, sizes: dict[Any, int] | None) -> bool:
+        """Whether this compiler's symbolic trace holds for batch `sizes`: each within its symbol's range, and
+        every guard of the shape env true of them."""
+        import sympy
+
+        if sizes is None:
+            return False
+        shape_env = self.fake_mode.shape_env
+        values = {symbol: sympy.Integer(size) for symbol, size in sizes.items()}
+        return (all(shape_env.var_to_range[s].lower <= v <= shape_env.var_to_range[s].upper for s, v in sizes.items())
+                and all(g.expr.xreplace(values) is sympy.true for g in shape_env.guards))
 
     def fake(self, ref: Ref) -> torch.Tensor:
         if ref not in self.fakes:
@@ -346,8 +427,8 @@ class PiecewiseCompiler:
         hold for this graph's sizes, else compiled now."""
         if code.key not in self.compiled:
             shape_env = self.fake_mode.shape_env
-            sizes = [int(shape_env.backed_var_to_val[s]) for s in code.symbols]
-            candidates = self.shared.setdefault(code.key, [])
+            sizes = [int(self.symbol_values[s]) for s in code.symbols]
+            candidates = self.shared.pieces.setdefault(code.key, [])
             piece = next((p for p in candidates if p.holds_for(sizes)), None)
             if piece is None:
                 function = self._compile(code)  # its guards and ranges are those of the shape env after the compile
@@ -382,7 +463,7 @@ class PiecewiseCompiler:
         return render(replay_ops, self.scope, "compiled_replay")
 
 
-def compile_pieces(program: Program, shared: dict[Hashable, list[CompiledPiece]] | None = None) -> Callable[[], None]:
+def compile_pieces(program: Program, shared: PoolPieces | None = None) -> Callable[[], None]:
     """A replay function running inductor-compiled pieces (reusing those of `shared` where they hold) and the task
     groups between them."""
     return PiecewiseCompiler(program, shared).replay()
@@ -394,5 +475,5 @@ def piecewise_graph(npu_graph: SimNPUGraph, pool: SimGraphPool | None = None) ->
     pieces with the other graphs of its pool."""
     with graph(npu_graph, pool=pool, auto_dispatch_capture=True):
         yield npu_graph
-    shared = _SHARED.setdefault(npu_graph.pool(), {})
+    shared = _SHARED.setdefault(npu_graph.pool(), PoolPieces())
     npu_graph.recompile(functools.partial(compile_pieces, shared=shared))

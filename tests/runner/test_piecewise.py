@@ -116,10 +116,14 @@ class Rows:
         return (self.buffer[:n].relu() * 2 * sum(lengths)).sum(-1)
 
 
-def test_one_compile_serves_every_size_of_a_pool_but_size_1():
+def test_one_trace_and_compile_serve_every_size_of_a_pool_but_size_1(monkeypatch):
+    traced = []
+    propagate = PiecewiseCompiler._propagate_fakes
+    monkeypatch.setattr(PiecewiseCompiler, "_propagate_fakes", lambda self: traced.append(self) or propagate(self))
     rows, pool, before = Rows(), graph_pool_handle(), piecewise.compilations
     graphs = {n: rows.capture(n, pool) for n in (4, 3, 2, 1)}
-    assert piecewise.compilations - before == 2  # sizes 4, 3 and 2 share one; a size of 1 is specialised
+    # sizes 4, 3 and 2 share one symbolic trace and compile; a size of 1 is specialised
+    assert (piecewise.compilations - before, len(traced)) == (2, 2)
     for n, (g, out) in graphs.items():
         lengths = list(range(1, n + 1))
         g.update(cpu_update_input=[{"lengths": lengths}])
