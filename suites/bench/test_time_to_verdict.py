@@ -7,9 +7,10 @@
   captured size, and identical decoder layers compile once (`reference_runner/sim/piecewise.py`). Issue #27 asks for
   at most 2x on an idle machine.
 
-The reference runs in pedantic's untimed setup, right before the timed check, under the same load. The limits are
-for the shared 2-core machine, where other processes come and go during a run: `LIMITS` gives, per ratio, what
-repeated runs measured and the margin above their worst.
+The reference runs in pedantic's untimed setup, right before the timed check, under the same load. Both sides run
+one thread (`THREADS`), as the other benchmarks do: on a shared 2-core machine a second torch thread loses up to
+50x whenever another process holds a core, and the ratio would measure the neighbours. The limits are for that
+machine, where other processes come and go during a run: `LIMITS` says what repeated runs measured.
 """
 import json
 import os
@@ -30,6 +31,8 @@ MODEL = "smollm2"
 # Measured on the shared 2-core machine (other agents' tests running), 2026-12-07, each ratio in one run:
 # check_vs_transformers 1.xx-1.xx over N runs, compile_vs_graph 1.xx-1.xx over N runs (see docs/design.md).
 LIMITS = {"check_vs_transformers": 1.5, "compile_vs_graph": 2.0}
+
+THREADS = {"OMP_NUM_THREADS": "1"}
 
 # What a user would run instead of the harness: load with transformers, generate, look at the output.
 TRANSFORMERS_SCRIPT = """
@@ -60,7 +63,7 @@ def checkpoint() -> Path:
 def timed(command: list[str], env: dict[str, str] | None = None) -> float:
     """Seconds `command` takes in a fresh process started from the checkout; it must exit 0."""
     start = time.perf_counter()
-    run = subprocess.run(command, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    run = subprocess.run(command, cwd=ROOT, env={**os.environ, **THREADS, **(env or {})}, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     assert run.returncode == 0, f"{command[:6]} exited {run.returncode}:\n{run.stdout[-2000:]}{run.stderr[-3000:]}"
     return seconds
