@@ -7,7 +7,7 @@ Two checks read every byte of a checkpoint: a cache entry's hashes against its m
 files (size, mtime, ctime, inode), taken before the check read them. While every file keeps that stat,
 the check is passed without reading anything. A file written in the clock tick of the stat cannot be told
 apart by its stat (git's "racy clean" entries): a record vouches only for files older than its stat by
-`RACY_NS`. The tensor check is recorded per dtype and per source of the code that runs it, so an edit to
+`loader.RACY_NS`. The tensor check is recorded per dtype and per source of the code that runs it, so an edit to
 the loader or a model class validates again. A cache that cannot be written keeps no record: every run
 checks again.
 """
@@ -29,16 +29,16 @@ if TYPE_CHECKING:
     from reference_runner.models.config import ModelConfig
 
 RECORDS = "validated"  # the folder of records in the checkpoint cache
-RACY_NS = 2_000_000_000  # the coarsest file-time resolution in common use (FAT: 2 s)
 MANIFEST_MATCHED = "manifest"  # the check of a cache entry against its manifest
 
 Signature = dict[str, list[int]]  # file name -> [size, mtime_ns, ctime_ns, inode]
 
 
 def signature(directory: Path) -> Signature:
-    """The stat of every file of `directory` that a change to its contents would change."""
-    return {p.name: [s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino]
-            for p in sorted(directory.iterdir()) for s in [p.stat()]}
+    """The stat of every file of `directory` that a change to its contents would change (`loader.file_stats`)."""
+    from reference_runner.models.loader import file_stats
+
+    return file_stats(directory)
 
 
 def passed(directory: Path, check: str, cache_dir: Path) -> bool:
@@ -95,8 +95,9 @@ def validated_config(directory: Path, dtype: torch.dtype, cache_dir: Path) -> Mo
 
 def _vouches(record: dict, files: Signature) -> bool:
     """Whether `record` holds for files of signature `files`: the same stat, each settled before the record's."""
-    settled = record["stat_ns"] - RACY_NS
-    return files == record["files"] and all(max(mtime, ctime) < settled for _, mtime, ctime, _ in files.values())
+    from reference_runner.models.loader import settled
+
+    return files == record["files"] and settled(files, record["stat_ns"])
 
 
 def _path(directory: Path, cache_dir: Path) -> Path:

@@ -157,13 +157,24 @@ def _kept_as(path: Path, device: str | torch.device, dtype: torch.dtype, max_pos
         return None
     now = time.time_ns()
     try:
-        files = tuple((p.name, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino)
-                      for p in sorted(path.iterdir()) for s in [p.stat()])
+        stats = file_stats(path)
     except OSError:  # read_config names what is wrong
         return None
-    if any(max(mtime, ctime) >= now - RACY_NS for _, _, mtime, ctime, _ in files):
+    if not settled(stats, now):
         return None
-    return str(path.resolve()), files, str(torch.device(device)), dtype, max_positions
+    return str(path.resolve()), tuple((name, *stat) for name, stat in stats.items()), str(torch.device(device)), dtype, \
+        max_positions
+
+
+def file_stats(path: Path) -> dict[str, list[int]]:
+    """Size, mtime, ctime and inode of each file of directory `path`: what any change to its contents changes."""
+    return {p.name: [s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino] for p in sorted(path.iterdir()) for s in [p.stat()]}
+
+
+def settled(stats: dict[str, list[int]], since_ns: int) -> bool:
+    """Whether every file of `stats` was last written at least `RACY_NS` before `since_ns`: a change in the clock tick
+    of a stat taken then would not show in it (git's "racy clean" entries)."""
+    return all(max(mtime, ctime) < since_ns - RACY_NS for _, mtime, ctime, _ in stats.values())
 
 
 def validate_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> ModelConfig:

@@ -22,6 +22,7 @@ from harness.inputs.checkpoints import (
     manifest,
     tiny_config,
 )
+from reference_runner.models import loader
 
 
 def entries(cache) -> list[str]:
@@ -104,7 +105,7 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, capsys, damage, problem):
 @pytest.fixture
 def settled(monkeypatch):
     """Records vouch for files written right before them (a test cannot wait out the clock tick of a write)."""
-    monkeypatch.setattr(validation, "RACY_NS", 0)
+    monkeypatch.setattr(loader, "RACY_NS", 0)
 
 
 def test_an_unchanged_entry_is_hashed_once_and_a_changed_one_again(tmp_path, monkeypatch, settled):
@@ -121,8 +122,8 @@ def test_an_unchanged_entry_is_hashed_once_and_a_changed_one_again(tmp_path, mon
 def test_a_later_process_does_not_hash_an_entry_that_matched(tmp_path, settled):
     path = ensure_checkpoint("llama", tmp_path / "cache")
     assert entry_problem(path) is None  # hashed, and recorded
-    code = ("import sys; from harness.inputs import checkpoints, validation; validation.RACY_NS = 0; "
-            "checkpoints.manifest = lambda entry: sys.exit('hashed again'); "
+    code = ("import sys; from harness.inputs import checkpoints; from reference_runner.models import loader; "
+            "loader.RACY_NS = 0; checkpoints.manifest = lambda entry: sys.exit('hashed again'); "
             f"sys.exit(checkpoints.entry_problem(checkpoints.Path({str(path)!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (0, "")

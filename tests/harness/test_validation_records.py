@@ -23,7 +23,7 @@ def checkpoint(tmp_path):
 def validations(monkeypatch):
     """The directories validated tensor by tensor, in order; records vouch for files written right before them
     (a test cannot wait out the clock tick of its writes)."""
-    monkeypatch.setattr(validation, "RACY_NS", 0)
+    monkeypatch.setattr(loader, "RACY_NS", 0)
     validated = []
 
     def validate_checkpoint(path, dtype):
@@ -75,9 +75,9 @@ def test_an_edit_to_the_validating_code_validates_again(checkpoint, tmp_path, va
 def test_a_record_does_not_vouch_for_files_written_in_its_clock_tick(checkpoint, tmp_path):
     before = validation.signature(checkpoint)
     newest = max(max(mtime, ctime) for _, mtime, ctime, _ in before.values())
-    validation.record(checkpoint, "check", before, newest + validation.RACY_NS, tmp_path)
+    validation.record(checkpoint, "check", before, newest + loader.RACY_NS, tmp_path)
     assert not validation.passed(checkpoint, "check", tmp_path)
-    validation.record(checkpoint, "check", before, newest + validation.RACY_NS + 1, tmp_path)
+    validation.record(checkpoint, "check", before, newest + loader.RACY_NS + 1, tmp_path)
     assert validation.passed(checkpoint, "check", tmp_path)
 
 

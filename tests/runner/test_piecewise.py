@@ -14,9 +14,9 @@ from harness.verdicts.compare import compare_generations
 from harness.verdicts.tolerances import Tolerance
 from reference_runner.engine.args import EngineArgs
 from reference_runner.engine.engine import Engine
+from reference_runner.graphs.compiled import mark_dynamic_batch
 from reference_runner.graphs.updatable import register_updatable_op
 from reference_runner.sim import piecewise
-from reference_runner.graphs.compiled import mark_dynamic_batch
 from reference_runner.sim.graph import SimNPUGraph, graph, graph_pool_handle
 from reference_runner.sim.piecewise import Piece, PiecewiseCompiler, const_key, piecewise_graph, split_graph
 from reference_runner.sim.recording import Kind, Program
