@@ -7,16 +7,20 @@
   captured size, and identical decoder layers compile once (`reference_runner/sim/piecewise.py`). Issue #27 asks for
   at most 2x on an idle machine.
 
-The reference runs in pedantic's untimed setup, right before the timed check, under the same load. Both sides run
-one thread (`THREADS`), as the other benchmarks do: on a shared 2-core machine a second torch thread loses up to
-50x whenever another process holds a core, and the ratio would measure the neighbours. The limits are for that
-machine, where other processes come and go during a run: `LIMITS` says what repeated runs measured.
+The reference runs in pedantic's untimed setup, right before each timed check, under the same load, for `ROUNDS`
+rounds; the ratio is that of the fastest rounds, since load only ever adds time (as the decode benchmarks'
+speed-ups). Both sides run one thread (`THREADS`), as the other benchmarks do: on a shared 2-core machine a second
+torch thread loses up to 50x whenever another process holds a core, and the ratio would measure the neighbours.
+The limits are for that machine, where other processes come and go during a run: `LIMITS` says what repeated runs
+measured.
 """
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +37,7 @@ MODEL = "smollm2"
 LIMITS = {"check_vs_transformers": 1.5, "compile_vs_graph": 2.0}
 
 THREADS = {"OMP_NUM_THREADS": "1"}
+ROUNDS = 3
 
 # What a user would run instead of the harness: load with transformers, generate, look at the output.
 TRANSFORMERS_SCRIPT = """
@@ -82,27 +87,33 @@ def transformers_seconds(checkpoint: Path) -> float:
     return timed([sys.executable, "-c", TRANSFORMERS_SCRIPT, str(checkpoint), prompts, new_tokens])
 
 
-def record_ratio(benchmark, ratio: str, numerator: float, denominator: float, seconds: dict[str, float]) -> bool:
-    """Record `ratio` in the benchmark's `extra_info` (the report's "Time to verdict" reads it); whether it is met."""
-    measured = numerator / denominator
+def ratio_of_fastest_rounds(benchmark, ratio: str, reference: Callable[[], float], timed_side: Callable[[], float],
+                            sides: tuple[str, str]) -> bool:
+    """Time `reference` then `timed_side` for `ROUNDS` rounds and record the ratio of their fastest rounds in the
+    benchmark's `extra_info` (the report's "Time to verdict" reads it); whether it is within its limit."""
+    rounds: dict[str, list[float]] = {side: [] for side in sides}
+    benchmark.pedantic(lambda: rounds[sides[1]].append(timed_side()), setup=lambda: rounds[sides[0]].append(reference()),
+                       rounds=ROUNDS, iterations=1)
+    fastest = {side: min(seconds) for side, seconds in rounds.items()}
+    measured = fastest[sides[1]] / fastest[sides[0]]
     benchmark.extra_info.update(ratio=ratio, model=MODEL, measured=round(measured, 2), limit=LIMITS[ratio],
-                                seconds={side: round(s, 1) for side, s in seconds.items()})
+                                seconds={side: round(s, 1) for side, s in fastest.items()},
+                                rounds={side: [round(s, 1) for s in seconds] for side, seconds in rounds.items()})
     return measured <= LIMITS[ratio]
 
 
 def test_check_eager_graph_against_a_transformers_load_and_generate(benchmark, device, checkpoint):
-    seconds = {}
     benchmark.group = f"{MODEL}: time to verdict"
-    benchmark.pedantic(lambda: seconds.update(check=check_seconds("eager,graph", device)),
-                       setup=lambda: seconds.update(transformers=transformers_seconds(checkpoint)), rounds=1,
-                       iterations=1)
-    assert record_ratio(benchmark, "check_vs_transformers", seconds["check"], seconds["transformers"], seconds)
+    assert ratio_of_fastest_rounds(benchmark, "check_vs_transformers", lambda: transformers_seconds(checkpoint),
+                                   lambda: check_seconds("eager,graph", device), ("transformers", "check"))
 
 
 def test_compile_from_an_empty_inductor_cache_against_graph(benchmark, device, checkpoint, tmp_path):
-    seconds = {}
-    empty_inductor_cache = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     benchmark.group = f"{MODEL}: compile vs graph"
-    benchmark.pedantic(lambda: seconds.update(compile=check_seconds("compile", device, empty_inductor_cache)),
-                       setup=lambda: seconds.update(graph=check_seconds("graph", device)), rounds=1, iterations=1)
-    assert record_ratio(benchmark, "compile_vs_graph", seconds["compile"], seconds["graph"], seconds)
+
+    def compile_seconds() -> float:
+        cache = tempfile.mkdtemp(dir=tmp_path)  # empty in every round, as a user's first run
+        return check_seconds("compile", device, {"TORCHINDUCTOR_CACHE_DIR": cache})
+
+    assert ratio_of_fastest_rounds(benchmark, "compile_vs_graph", lambda: check_seconds("graph", device), compile_seconds,
+                                   ("graph", "compile"))
