@@ -4,7 +4,7 @@ write the reports; exit 0 only if every scenario passed.
 Everything is resolved and validated before the first scenario runs (`plan_check`), so that a bad input
 costs one line and exit 2 at once, never a run thrown away: first the options alone, before torch is
 imported (`OPTION_CHECKS`); then the device and the target, and per model its checkpoint (a builtin
-built, a directory validated tensor by tensor) and its requests (`MODEL_CHECKS`: context, top-k,
+built, a directory validated tensor by tensor unless it passed unchanged since) and its requests (`MODEL_CHECKS`: context, top-k,
 layout, KV-cache memory). A new check is one function added to either tuple.
 """
 from __future__ import annotations
@@ -172,14 +172,13 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     for option_check in OPTION_CHECKS:
         option_check(args)
     import torch
-    import transformers
 
     from harness.targets import get_target
     from harness.targets.base import MIN_COVERAGE, TargetUnavailable
     from reference_runner.attention import default_dtype
     from reference_runner.device import DeviceUnavailable, detect_device, resolve_device
 
-    transformers.logging.disable_progress_bar()  # checkpoint writes and the oracle: the check prints its own lines
+    quiet_progress_bars()
     try:
         device = resolve_device(args.device) if args.device else detect_device()
         target = get_target(args.target, device)
@@ -200,6 +199,17 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     if args.resume:
         plan.resumed.update(resumable(plan, args.resume))
     return plan
+
+
+def quiet_progress_bars() -> None:
+    """No progress bars from transformers (checkpoint builds, the oracle's loads): the check prints its own lines.
+    Said through the environment, which huggingface_hub reads when imported: a run that needs no transformers
+    never imports it."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.disable_progress_bar()
 
 
 def resumable(plan: CheckPlan, file: Path) -> dict[str, ScenarioResult]:
@@ -232,14 +242,15 @@ def resumable(plan: CheckPlan, file: Path) -> dict[str, ScenarioResult]:
 
 
 def resolve_model(name: str, workload: str, max_new_tokens: int, dtype: torch.dtype) -> ModelPlan:
-    """Model `name`'s checkpoint (built, or validated tensor by tensor for a run in `dtype`) and its requests."""
-    from harness.inputs.checkpoints import ensure_checkpoint, fingerprint
+    """Model `name`'s checkpoint (built, or validated tensor by tensor for a run in `dtype` unless it passed that
+    unchanged since: `harness/inputs/validation.py`) and its requests."""
+    from harness.inputs.checkpoints import default_cache_dir, ensure_checkpoint, fingerprint
+    from harness.inputs.validation import validated_config
     from reference_runner.errors import CheckpointError, UnsupportedModel
-    from reference_runner.models.loader import validate_checkpoint
 
     try:
         checkpoint = ensure_checkpoint(name)
-        config = validate_checkpoint(checkpoint, dtype)
+        config = validated_config(checkpoint, dtype, default_cache_dir())
     except (CheckpointError, UnsupportedModel) as error:
         raise UsageError(f"--model {name}: {error}") from None
     requests = make_requests(workload, config.vocab_size, max_new_tokens)

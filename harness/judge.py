@@ -22,7 +22,6 @@ import torch
 
 from harness.forcing import Sides, next_segments
 from harness.inputs.checkpoints import ensure_checkpoint
-from harness.inputs.oracle import oracle_score
 from harness.inputs.scenarios import Scenario
 from harness.inputs.workloads import make_requests
 from harness.targets.base import MIN_COVERAGE, Target, TargetRun, TargetUnavailable
@@ -245,6 +244,8 @@ class Judge:
 
     def score(self, case: _Case, generations: list[Generation]) -> list[Generation]:
         """Transformers' distributions along the test's own tokens."""
+        from harness.inputs.oracle import oracle_score  # transformers: only a scenario judged against it imports it
+
         self.progress(f"{case.scenario.name}: scoring its tokens with transformers")
         with case.phases.timing("oracle"):
             return oracle_score(case.checkpoint, case.requests, generations, top_k=case.scenario.engine.top_k,
@@ -287,6 +288,8 @@ class Judge:
         """The baseline's continuations of `requests`: its target run on them, or transformers scoring the test's."""
         target = self.baseline_target(case.scenario)
         if target is None:
+            from harness.inputs.oracle import oracle_score
+
             with case.phases.timing("forced_rerun"):
                 return oracle_score(case.checkpoint, requests, tests, top_k=case.scenario.engine.top_k, dtype=case.dtype)
         eager = replace(case.scenario, engine=case.scenario.baseline_engine(), dp_ranks=None)

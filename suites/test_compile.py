@@ -1,5 +1,6 @@
 """Compiled graph mode (`mode="compile"`, sim/piecewise.py on the CPU) gives eager's tokens, and
-compiles each captured size exactly once: later lengths, batches and requests reuse it. The
+compiles once for every captured size (the batch dim marked dynamic; a size of 1 apart): later lengths,
+batches and requests reuse it. The
 compiled graphs still read the lengths refreshed before each replay (host lists through `update()`,
 or the device `seq_lens` on cuda): leaving them stale is caught.
 
@@ -37,16 +38,19 @@ def test_compile_matches_eager(check, model, workload):
     assert result.run.graph_steps > 0
 
 
-def test_each_captured_size_compiles_once_and_never_again(device):
+def test_the_captured_sizes_share_one_compile_and_never_compile_again(device):
     before = compilations(device)
-    engine = Engine(ensure_checkpoint("llama"), dataclasses.replace(COMPILE, dtype=default_dtype(device)), device=device)
+    args = dataclasses.replace(COMPILE, dtype=default_dtype(device), graph_bs=tuple(range(1, 9)))
+    engine = Engine(ensure_checkpoint("llama"), args, device=device)
     runner = engine.model_runner.graph_runner
-    # One compile per captured size (on the CPU: the attention op's host lengths lifted into a tensor input).
-    assert compilations(device) - before == len(runner.capture_bs) == 4
+    # Sizes 2 to 8 share one compile, a size of 1 is specialised; on npu FIA's host list (a length per row) makes
+    # dynamo compile every size.
+    expected = len(runner.capture_bs) if device == "npu" else 2
+    assert compilations(device) - before == expected
     for workload in ["mixed", "join_leave", "batch3", "batch8"]:
         engine.generate(make_requests(workload, engine.model_runner.vocab_size, max_new_tokens=24))
-    assert set(runner.bucket_hits) == {1, 2, 4, 8}
-    assert compilations(device) - before == 4
+    assert {1, 3, 8} <= set(runner.bucket_hits)
+    assert compilations(device) - before == expected
 
 
 @pytest.mark.parametrize("fault", STALE_LENGTHS)

@@ -63,7 +63,7 @@ def results_from_benchmarks(benchmarks: list[dict]) -> list[BenchResult]:
 class CostRatio:
     """A time-to-verdict ratio measured in one run (`suites/bench/test_time_to_verdict.py`), required at most `limit`."""
 
-    ratio: str  # e.g. "check_vs_generate": the check's seconds over the reference's
+    ratio: str  # e.g. "check_vs_transformers": the check's seconds over the reference's
     model: str
     measured: float
     limit: float

@@ -8,7 +8,8 @@ built in a staging directory (removed on any exit; a dead process's by the next 
 (hashes of config.json and of each weights file, every tensor's name, dtype and shape), then published
 with an atomic rename, so ranks and processes that race on the same checkpoint all end up reading one
 complete directory. Every reuse checks the entry against its manifest, and an entry that does not match
-(a truncated file, an edit) is replaced by a fresh build.
+(a truncated file, an edit) is replaced by a fresh build; an entry that matched is not hashed again while its
+files keep their stat (`validation.py`). Transformers is imported only to build a model.
 """
 from __future__ import annotations
 
@@ -18,27 +19,21 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MixtralConfig,
-    PretrainedConfig,
-    Qwen2Config,
-    Qwen2MoeConfig,
-    Qwen3Config,
-    Qwen3MoeConfig,
-)
 
-from harness.inputs import real_models
+from harness.inputs import real_models, validation
 from harness.scratch import make_scratch, scratch
 from reference_runner.errors import CheckpointError
 from reference_runner.models.loader import weight_files
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # Every size divides by tp=2 and tp=4: attention heads, KV heads (except llama_kv1, whose single KV
 # head is replicated across TP ranks), vocab and all intermediates.
@@ -57,18 +52,19 @@ _DENSE: dict[str, Any] = dict(
     eos_token_id=2,
 )
 
-BUILTIN_MODELS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
-    "llama": (LlamaConfig, {**_DENSE, "tie_word_embeddings": False}),
-    "llama_kv1": (LlamaConfig, {**_DENSE, "num_key_value_heads": 1, "tie_word_embeddings": False}),
+# Each model's transformers config class, by name (imported only to build it), and its fields.
+BUILTIN_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {**_DENSE, "tie_word_embeddings": False}),
+    "llama_kv1": ("LlamaConfig", {**_DENSE, "num_key_value_heads": 1, "tie_word_embeddings": False}),
     # head_dim 32, the smallest that vLLM's CPU attention takes (the target vllm on CPU hosts). Measured as in
     # build_model: median top-2 margin 1.28, 3.3% of steps below 0.05, 53+ distinct tokens out of 64.
-    "llama_hd32": (LlamaConfig, {**_DENSE, "hidden_size": 128, "head_dim": 32, "intermediate_size": 256,
+    "llama_hd32": ("LlamaConfig", {**_DENSE, "hidden_size": 128, "head_dim": 32, "intermediate_size": 256,
                                  "tie_word_embeddings": False}),
     # Qwen2 always has q/k/v biases; tied embeddings as in the small Qwen2 checkpoints.
-    "qwen2": (Qwen2Config, {**_DENSE, "tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", {**_DENSE, "tie_word_embeddings": True}),
     # Shaped like Qwen1.5-MoE: shared expert behind a sigmoid gate, top-k weights not renormalised.
     "qwen2_moe": (
-        Qwen2MoeConfig,
+        "Qwen2MoeConfig",
         {
             **_DENSE,
             "num_experts": 4,
@@ -83,10 +79,10 @@ BUILTIN_MODELS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     ),
     # Qwen3 and Qwen3-MoE: head_dim 32 (wider than hidden_size / heads, as in the real ones), so that
     # engines whose CPU attention needs head_dim >= 32 run them too. Tied embeddings as the small Qwen3.
-    "qwen3": (Qwen3Config, {**_DENSE, "head_dim": 32, "tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {**_DENSE, "head_dim": 32, "tie_word_embeddings": True}),
     # Shaped like Qwen3-30B-A3B: no shared expert, top-k weights renormalised.
     "qwen3_moe": (
-        Qwen3MoeConfig,
+        "Qwen3MoeConfig",
         {
             **_DENSE,
             "head_dim": 32,
@@ -101,7 +97,7 @@ BUILTIN_MODELS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     ),
     # Mixtral's experts are sized by `intermediate_size`.
     "mixtral": (
-        MixtralConfig,
+        "MixtralConfig",
         {
             **_DENSE,
             "intermediate_size": 64,
@@ -114,7 +110,8 @@ BUILTIN_MODELS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
 
 CACHE_ENV = "NPUGRAPH_CACHE"
 MANIFEST = "manifest.json"
-CACHE_FORMAT = 2  # part of the recipe hash: entries written before manifests existed live under other names
+CACHE_FORMAT = 3  # part of the recipe hash: entries of older recipes (before manifests; hashing transformers' whole
+# config) live under other names
 SEED = 0
 INIT_STD = 0.25  # every linear layer, bias and router
 VOCAB_INIT_STD = 0.5  # embedding and LM head
@@ -123,10 +120,12 @@ NORM_WEIGHT_STD = 0.1  # norm weights are 1 + N(0, this)
 
 def tiny_config(name: str, **overrides: Any) -> PretrainedConfig:
     """The small config of builtin model `name`, with `overrides` applied to its fields."""
+    import transformers
+
     if name not in BUILTIN_MODELS:
         raise CheckpointError(f"unknown model {name!r}; builtin models: {', '.join(BUILTIN_MODELS)}")
     config_class, fields = BUILTIN_MODELS[name]
-    return config_class(**{**fields, **overrides})
+    return getattr(transformers, config_class)(**{**fields, **overrides})
 
 
 def default_cache_dir() -> Path:
@@ -183,40 +182,32 @@ def fingerprint(path: Path) -> str:
     return hashlib.sha256(identity).hexdigest()[:16]
 
 
-# Entries this process found matching their manifest, with their files' stat: a real model's weights take a
-# second to hash, and a check looks its checkpoint up once per scenario.
-_MATCHED: dict[Path, tuple] = {}
-
-
-def _stat_signature(entry: Path) -> tuple:
-    return tuple((f.name, s.st_size, s.st_mtime_ns) for f in sorted(entry.iterdir()) for s in [f.stat()])
-
-
 def entry_problem(entry: Path) -> str | None:
-    """Why cache entry `entry` cannot be used (missing, no manifest, not matching it), or None if it can."""
+    """Why cache entry `entry` cannot be used (missing, no manifest, not matching it), or None if it can. An entry
+    that matched its manifest is not hashed again while its files keep their stat (`validation`)."""
     if not entry.is_dir():
         return "is missing"
-    with contextlib.suppress(OSError):
-        if _MATCHED.get(entry) == _stat_signature(entry):  # unchanged since it matched, in this process
-            return None
+    if validation.passed(entry, validation.MANIFEST_MATCHED, entry.parent):
+        return None
     try:
         stored = json.loads((entry / MANIFEST).read_text())
     except (OSError, ValueError):
         return f"has no readable {MANIFEST}"
     try:
-        signature, current = _stat_signature(entry), manifest(entry)
+        stat_ns, files = time.time_ns(), validation.signature(entry)
+        current = manifest(entry)
     except (OSError, SafetensorError) as e:
         return f"is unreadable ({e})"
     if current != stored:
         return f"does not match its {MANIFEST}"
-    _MATCHED[entry] = signature
+    validation.record(entry, validation.MANIFEST_MATCHED, files, stat_ns, entry.parent)
     return None
 
 
 def _build_cached(name: str, cache_dir: Path, overrides: dict[str, Any]) -> Path:
-    config = tiny_config(name, **overrides)
-    return _publish(name, cache_dir / f"{name}-{_fingerprint(config)}",
-                    lambda staging: build_model(config).save_pretrained(staging, safe_serialization=True))
+    return _publish(name, cache_dir / f"{name}-{_fingerprint(name, overrides)}",
+                    lambda staging: build_model(tiny_config(name, **overrides)).save_pretrained(staging,
+                                                                                                safe_serialization=True))
 
 
 def _convert_cached(name: str, cache_dir: Path) -> Path:
@@ -242,7 +233,6 @@ def _publish(name: str, target: Path, write: Callable[[Path], None]) -> Path:
             (staging / MANIFEST).write_text(json.dumps(manifest(staging), indent=1))
             try:
                 os.rename(staging, target)  # atomic; fails if another process published first
-                _MATCHED[target] = _stat_signature(target)  # its manifest was just written from these files
             except OSError:
                 if entry_problem(target) is not None:
                     raise
@@ -269,13 +259,13 @@ def _sha256(file: Path) -> str:
     return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
-def _fingerprint(config: PretrainedConfig) -> str:
-    """Short hash of everything that decides the weights: the config and the initialisation."""
-    fields = config.to_dict()
-    fields.pop("transformers_version", None)  # the same weights under any transformers release
+def _fingerprint(name: str, overrides: dict[str, Any]) -> str:
+    """Short hash of everything that decides builtin model `name`'s weights: its config and the initialisation."""
+    config_class, fields = BUILTIN_MODELS[name]
     recipe = {
         "format": CACHE_FORMAT,
-        "config": fields,
+        "config_class": config_class,
+        "config": {**fields, **overrides},
         "seed": SEED,
         "init_std": INIT_STD,
         "vocab_init_std": VOCAB_INIT_STD,
@@ -299,6 +289,8 @@ def build_model(config: PretrainedConfig) -> torch.nn.Module:
     (qwen2) echo the input token forever. Biases and norm weights are random rather than 0 and 1,
     so a loader that drops them is caught.
     """
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, param in model.named_parameters():

@@ -12,6 +12,7 @@ from harness.targets.worker import RunRequests, WorkerJob
 from reference_runner import __version__
 from reference_runner.engine.args import EngineArgs
 from reference_runner.engine.engine import Engine
+from reference_runner.models.loader import drop_kept_model
 from reference_runner.parallel.state import DIST_TIMEOUT_S
 from reference_runner.records import Request
 
@@ -19,11 +20,12 @@ ENGINE_VERSION = f"reference {__version__}"
 
 
 def run_engine(checkpoint: str, args: EngineArgs, device: str, requests: list[Request]) -> TargetRun:
-    """One rank's run of `requests` in this process, on an engine of its own."""
+    """One rank's run of `requests` in this process, on an engine of its own (its model, handed back when the run is
+    over, serves the next run's engine if nothing in it changed: `reference_runner/models/loader.py`)."""
     engine = Engine(checkpoint, args, device=device)
     generations = engine.generate(requests)
     stats = engine.stats
-    return TargetRun(
+    run = TargetRun(
         generations,
         graph_steps=stats.graph_steps,
         eager_steps=stats.eager_steps,
@@ -34,6 +36,8 @@ def run_engine(checkpoint: str, args: EngineArgs, device: str, requests: list[Re
         engine_version=ENGINE_VERSION,
         capture_seconds=engine.capture_seconds,
     )
+    engine.release()
+    return run
 
 
 def start_engine(job: WorkerJob) -> RunRequests:
@@ -49,6 +53,9 @@ class ReferenceTarget(Target):
         self.device = device
         self.rank_setup = rank_setup  # see RankJob.setup: fault injection on launched ranks
         self.dist_timeout_s = dist_timeout_s
+
+    def close(self) -> None:
+        drop_kept_model()
 
     def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
         if scenario.engine.world_size > 1:

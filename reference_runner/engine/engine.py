@@ -35,6 +35,7 @@ from reference_runner.engine.scheduler import Running, ScheduledBatch, Scheduler
 from reference_runner.errors import InvalidRequest, LayoutError
 from reference_runner.graphs.prefill import PrefillGraphs
 from reference_runner.graphs.runner import GraphRunner, GraphStats, make_graph_runner
+from reference_runner.models.loader import keep_model
 from reference_runner.parallel.state import ParallelState
 from reference_runner.records import Generation, Request
 
@@ -78,6 +79,10 @@ class Engine:
             start = time.perf_counter()
             self._capture_graphs()
             self.capture_seconds = time.perf_counter() - start
+
+    def release(self) -> None:
+        """Done with this engine: its model may serve the next engine of the process (`models/loader.py`)."""
+        keep_model(self.model_runner.model)
 
     def _capture_graphs(self) -> None:
         """Capture each family of graphs, the one with the largest graph first (its pool memory is then reused by

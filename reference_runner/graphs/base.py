@@ -38,6 +38,9 @@ class GraphBackend:
     runner_cls: type[GraphRunner]  # NPUGraphRunner where graphs take update(cpu_update_input), else GraphRunner
     # Compile-then-capture: warmup and capture run this wrapping of the forward (None: run it as is).
     compile_forward: Callable[[Callable], Callable] | None = None
+    # Compiled mode: the runner marks the batch dim of its static inputs dynamic, so that one compile serves every
+    # captured size (`compiled.mark_dynamic_batch`).
+    dynamic_batch: bool = False
     # What NPUGraphRunner needs besides (graphs with task groups):
     new_event: Callable[[], DeviceEvent] | None = None  # to learn that a replay finished, polled under a timeout
     task_groups: Callable[[DeviceGraph], int] | None = None  # updatable task groups a captured graph holds

@@ -15,7 +15,8 @@ EMULATED_RELEASE = TORCH_NPU_FLOOR
 
 
 def sim_backend(mode: str = "graph") -> GraphBackend:
-    """Capture with auto dispatch, as on an NPU; mode `compile` then compiles the captured step piece by piece.
+    """Capture with auto dispatch, as on an NPU; mode `compile` then compiles the captured step piece by piece, once
+    for every captured size (the runner marks the batch dim dynamic).
     Mode `tree` is refused: the CPU has no graph trees (SimNPUGraph emulates plain NPUGraphs only)."""
     if mode == "tree":
         raise GraphTreesUnsupported("the CPU has no graph trees (mode 'tree' runs the step through torch's CUDA graph trees "
@@ -36,4 +37,5 @@ def sim_backend(mode: str = "graph") -> GraphBackend:
         new_event=SimEvent,
         task_groups=lambda g: g.num_task_groups,
         release=f"{EMULATED_RELEASE} (emulated by SimNPUGraph)",
+        dynamic_batch=mode == "compile",
     )

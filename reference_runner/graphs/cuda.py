@@ -13,7 +13,8 @@ from reference_runner.graphs.tree import GraphTreeRunner, cuda_graph_trees
 
 def cuda_backend(mode: str = "graph") -> GraphBackend:
     """Plain capture: `CudaAttnBackend` reads `seq_lens` on the device, so replay needs no update.
-    Mode `compile`: inductor compiles the forward per batch size during warmup, and our pool captures it.
+    Mode `compile`: inductor compiles the forward during warmup, once for every size the marked batch dim covers,
+    and our pool captures it at each size.
     Mode `tree`: inductor's reduce-overhead mode, whose CUDA graph trees capture and replay (`tree.py`)."""
     compile = mode == "compile"
     tree = mode == "tree"
@@ -25,6 +26,7 @@ def cuda_backend(mode: str = "graph") -> GraphBackend:
         pool_bytes=functools.partial(allocator_pool_bytes, "cuda"),
         runner_cls=GraphTreeRunner if tree else GraphRunner,
         compile_forward=functools.partial(compile_forward, backend=inductor) if compile else None,
+        dynamic_batch=compile,
         trees=cuda_graph_trees() if tree else None,
     )
 

@@ -26,8 +26,10 @@ from reference_runner.graphs.tree import GraphTreeRunner, GraphTrees, compile_in
 def npu_backend(mode: str = "graph") -> GraphBackend:
     """Capture with auto dispatch so the FIA calls become updatable task groups (docs/npu.md).
 
-    Mode `compile`: torchair compiles the forward per batch size during warmup and NPUGraph captures it,
-    as SGLang's npu graph runner does; `update()` then refreshes the host lengths of its FIA calls.
+    Mode `compile`: torchair compiles the forward during warmup and NPUGraph captures it, as SGLang's npu graph
+    runner does; `update()` then refreshes the host lengths of its FIA calls. The batch dim is marked dynamic as on
+    every device, but FIA's host list has one entry per row and dynamo specialises a list's length: each size
+    compiles its own graph (`compiled.py`).
     Mode `tree`: inductor's reduce-overhead mode on torch_npu's NPU graph trees, where they can update FIA.
     """
     compile = mode == "compile"
@@ -41,6 +43,7 @@ def npu_backend(mode: str = "graph") -> GraphBackend:
         pool_bytes=functools.partial(allocator_pool_bytes, "npu"),
         runner_cls=NPUGraphRunner,
         compile_forward=functools.partial(compile_forward, backend=torchair_backend()) if compile else None,
+        dynamic_batch=compile,
         new_event=torch.npu.Event,
         task_groups=task_groups,
         release=installed_release(),

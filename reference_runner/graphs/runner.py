@@ -22,6 +22,7 @@ from reference_runner.engine.forward_batch import ExpertRouting, ForwardBatch, F
 from reference_runner.errors import ReplayHang, TaskGroupMismatch
 from reference_runner.graphs import get_graph_backend
 from reference_runner.graphs.base import DeviceGraph, GraphBackend
+from reference_runner.graphs.compiled import mark_dynamic_batch
 from reference_runner.parallel.dp_attention import dp_buffer_len
 
 
@@ -153,6 +154,8 @@ class GraphRunner:
     def capture_size(self, bs: int) -> None:
         """Warm up the forward of size `bs` and capture it into the pool."""
         forward_batch = self.static_batch(bs, [self.seq_len_fill_value] * bs)
+        if self.backend.dynamic_batch:
+            mark_dynamic_batch(forward_batch)
         for _ in range(self.num_warmup):
             self.captured_forward(forward_batch)
         graph = self.backend.new_graph(f"{self.name}={bs}")

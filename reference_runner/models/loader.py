@@ -8,6 +8,14 @@ the run dtype), its whole shape against the config (before a rank cuts out its s
 values in the run dtype. `validate_checkpoint` runs all of it on a meta-device model: the whole
 checkpoint checked without the memory of its model, once, before any work starts.
 
+One rank's model (tp 1, dp 1) can serve the next engine of the process: an engine done with it hands it back
+(`keep_model`), and the next load of the same checkpoint for the same device, dtype and context takes it as it is,
+the files read once (a check's graph modes and re-runs after its eager run). It is taken only if every file kept
+its stat and none was written less than `RACY_NS` before its load (a change in the clock tick of the stat would not
+show), and only if nothing in it changed since it loaded (`_state`: its modules' types, modes, hooks and fields, its
+tensors' memory, dtype, shape, requires_grad and the bits of their values); else it is dropped and the checkpoint
+read anew. One model is kept at a time, for one engine at a time.
+
 Each tensor is handed to its parameter's `weight_loader` as a lazy safetensors slice, so under
 tensor parallelism a rank reads only its shard. Fused parameters (qkv, gate_up, stacked experts) are
 filled part by part through the model's `stacked_params_mapping`, or whole from a checkpoint that
@@ -17,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -34,6 +44,11 @@ INDEX_NAME = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' dtype names; cast to the run dtype
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+RACY_NS = 2_000_000_000  # the coarsest file-time resolution in common use (FAT: 2 s)
+
+_kept: nn.Module | None = None  # the model an engine handed back, for the next engine (see the docstring)
+# Each keepable model loaded: what it was loaded from and for, and its state right after.
+_as_loaded: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple]] = weakref.WeakKeyDictionary()
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -119,17 +134,103 @@ def _tensor_names(file: Path) -> list[str]:
 
 def load_model(path: str | Path, *, device: str | torch.device, dtype: torch.dtype,
                parallel: ParallelState | None = None, max_positions: int | None = None) -> nn.Module:
-    """Build the checkpoint's model on `device` in `dtype` (this rank's shard under TP) and load its weights."""
+    """Build the checkpoint's model on `device` in `dtype` (this rank's shard under TP) and load its weights; on
+    one rank, the model an engine handed back (`keep_model`) where it was loaded alike and nothing in it changed."""
+    global _kept
     path = Path(path)
+    parallel = parallel or ParallelState()
+    kept, _kept = _kept, None  # for one engine at a time
+    kept_as = _kept_as(path, device, dtype, max_positions) if parallel.world_size == 1 else None
+    if kept is not None and kept_as is not None and _unchanged(kept, kept_as):
+        return kept
+    kept = None  # its memory freed before this model's is taken
     config = read_config(path)
     tensors = weight_files(path)
     with torch.device(device), _default_dtype(dtype):
         try:
-            model = get_model_class(config.architecture)(config, parallel or ParallelState(), max_positions)
+            model = get_model_class(config.architecture)(config, parallel, max_positions)
         except KeyError as e:  # a field only this architecture reads (num_experts, ...)
             raise CheckpointError(f"{path / 'config.json'}: missing field {e} of {config.architecture}") from None
     load_weights(model, tensors)
-    return model.eval()
+    model.eval()
+    if kept_as is not None:
+        _as_loaded[model] = (kept_as, _state(model))
+    return model
+
+
+def keep_model(model: nn.Module) -> None:
+    """Hand back `model`, whose engine is done with it: the next engine of the process that loads it alike takes it
+    (`load_model`). A model loaded on several ranks, or on the meta device, is not kept."""
+    global _kept
+    if model in _as_loaded:
+        _kept = model
+
+
+def drop_kept_model() -> None:
+    """Free the model kept for the next engine, if any."""
+    global _kept
+    _kept = None
+
+
+def _unchanged(model: nn.Module, kept_as: tuple) -> bool:
+    """Whether `model` was loaded as `kept_as` asks and nothing in it changed since."""
+    loaded_as, state = _as_loaded[model]
+    return loaded_as == kept_as and _state(model) == state
+
+
+def _state(model: nn.Module) -> tuple:
+    """What an engine could have changed in `model`: each module's type and fields (its mode, hooks, a method or
+    value set on it), each parameter's and buffer's memory, dtype, shape, requires_grad and `_bits`."""
+    modules = tuple((name, type(module), tuple(sorted((field, _field(value)) for field, value in vars(module).items())))
+                    for name, module in model.named_modules(remove_duplicate=False))
+    tensors = tuple((name, t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.requires_grad, _bits(t))
+                    for name, t in [*model.named_parameters(), *model.named_buffers()])
+    return modules, tensors
+
+
+def _field(value):
+    """A module field as `_state` compares it: a plain value itself, a dict (hooks, parameters, submodules) by its
+    keys, any other object by its identity."""
+    if isinstance(value, (bool, int, float, str, type(None), torch.dtype, torch.device)):
+        return value
+    if isinstance(value, dict):
+        return tuple(value)
+    return id(value)
+
+
+def _bits(t: torch.Tensor) -> int:
+    """A wrapping sum of the bytes of `t` read as integers, one pass over its memory: any change of one value shows."""
+    raw = t.detach().reshape(-1).view(torch.uint8)
+    if raw.numel() % 4 == 0 and raw.storage_offset() % 4 == 0:
+        raw = raw.view(torch.int32)
+    return int(raw.sum(dtype=raw.dtype))
+
+
+def _kept_as(path: Path, device: str | torch.device, dtype: torch.dtype, max_positions: int | None) -> tuple | None:
+    """What a model loaded now would be kept as: the checkpoint, the stat of each of its files, device, dtype and
+    context; None where it cannot be kept (the meta device, an unreadable directory, a file written too recently)."""
+    if torch.device(device).type == "meta":
+        return None
+    now = time.time_ns()
+    try:
+        stats = file_stats(path)
+    except OSError:  # read_config names what is wrong
+        return None
+    if not settled(stats, now):
+        return None
+    return str(path.resolve()), tuple((name, *stat) for name, stat in stats.items()), str(torch.device(device)), dtype, \
+        max_positions
+
+
+def file_stats(path: Path) -> dict[str, list[int]]:
+    """Size, mtime, ctime and inode of each file of directory `path`: what any change to its contents changes."""
+    return {p.name: [s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino] for p in sorted(path.iterdir()) for s in [p.stat()]}
+
+
+def settled(stats: dict[str, list[int]], since_ns: int) -> bool:
+    """Whether every file of `stats` was last written at least `RACY_NS` before `since_ns`: a change in the clock tick
+    of a stat taken then would not show in it (git's "racy clean" entries)."""
+    return all(max(mtime, ctime) < since_ns - RACY_NS for _, mtime, ctime, _ in stats.values())
 
 
 def validate_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> ModelConfig:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import weakref
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from typing import Any
 
 import torch
 
+from reference_runner.graphs.compiled import dynamic_dims
 from reference_runner.graphs.markers import layer_boundary
 from reference_runner.graphs.updatable import updatable_op
 from reference_runner.sim.graph import SimNPUGraph, graph
@@ -156,6 +158,7 @@ class PieceCode:
     consts: list[Any]  # the values of k0, k1, ...
     params: list[Ref]  # what replay passes as a0, a1, ...
     key: Hashable  # the source, the constants and each parameter's dtype, shape, strides and aliasing
+    symbols: list[Any] = field(default_factory=list)  # the sizes' symbols, as `key` numbers them (b0, b1, ...)
 
     def function(self) -> Callable:
         scope = {f"k{i}": value for i, value in enumerate(self.consts)}
@@ -184,33 +187,173 @@ def const_key(value: Any) -> Hashable:
     return object()
 
 
-def _tensor_key(t: torch.Tensor) -> Hashable:
-    return t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), t.device.type
+def _tensor_key(t: torch.Tensor, symbols: list[Any]) -> Hashable:
+    """`t`'s dtype, shape, strides, offset and device, each symbolic size written with the symbols numbered in order
+    of first appearance in `symbols` (extended): the same key in any shape env."""
+    import sympy
+
+    def size(value: Any) -> Hashable:
+        if isinstance(value, int):
+            return value
+        expr = value.node.expr
+        for symbol in sorted(expr.free_symbols, key=str):
+            if symbol not in symbols:
+                symbols.append(symbol)
+        return str(expr.xreplace({s: sympy.Symbol(f"b{symbols.index(s)}") for s in expr.free_symbols}))
+
+    return t.dtype, tuple(map(size, t.shape)), tuple(map(size, t.stride())), size(t.storage_offset()), t.device.type
+
+
+@dataclass
+class CompiledPiece:
+    """A piece's compiled function, and the guards its compile assumed of the batch size (`symbols`, in the order
+    of the piece's parameters): another graph's piece of the same key reuses it where its sizes pass them."""
+
+    function: Callable
+    symbols: list[Any]  # sympy symbols of the compile's shape env
+    ranges: list[Any]  # the values it assumed each can take (a size of 0 or 1 is specialised: the range starts at 2)
+    guards: list[Any]  # sympy booleans over them
+
+    def holds_for(self, sizes: list[int]) -> bool:
+        import sympy
+
+        values = {symbol: sympy.Integer(size) for symbol, size in zip(self.symbols, sizes)}
+        return (all(r.lower <= size <= r.upper for r, size in zip(self.ranges, sizes))
+                and all(guard.xreplace(values) is sympy.true for guard in self.guards))
+
+
+@dataclass
+class PoolPieces:
+    """What the graphs of one pool (one engine: all its families and sizes) share: the compiled pieces by key, and
+    per program signature the compiler that traced it, whose symbolic fake values serve the same step at another
+    batch size (tracing a 30-layer step symbolically costs as much as compiling a piece)."""
+
+    pieces: dict[Hashable, list[CompiledPiece]] = field(default_factory=dict)
+    traced: dict[Hashable, PiecewiseCompiler] = field(default_factory=dict)
+
+
+_SHARED: weakref.WeakKeyDictionary[SimGraphPool, PoolPieces] = weakref.WeakKeyDictionary()
 
 
 class PiecewiseCompiler:
     """Compiles one captured program: fake values for every ref, pieces cut where identical work repeats,
-    one inductor compile per distinct piece."""
+    one inductor compile per distinct piece, shared with the other graphs of the pool where it holds for them.
 
-    def __init__(self, program: Program) -> None:
+    Inputs whose dims the graph runner marked dynamic (`graphs/compiled.py`: the batch dim of its static inputs)
+    get one symbol per size, as do the host lists lifted into tensors (one entry per row) and the outputs; the
+    fake values of the whole program are then symbolic in the batch size, and so is each piece's compile."""
+
+    def __init__(self, program: Program, shared: PoolPieces | None = None) -> None:
         # Imported here: with sympy they cost a second, which only compiled mode should pay.
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
         self.program, self.lifts = lift_host_lists(program)
         self.scope = self.program.namespace  # the replay's globals: the recording's, lifted lists, bases, pieces
-        self.fake_mode = FakeTensorMode(shape_env=ShapeEnv())  # a shape env lets inductor's FX graph cache serve
-        self.fakes: dict[Ref, torch.Tensor] = {}
         externals = [Ref(Kind.EXTERNAL, i) for i in range(self.program.counts[Kind.EXTERNAL])]
         # id(tensor from before capture) -> its EXTERNAL ref: how pieces receive a view input's base
         self.externals = {id(self.program.value(r)): r for r in externals}
-        self.compiled: dict[Hashable, Ref] = {}  # piece key -> the CONST ref of its compiled function
-        self._propagate_fakes()
+        # The inputs whose size is the batch: those the graph runner marked, and the host lists lifted into tensors.
+        self.batch_inputs = {r: dims for r in externals if (dims := dynamic_dims(self.program.value(r)))}
+        self.symbolic = bool(self.batch_inputs)
+        if self.symbolic:
+            self.batch_inputs.update((Ref(Kind.LIFTED, i), {0}) for i in range(self.program.counts[Kind.LIFTED]))
+        # Each output buffer and the value replay copies into it: the output takes that value's (symbolic) shape.
+        self.output_values = {op.args[0]: op.args[1] for op in self.program.ops
+                              if op.args and isinstance(op.args[0], Ref) and op.args[0].kind is Kind.OUTPUT}
+        self.shared = PoolPieces() if shared is None else shared
+        self.compiled: dict[Hashable, Ref] = {}  # piece key -> the CONST ref of its compiled function in this program
+        signature = self.signature() if self.symbolic else None
+        traced = self.shared.traced.get(signature)
+        sizes = None if traced is None else self.sizes(traced.fakes)
+        if traced is not None and traced.admits(sizes):
+            self.fake_mode, self.fakes = traced.fake_mode, dict(traced.fakes)  # the same step, traced symbolically
+            self.symbol_values = sizes
+        else:
+            self.fake_mode = FakeTensorMode(shape_env=ShapeEnv())  # a shape env lets inductor's FX graph cache serve
+            self.fakes: dict[Ref, torch.Tensor] = {}
+            self._propagate_fakes()
+            self.symbol_values = dict(self.fake_mode.shape_env.backed_var_to_val)  # traced at this graph's sizes
+            if signature is not None:
+                self.shared.traced.setdefault(signature, self)
+
+    def signature(self) -> Hashable:
+        """The program with its batch size left out: per op its callable and constants (by `const_key`), the storage,
+        offset, dtype, strides and unmarked sizes of each tensor from before capture, and the host arguments of each
+        task group but its lists. Two captures of one step at other batch sizes have equal signatures."""
+
+        def arg(a: Any) -> Hashable:
+            if isinstance(a, Ref):
+                return self._ref_signature(a)
+            if isinstance(a, (list, tuple)):
+                return type(a), tuple(map(arg, a))
+            if isinstance(a, dict):
+                return dict, tuple((k, arg(v)) for k, v in a.items())
+            return const_key(a)
+
+        return tuple((arg(op.fn), arg(op.args), arg(op.kwargs), op.task and arg(op.task), op.binds, op.unpack)
+                     for op in self.program.ops)
+
+    def _ref_signature(self, ref: Ref) -> Hashable:
+        value = self.program.namespace.get(ref.name)
+        if ref.kind is Kind.CONST:
+            return ref, const_key(value)
+        if ref.kind is Kind.EXTERNAL:
+            dims = self.batch_inputs.get(ref, ())
+            return (ref, value.untyped_storage().data_ptr(), value.storage_offset(), value.dtype, value.stride(),
+                    tuple(size for d, size in enumerate(value.shape) if d not in dims))
+        if ref.kind is Kind.TASK:  # its lists are the host lists update() replaces, one entry per row
+            return ref, tuple((k, "list" if isinstance(v, list) else const_key(v)) for k, v in value.items())
+        return ref  # values, outputs and lifted lists: shaped by the ops that make them
+
+    def sizes(self, fakes: dict[Ref, torch.Tensor]) -> dict[Any, int] | None:
+        """This graph's value of each symbol that `fakes` give its batch inputs, or None where two disagree."""
+        values: dict[Any, int] = {}
+        for ref, dims in self.batch_inputs.items():
+            if ref not in fakes:  # read by no op
+                continue
+            for d in dims:
+                size, real = fakes[ref].shape[d], self.program.value(ref).shape[d]
+                expr = size.node.expr if isinstance(size, torch.SymInt) else size
+                if not isinstance(size, torch.SymInt) or len(expr.free_symbols) != 1 or expr != next(iter(expr.free_symbols)):
+                    if expr != real:  # specialised (a size of 1), or not a lone symbol: must be this very size
+                        return None
+                    continue
+                if values.setdefault(expr, real) != real:
+                    return None
+        return values
+
+    def admits(self, sizes: dict[Any, int] | None) -> bool:
+        """Whether this compiler's symbolic trace holds for batch `sizes`: each within its symbol's range, and
+        every guard of the shape env true of them."""
+        import sympy
+
+        if sizes is None:
+            return False
+        shape_env = self.fake_mode.shape_env
+        values = {symbol: sympy.Integer(size) for symbol, size in sizes.items()}
+        return (all(shape_env.var_to_range[s].lower <= v <= shape_env.var_to_range[s].upper for s, v in sizes.items())
+                and all(g.expr.xreplace(values) is sympy.true for g in shape_env.guards))
 
     def fake(self, ref: Ref) -> torch.Tensor:
         if ref not in self.fakes:
-            self.fakes[ref] = self.fake_mode.from_tensor(self.program.value(ref), static_shapes=True)  # no symbols
+            self.fakes[ref] = self._make_fake(ref)
         return self.fakes[ref]
+
+    def _make_fake(self, ref: Ref) -> torch.Tensor:
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+        value = self.program.value(ref)
+        if ref.kind is Kind.OUTPUT and self.symbolic:  # shaped like the value replay writes into it
+            source = self.fake(self.output_values[ref])
+            with self.fake_mode:
+                return torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device=source.device)
+        dims = dynamic_dims(value) if ref.kind is Kind.EXTERNAL else {0} if ref.kind is Kind.LIFTED and self.symbolic else ()
+        if not dims:
+            return self.fake_mode.from_tensor(value, static_shapes=True)  # no symbols
+        # DUCK: dims of one size share one symbol, the batch size.
+        dynamic = [DimDynamic.DUCK if d in dims else DimDynamic.STATIC for d in range(value.dim())]
+        return self.fake_mode.from_tensor(value, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dynamic))
 
     def _propagate_fakes(self) -> None:
         """Run the program over fake tensors once: the example inputs of every piece, before any is traced."""
@@ -224,14 +367,15 @@ class PiecewiseCompiler:
                 self.fakes.update((r, env[r.name]) for r in op.bound())
 
     def parameters(self, inputs: list[Ref]) -> tuple[list[Ref], list[tuple[Ref, Ref, str]]]:
-        """A piece's parameters, and (view, base, how) for each view input (rows of a static buffer, such as the
-        routing buffers MoE layers write) that the piece rebuilds from its base, which is passed instead (as an
-        EXTERNAL ref): an in-place write to a view input would become a copy of the whole base."""
+        """A piece's parameters, and (view, base, how) for each view input of fixed shape that the piece rebuilds
+        from its base, which is passed instead (as an EXTERNAL ref): an in-place write to a view input would become
+        a copy of the whole base. Rows of a static buffer marked dynamic (the batch, such as the routing rows MoE
+        layers write) are passed as they are: their base is the buffer of the largest size, a few rows."""
         params: dict[Ref, None] = {}  # ordered, without repeats
         views = []
         for ref in inputs:
             t = self.program.namespace.get(ref.name)
-            if not isinstance(t, torch.Tensor) or t._base is None:
+            if not isinstance(t, torch.Tensor) or t._base is None or dynamic_dims(t):
                 params[ref] = None
                 continue
             if id(t._base) not in self.externals:
@@ -265,8 +409,10 @@ class PiecewiseCompiler:
         fakes = [self.fake(r) for r in params]
         storages = [t.untyped_storage()._cdata for t in fakes]
         aliasing = tuple(storages.index(s) for s in storages)  # the first parameter sharing each one's memory
-        key = (source, tuple(map(const_key, consts)), tuple(map(_tensor_key, fakes)), aliasing)
-        return PieceCode(source, consts, params, key)
+        symbols: list[Any] = []  # the free symbols of the parameters' sizes, in order of appearance
+        tensors = tuple(_tensor_key(t, symbols) for t in fakes)
+        key = (source, tuple(map(const_key, consts)), tensors, aliasing)
+        return PieceCode(source, consts, params, key, symbols)
 
     def boundaries(self) -> set[int]:
         """The layer boundaries worth a cut: those next to a piece whose key another piece shares."""
@@ -277,19 +423,32 @@ class PiecewiseCompiler:
                 if p.boundary is not None and max(counts[key], counts[key_before]) > 1}
 
     def compile_piece(self, code: PieceCode) -> Ref:
-        """The CONST ref of `code`'s compiled function: compiled on first sight of its key."""
+        """The CONST ref of `code`'s compiled function: a function of the pool compiled for the same key whose guards
+        hold for this graph's sizes, else compiled now."""
+        if code.key not in self.compiled:
+            shape_env = self.fake_mode.shape_env
+            sizes = [int(self.symbol_values[s]) for s in code.symbols]
+            candidates = self.shared.pieces.setdefault(code.key, [])
+            piece = next((p for p in candidates if p.holds_for(sizes)), None)
+            if piece is None:
+                function = self._compile(code)  # its guards and ranges are those of the shape env after the compile
+                piece = CompiledPiece(function, code.symbols, [shape_env.var_to_range[s] for s in code.symbols],
+                                      [g.expr for g in shape_env.guards])
+                candidates.append(piece)
+            self.compiled[code.key] = self.program.new_ref(Kind.CONST, piece.function)
+        return self.compiled[code.key]
+
+    def _compile(self, code: PieceCode) -> Callable:
         from torch._inductor.compile_fx import compile_fx
         from torch.fx.experimental.proxy_tensor import make_fx
 
         global compilations
-        if code.key not in self.compiled:
-            args = [self.fake(r) for r in code.params]
-            with torch.inference_mode():
-                gm = make_fx(code.function(), _DECOMPOSITIONS, tracing_mode="fake")(*args)
-                compiled = compile_fx(gm, args, config_patches=_INDUCTOR_CONFIG)
-            self.compiled[code.key] = self.program.new_ref(Kind.CONST, compiled)
-            compilations += 1
-        return self.compiled[code.key]
+        args = [self.fake(r) for r in code.params]
+        with torch.inference_mode():
+            gm = make_fx(code.function(), _DECOMPOSITIONS, tracing_mode="fake")(*args)
+            compiled = compile_fx(gm, args, config_patches=_INDUCTOR_CONFIG)
+        compilations += 1
+        return compiled
 
     def replay(self) -> Callable[[], None]:
         """A replay function running the compiled pieces and the task groups between them."""
@@ -304,14 +463,17 @@ class PiecewiseCompiler:
         return render(replay_ops, self.scope, "compiled_replay")
 
 
-def compile_pieces(program: Program) -> Callable[[], None]:
-    """A replay function running inductor-compiled pieces and the task groups between them."""
-    return PiecewiseCompiler(program).replay()
+def compile_pieces(program: Program, shared: PoolPieces | None = None) -> Callable[[], None]:
+    """A replay function running inductor-compiled pieces (reusing those of `shared` where they hold) and the task
+    groups between them."""
+    return PiecewiseCompiler(program, shared).replay()
 
 
 @contextlib.contextmanager
 def piecewise_graph(npu_graph: SimNPUGraph, pool: SimGraphPool | None = None) -> Iterator[SimNPUGraph]:
-    """Capture like `graph(..., auto_dispatch_capture=True)`, then compile the capture piecewise."""
+    """Capture like `graph(..., auto_dispatch_capture=True)`, then compile the capture piecewise, sharing compiled
+    pieces with the other graphs of its pool."""
     with graph(npu_graph, pool=pool, auto_dispatch_capture=True):
         yield npu_graph
-    npu_graph.recompile(compile_pieces)
+    shared = _SHARED.setdefault(npu_graph.pool(), PoolPieces())
+    npu_graph.recompile(functools.partial(compile_pieces, shared=shared))

@@ -1,26 +1,28 @@
-"""Time to a verdict on a real 30-layer model (`smollm2`), each `check` a fresh process, ratios measured in one run:
+"""Time to a verdict on a real 30-layer model (`smollm2`), every side a fresh process, each ratio measured in one run:
 
-- `check --modes eager,graph` against one plain batched transformers `generate` of the same requests (the greedy
-  tokens and their logits, the least a user would run to look at the output): at most 4x. The eager run is made
-  once and serves both scenarios, and transformers scores the engine's tokens in one forward instead of decoding.
-  Issue #14 asked for 1.5x, which the CPU cannot give: a graph-vs-eager verdict needs two whole engine runs, and
-  each costs about one `generate` (the eager run 9.5 s against 8.3-9.3 s; SimNPUGraph replays the same kernels,
-  so graph mode is no faster here), plus capture and the interpreter's start. Measured 3.6x (it was 6.7x).
-- `check --modes compile` against `check --modes graph`: at most 5x. Identical decoder layers compile once
-  (`reference_runner/sim/piecewise.py`), so compile cost follows the distinct pieces of the step (three per
-  captured size), not its depth. It runs with an empty inductor cache, as a user's first run does.
+- `check --modes eager,graph` against the script a user would write instead (`TRANSFORMERS_SCRIPT`): a fresh
+  process that imports transformers, loads the checkpoint and generates the same requests in one batch (greedy,
+  logits kept). Issue #27 asks for at most 1.5x on an idle machine.
+- `check --modes compile` from an empty inductor cache against `check --modes graph`: one compile serves every
+  captured size, and identical decoder layers compile once (`reference_runner/sim/piecewise.py`). Issue #27 asks for
+  at most 2x on an idle machine.
 
-Each reference is timed in pedantic's untimed setup, right before the timed check, under the same load.
+The reference runs in pedantic's untimed setup, right before each timed check, under the same load, for `ROUNDS`
+rounds; the ratio is that of the fastest rounds, since load only ever adds time (as the decode benchmarks'
+speed-ups). Both sides run one thread (`THREADS`), as the other benchmarks do: on a shared 2-core machine a second
+torch thread loses up to 50x whenever another process holds a core, and the ratio would measure the neighbours.
+`LIMITS` says what a run measured on that machine, where other processes come and go.
 """
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from harness.inputs.checkpoints import ensure_checkpoint
 from harness.inputs.real_models import missing_packages
@@ -29,10 +31,30 @@ from reference_runner.models.loader import read_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2"
-# Check-vs-generate was 6.7x before the shared eager run and the oracle's scoring (#14 asked for 1.5x: see above),
-# compile-vs-graph 20x when the whole step compiled as one piece.
-MAX_CHECK_VS_GENERATE = 4
-MAX_COMPILE_VS_GRAPH = 5
+# Issue #27's goals for an idle machine. On the shared 2-core machine at load 4.3-4.9, 2026-12-07, one run measured
+# check_vs_transformers 2.15 (34.6 s against 16.1 s) and compile_vs_graph 3.08 (92.7 s against 30.1 s): above both.
+LIMITS = {"check_vs_transformers": 1.5, "compile_vs_graph": 2.0}
+
+THREADS = {"OMP_NUM_THREADS": "1"}
+ROUNDS = 3
+
+# What a user would run instead of the harness: load with transformers, generate, look at the output.
+TRANSFORMERS_SCRIPT = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+
+checkpoint, prompts, new_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+width = max(map(len, prompts))
+input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left-padded
+attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+with torch.inference_mode():
+    out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+print(out.sequences[:, width:].tolist())
+"""
 
 
 @pytest.fixture(scope="module")
@@ -42,54 +64,55 @@ def checkpoint() -> Path:
     return ensure_checkpoint(MODEL)  # converted before any timing
 
 
-def timed_check(modes: str, device: str, env: dict[str, str] | None = None) -> float:
-    """Seconds `npugraph-harness check --model smollm2 --modes <modes>` takes in a fresh process; it must pass."""
+def timed(command: list[str], env: dict[str, str] | None = None) -> float:
+    """Seconds `command` takes in a fresh process started from the checkout; it must exit 0."""
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "harness", "check", "--model", MODEL, "--modes", modes,
-                          "--device", device], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    run = subprocess.run(command, cwd=ROOT, env={**os.environ, **THREADS, **(env or {})}, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    assert run.returncode == 0, f"check --modes {modes} exited {run.returncode}:\n{run.stdout}{run.stderr[-3000:]}"
+    assert run.returncode == 0, f"{command[:6]} exited {run.returncode}:\n{run.stdout[-2000:]}{run.stderr[-3000:]}"
     return seconds
 
 
-def generate_seconds(checkpoint: Path) -> float:
-    """Seconds of one batched greedy transformers `generate` of the check's requests, logits kept (loading aside)."""
+def check_seconds(modes: str, device: str, env: dict[str, str] | None = None) -> float:
+    """Seconds of `npugraph-harness check --model smollm2 --modes <modes>` in a fresh process; it must pass."""
+    return timed([sys.executable, "-m", "harness", "check", "--model", MODEL, "--modes", modes, "--device", device], env)
+
+
+def transformers_seconds(checkpoint: Path) -> float:
+    """Seconds of `TRANSFORMERS_SCRIPT` on the check's requests (its default workload and length) in a fresh process."""
     requests = make_requests("mixed", read_config(checkpoint).vocab_size, 32)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    width = max(len(r.prompt_ids) for r in requests)
-    input_ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests])  # left-padded
-    attention_mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests])
-    new_tokens = max(r.max_new_tokens for r in requests)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    return time.perf_counter() - start
+    prompts = json.dumps([r.prompt_ids for r in requests])
+    new_tokens = str(max(r.max_new_tokens for r in requests))
+    return timed([sys.executable, "-c", TRANSFORMERS_SCRIPT, str(checkpoint), prompts, new_tokens])
 
 
-def record_ratio(benchmark, ratio: str, numerator: float, denominator: float, seconds: dict[str, float],
-                 limit: float) -> bool:
-    """Record `ratio` in the benchmark's `extra_info` (the report's "Time to verdict" reads it); whether it is met."""
-    measured = numerator / denominator
-    benchmark.extra_info.update(ratio=ratio, model=MODEL, measured=round(measured, 2), limit=limit,
-                                seconds={side: round(s, 1) for side, s in seconds.items()})
-    return measured <= limit
+def ratio_of_fastest_rounds(benchmark, ratio: str, reference: Callable[[], float], timed_side: Callable[[], float],
+                            sides: tuple[str, str]) -> bool:
+    """Time `reference` then `timed_side` for `ROUNDS` rounds and record the ratio of their fastest rounds in the
+    benchmark's `extra_info` (the report's "Time to verdict" reads it); whether it is within its limit."""
+    rounds: dict[str, list[float]] = {side: [] for side in sides}
+    benchmark.pedantic(lambda: rounds[sides[1]].append(timed_side()), setup=lambda: rounds[sides[0]].append(reference()),
+                       rounds=ROUNDS, iterations=1)
+    fastest = {side: min(seconds) for side, seconds in rounds.items()}
+    measured = fastest[sides[1]] / fastest[sides[0]]
+    benchmark.extra_info.update(ratio=ratio, model=MODEL, measured=round(measured, 2), limit=LIMITS[ratio],
+                                seconds={side: round(s, 1) for side, s in fastest.items()},
+                                rounds={side: [round(s, 1) for s in seconds] for side, seconds in rounds.items()})
+    return measured <= LIMITS[ratio]
 
 
-def test_check_eager_graph_takes_at_most_4x_a_transformers_generate(benchmark, device, checkpoint):
-    seconds = {}
+def test_check_eager_graph_against_a_transformers_load_and_generate(benchmark, device, checkpoint):
     benchmark.group = f"{MODEL}: time to verdict"
-    benchmark.pedantic(lambda: seconds.update(check=timed_check("eager,graph", device)),
-                       setup=lambda: seconds.update(generate=generate_seconds(checkpoint)), rounds=1, iterations=1)
-    assert record_ratio(benchmark, "check_vs_generate", seconds["check"], seconds["generate"], seconds,
-                        MAX_CHECK_VS_GENERATE)
+    assert ratio_of_fastest_rounds(benchmark, "check_vs_transformers", lambda: transformers_seconds(checkpoint),
+                                   lambda: check_seconds("eager,graph", device), ("transformers", "check"))
 
 
-def test_compile_costs_at_most_five_times_graph_mode(benchmark, device, checkpoint, tmp_path):
-    seconds = {}
-    empty_inductor_cache = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+def test_compile_from_an_empty_inductor_cache_against_graph(benchmark, device, checkpoint, tmp_path):
     benchmark.group = f"{MODEL}: compile vs graph"
-    benchmark.pedantic(lambda: seconds.update(compile=timed_check("compile", device, empty_inductor_cache)),
-                       setup=lambda: seconds.update(graph=timed_check("graph", device)), rounds=1, iterations=1)
-    assert record_ratio(benchmark, "compile_vs_graph", seconds["compile"], seconds["graph"], seconds,
-                        MAX_COMPILE_VS_GRAPH)
+
+    def compile_seconds() -> float:
+        cache = tempfile.mkdtemp(dir=tmp_path)  # empty in every round, as a user's first run
+        return check_seconds("compile", device, {"TORCHINDUCTOR_CACHE_DIR": cache})
+
+    assert ratio_of_fastest_rounds(benchmark, "compile_vs_graph", lambda: check_seconds("graph", device), compile_seconds,
+                                   ("graph", "compile"))

@@ -11,6 +11,7 @@ import pytest
 from safetensors import safe_open
 
 import harness.inputs.checkpoints as checkpoints
+from harness.inputs import validation
 from harness.inputs.checkpoints import (
     BUILTIN_MODELS,
     MANIFEST,
@@ -21,6 +22,12 @@ from harness.inputs.checkpoints import (
     manifest,
     tiny_config,
 )
+from reference_runner.models import loader
+
+
+def entries(cache) -> list[str]:
+    """What a cache folder holds besides its validation records."""
+    return sorted(p.name for p in cache.iterdir() if p.name != validation.RECORDS)
 
 
 def tensor_names(path) -> set[str]:
@@ -92,29 +99,45 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, capsys, damage, problem):
     assert ensure_checkpoint("llama", tmp_path / "cache") == path
     assert entry_problem(path) is None and (path / "model.safetensors").read_bytes() == good
     assert f"npugraph-harness: cached checkpoint {path} {problem}" in capsys.readouterr().err
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # nothing set aside is left
+    assert entries(tmp_path / "cache") == [path.name]  # nothing set aside is left
 
 
-def test_an_unchanged_entry_is_hashed_once_per_process_and_a_changed_one_again(tmp_path, monkeypatch):
+@pytest.fixture
+def settled(monkeypatch):
+    """Records vouch for files written right before them (a test cannot wait out the clock tick of a write)."""
+    monkeypatch.setattr(loader, "RACY_NS", 0)
+
+
+def test_an_unchanged_entry_is_hashed_once_and_a_changed_one_again(tmp_path, monkeypatch, settled):
     path = ensure_checkpoint("llama", tmp_path / "cache")
     hashed = []
     monkeypatch.setattr(checkpoints, "manifest", lambda entry: hashed.append(entry) or manifest(entry))
     assert [ensure_checkpoint("llama", tmp_path / "cache") for _ in range(3)] == [path] * 3
-    assert hashed == []  # it matched when it was built, and has not changed since
+    assert hashed == [path]  # once, when first reused: its record then vouches for it
     append_to_config(path)
     assert entry_problem(path) == f"does not match its {MANIFEST}"
-    assert hashed == [path]
+    assert hashed == [path, path]
+
+
+def test_a_later_process_does_not_hash_an_entry_that_matched(tmp_path, settled):
+    path = ensure_checkpoint("llama", tmp_path / "cache")
+    assert entry_problem(path) is None  # hashed, and recorded
+    code = ("import sys; from harness.inputs import checkpoints; from reference_runner.models import loader; "
+            "loader.RACY_NS = 0; checkpoints.manifest = lambda entry: sys.exit('hashed again'); "
+            f"sys.exit(checkpoints.entry_problem(checkpoints.Path({str(path)!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 def test_staging_directories_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    name = f"llama-{checkpoints._fingerprint(tiny_config('llama'))}"
+    name = f"llama-{checkpoints._fingerprint('llama', {})}"
     stale = tmp_path / f".{name}.{dead.stdout.strip()}-abc123"
     live = tmp_path / f".{name}.{os.getpid()}-def456"  # another build of this very process, under way
     stale.mkdir(parents=True)
     live.mkdir()
     ensure_checkpoint("llama", tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, name])
+    assert entries(tmp_path) == sorted([live.name, name])
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
@@ -145,7 +168,7 @@ def test_a_process_that_loses_the_publishing_race_uses_the_winners_checkpoint(tm
 
     monkeypatch.setattr(checkpoints, "build_model", build_while_another_process_publishes)
     assert ensure_checkpoint("llama", tmp_path) == winner
-    assert [p.name for p in tmp_path.iterdir() if p.name != "elsewhere"] == [winner.name]  # no staging left
+    assert [p for p in entries(tmp_path) if p != "elsewhere"] == [winner.name]  # no staging left
 
 
 def test_a_checkpoint_directory_is_returned_as_is(tmp_path):

@@ -175,17 +175,18 @@ def test_cuda_path_with_device_seq_lens_not_refreshed_mismatches_on_the_cpu(cuda
     assert "mismatch" in statuses
 
 
-def test_cuda_compile_traces_the_step_whole_once_per_batch_size_on_the_cpu():
+def test_cuda_compile_traces_the_step_whole_once_for_every_batch_size_on_the_cpu():
     # fullgraph=True: a graph break would raise here, not on the GPU.
     runner = Engine(ensure_checkpoint("llama"), EngineArgs(mode="eager")).model_runner
     runner.attn_backend = CudaAttnBackend(runner.kv_cache, runner.attn_backend.num_heads)
     step, before = compiled.compile_forward(runner.forward_eager, inductor), compiled.compilations
-    for lens in ([5, 9], [6, 40], [17]):
+    for lens in ([5, 9, 3, 7], [6, 40], [17], [4, 5, 6]):
         batch = decode_batch_of(runner.kv_cache, lens)
+        compiled.mark_dynamic_batch(batch)  # as the graph runner marks its static batches
         torch.testing.assert_close(step(batch), runner.forward_eager(batch), atol=1e-5, rtol=1e-5)
         for rid in [f"r{i}" for i in range(len(lens))]:
             runner.kv_cache.free(rid)
-    assert compiled.compilations - before == 2  # batch sizes 2 and 1; new lengths reuse their code
+    assert compiled.compilations - before == 2  # batch sizes 4, 2 and 3 share one; 1 is specialised
 
 
 # --- npu: the FIA call against a CPU stand-in of FIA's paged contract ----------------------------

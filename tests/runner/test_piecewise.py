@@ -1,6 +1,7 @@
 """Piecewise compilation of a SimNPUGraph: cuts at updatable ops without a static form, lifts the
 host list of those with one, and keeps `update()` driving both after compilation; cuts between
-decoder layers where identical layers repeat, and compiles each distinct piece once."""
+decoder layers where identical layers repeat, and compiles each distinct piece once for every captured
+size of a pool (the batch dim marked dynamic), sizes its guards leave out (1) apart."""
 import copy
 import functools
 
@@ -13,9 +14,10 @@ from harness.verdicts.compare import compare_generations
 from harness.verdicts.tolerances import Tolerance
 from reference_runner.engine.args import EngineArgs
 from reference_runner.engine.engine import Engine
+from reference_runner.graphs.compiled import mark_dynamic_batch
 from reference_runner.graphs.updatable import register_updatable_op
 from reference_runner.sim import piecewise
-from reference_runner.sim.graph import SimNPUGraph, graph
+from reference_runner.sim.graph import SimNPUGraph, graph, graph_pool_handle
 from reference_runner.sim.piecewise import Piece, PiecewiseCompiler, const_key, piecewise_graph, split_graph
 from reference_runner.sim.recording import Kind, Program
 
@@ -93,6 +95,67 @@ def test_compiled_replay_follows_update_and_writes_the_cache_in_place(lengths):
     assert step.slots[[0, 1, 3, 4, 6, 7]].count_nonzero() == 0  # rows 5 and 2 only
 
 
+# --- captured sizes: one compile for all of a pool -------------------------------------------------
+
+class Rows:
+    """A static buffer of 4 rows, of which the graph of size n reads the first n (its batch dim marked dynamic, as
+    the graph runner marks it in compiled mode), and a host list of one length per row."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.arange(-8.0, 8.0).view(4, 4)
+
+    def capture(self, n: int, pool) -> tuple[SimNPUGraph, torch.Tensor]:
+        rows = self.buffer[:n]
+        torch._dynamo.maybe_mark_dynamic(rows, 0)
+        g = SimNPUGraph(f"rows={n}")
+        with piecewise_graph(g, pool):
+            out = torch.ops.pwtest.scaled(rows.relu() * 2, lengths=[0] * n).sum(-1)
+        return g, out
+
+    def expected(self, n: int, lengths: list[int]) -> torch.Tensor:
+        return (self.buffer[:n].relu() * 2 * sum(lengths)).sum(-1)
+
+
+def test_one_trace_and_compile_serve_every_size_of_a_pool_but_size_1(monkeypatch):
+    traced = []
+    propagate = PiecewiseCompiler._propagate_fakes
+    monkeypatch.setattr(PiecewiseCompiler, "_propagate_fakes", lambda self: traced.append(self) or propagate(self))
+    rows, pool, before = Rows(), graph_pool_handle(), piecewise.compilations
+    graphs = {n: rows.capture(n, pool) for n in (4, 3, 2, 1)}
+    # sizes 4, 3 and 2 share one symbolic trace and compile; a size of 1 is specialised
+    assert (piecewise.compilations - before, len(traced)) == (2, 2)
+    for n, (g, out) in graphs.items():
+        lengths = list(range(1, n + 1))
+        g.update(cpu_update_input=[{"lengths": lengths}])
+        g.replay()
+        torch.testing.assert_close(out, rows.expected(n, lengths))
+
+
+def test_the_graphs_of_another_pool_compile_their_own():
+    rows, before = Rows(), piecewise.compilations
+    for pool in (graph_pool_handle(), graph_pool_handle()):
+        rows.capture(3, pool)
+    assert piecewise.compilations - before == 2
+
+
+def test_a_compiled_piece_holds_for_the_sizes_its_ranges_and_guards_admit():
+    import sympy
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    s = sympy.Symbol("s", integer=True, positive=True)
+    piece = piecewise.CompiledPiece(lambda: None, [s], [ValueRanges(2, sympy.oo)], [sympy.Ne(s, 5)])
+    assert [n for n in range(1, 8) if piece.holds_for([n])] == [2, 3, 4, 6, 7]
+
+
+def test_the_graph_runner_marks_the_batch_dim_of_its_static_inputs_in_compiled_mode():
+    engine = Engine(ensure_checkpoint("qwen2_moe"), EngineArgs(mode="graph", graph_bs=(2,), max_bs=2))
+    batch = engine.model_runner.graph_runner.static_batch(2, [0, 0])
+    mark_dynamic_batch(batch)
+    rows = [batch.input_ids, batch.positions, batch.out_cache_loc, batch.seq_lens, batch.block_tables,
+            batch.routing.replay_ids, batch.routing.topk_ids, batch.routing.gaps]
+    assert [t._dynamo_weak_dynamic_indices for t in rows] == [{0}] * 8
+
+
 # --- decoder layers: cut where identical work repeats, compiled once --------------------------------
 
 def decode_program(model: str, **overrides) -> Program:
@@ -141,11 +204,12 @@ def test_a_constant_that_cannot_be_compared_makes_its_piece_unique():
     assert const_key(value) != const_key(value)
 
 
-def test_identical_layers_compile_once_and_replay_as_eager():
+def test_identical_layers_and_captured_sizes_compile_once_and_replay_as_eager():
     checkpoint = ensure_checkpoint("llama", num_hidden_layers=5)
     before = piecewise.compilations
-    engine = Engine(checkpoint, EngineArgs(mode="compile", graph_bs=(1, 2), max_bs=2))
-    assert piecewise.compilations - before == 2 * 3  # per captured size: embedding + layer 0, a layer, LM head
+    engine = Engine(checkpoint, EngineArgs(mode="compile", graph_bs=(1, 2, 4), max_bs=4))
+    # embedding + layer 0, a layer, LM head: once for sizes 4 and 2, once for size 1
+    assert piecewise.compilations - before == 3 * 2
     requests = make_requests("batch3", engine.model_runner.vocab_size, 16)
     verdicts = compare_generations(Engine(checkpoint).generate(requests), engine.generate(requests),
                                    Tolerance.for_pair(torch.float32, "cpu", across_kernels=True))
