@@ -12,7 +12,6 @@ serves both as the `eager` scenario's run and as the baseline of every other mod
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -27,8 +26,11 @@ from harness.inputs.workloads import make_requests
 from harness.targets.base import Target, TargetRun, TargetUnavailable, default_min_coverage
 from harness.verdicts import routing
 from harness.verdicts.compare import Verdict, compare_generations, coverage, length_problems, summarize
+from harness.verdicts.drift import DriftStats
+from harness.verdicts.drift_baseline import DriftBaseline
+from harness.verdicts.noise import judge_drift, noise_profile, profile_key
 from harness.verdicts.routing import RoutingTie, first_routing_tie
-from harness.verdicts.tolerances import Tolerance
+from harness.verdicts.tolerances import KernelPair, Tolerance
 from reference_runner.device import DeviceUnavailable
 from reference_runner.errors import (
     CheckpointError,
@@ -84,6 +86,8 @@ class ScenarioResult:
     failures: list[str] = field(default_factory=list)
     forced_requests: int = 0  # requests re-run with the baseline's tokens forced past a near-tie
     phases: Phases = field(default_factory=Phases)
+    drift: DriftStats = field(default_factory=lambda: DriftStats(0))  # over the compared steps of every request
+    drift_judged: str = ""  # against what the drift was judged, or why it was not
 
     @property
     def passed(self) -> bool:
@@ -115,11 +119,13 @@ class ScenarioResult:
             "near_ties": sum(v.ties for v in self.verdicts),
             "router_near_ties": sum(v.router_ties for v in self.verdicts),
             "forced_requests": self.forced_requests,
+            "drift": self.drift.as_dict(),
+            "drift_judged": self.drift_judged,
             **{stat: getattr(self.run, stat) for stat in RUN_STATS if stat != "engine_version"},
-            "first_divergence": None if first is None else first.__dict__ | {"passed": first.passed},
+            "first_divergence": None if first is None else first.as_dict() | {"passed": first.passed},
             "seconds": round(self.seconds, 2),
             **self.phases.as_dict(),
-            "requests": [dataclasses.asdict(v) for v in self.verdicts],
+            "requests": [v.as_dict() for v in self.verdicts],
         }
 
     @classmethod
@@ -128,7 +134,8 @@ class ScenarioResult:
         back from a check's JSON (`check --resume`)."""
         run = TargetRun([], **{f: d[f] for f in RUN_STATS})
         return cls(Scenario.from_dict(d), [Verdict(**v) for v in d["requests"]], run, d["seconds"], d["failures"],
-                   d["forced_requests"], Phases(dict(d["phase_seconds"]), list(d["reused"])))
+                   d["forced_requests"], Phases(dict(d["phase_seconds"]), list(d["reused"])),
+                   DriftStats.from_dict(d["drift"]), d["drift_judged"])
 
     @classmethod
     def raised(cls, scenario: Scenario, error: Exception, seconds: float) -> ScenarioResult:
@@ -158,6 +165,13 @@ def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRu
     return failures
 
 
+def kernel_pair(scenario: Scenario) -> KernelPair:
+    """Whether the scenario's two sides run other kernels: transformers', inductor's (modes compile and tree), or
+    the other reduction order of several ranks."""
+    across = scenario.baseline == "oracle" or scenario.mode in ("compile", "tree") or scenario.engine.world_size > 1
+    return "across_kernels" if across else "same_kernels"
+
+
 def forced_request(request: Request, baseline: Generation, step: int) -> Request:
     """`request` fed the baseline's tokens from `step` on and computing with the baseline's experts (MoE)."""
     return replace(request, forced_from=step, forced_ids=baseline.output_ids[step:],
@@ -168,10 +182,11 @@ class Judge:
     """Runs scenarios on one target, reusing the eager run that several scenarios share."""
 
     def __init__(self, target: Target, progress: Callable[[str], None] = lambda line: None,
-                 min_coverage: float | None = None) -> None:
+                 min_coverage: float | None = None, drift_baseline: DriftBaseline | None = None) -> None:
         self.target = target
         self.progress = progress
         self.min_coverage = default_min_coverage(target) if min_coverage is None else min_coverage
+        self.drift_baseline = drift_baseline
         self._eager_runs: dict[tuple, TargetRun] = {}
 
     def run(self, scenario: Scenario) -> ScenarioResult:
@@ -182,10 +197,12 @@ class Judge:
                                  scenario.seed)
         engine = scenario.engine
 
-        def result(verdicts: list[Verdict], run: TargetRun, failures: list[str], forced: int = 0) -> ScenarioResult:
-            return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures, forced, phases)
+        def result(verdicts: list[Verdict], run: TargetRun, failures: list[str], forced: int = 0,
+                   drift: tuple[DriftStats, str] = (DriftStats(0), "not judged: the scenario ended early")) -> ScenarioResult:
+            return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures, forced, phases, *drift)
 
         dtype = getattr(torch, engine.dtype)
+        pair = kernel_pair(scenario)
         baseline = None
         if scenario.baseline == "eager":
             baseline = self.eager_run(scenario, checkpoint, requests, phases, "baseline").generations
@@ -198,10 +215,7 @@ class Judge:
             self.progress(f"{scenario.name}: scoring its tokens with transformers")
             with phases.timing("oracle"):
                 baseline = oracle_score(checkpoint, requests, run.generations, top_k=engine.top_k, dtype=dtype)
-        # Other kernels, or the other reduction order of several ranks: float noise, bounded per dtype.
-        # Modes compile and tree run inductor's kernels.
-        across_kernels = scenario.baseline == "oracle" or engine.mode in ("compile", "tree") or engine.world_size > 1
-        tolerance = Tolerance.for_pair(dtype, self.target.device, across_kernels)
+        tolerance = Tolerance.for_pair(dtype, self.target.device, pair == "across_kernels")
         with phases.timing("compare"):
             ties = self.routing_ties(scenario, checkpoint, requests, baseline, run.generations, tolerance)
             verdicts = compare_generations(baseline, run.generations, tolerance, routing_ties=ties)
@@ -222,7 +236,21 @@ class Judge:
         wrong_length = length_problems(requests, run.generations)
         verdicts = [wrong_length.get(v.rid, v) for v in verdicts]
         failures = scenario_failures(scenario, verdicts, run, self.min_coverage)
-        return result(verdicts, run, failures, len(stopped) if self.target.can_force_tokens else 0)
+        drift = DriftStats.of([step for v in verdicts for step in v.drift])
+        judged, drift_failures = self.judge_drift(scenario, pair, drift)
+        return result(verdicts, run, failures + drift_failures, len(stopped) if self.target.can_force_tokens else 0,
+                      (drift, judged))
+
+    def judge_drift(self, scenario: Scenario, pair: KernelPair, drift: DriftStats) -> tuple[str, list[str]]:
+        """The scenario's drift statistics judged as a distribution, against the noise profile of correct runs on the
+        same target, device, dtype and kernel pair, and against the figure stored for it (--drift-baseline): how, and
+        the failures."""
+        key = (self.target.name, self.target.device, scenario.engine.dtype, pair)
+        judged, failures = judge_drift(drift, noise_profile(*key), where=profile_key(*key))
+        if self.drift_baseline is not None:
+            against, grew = self.drift_baseline.judge(scenario, self.target.device, self.target.name, drift)
+            judged, failures = f"{judged}; {against}", failures + grew
+        return judged, failures
 
     def _run_target(self, scenario: Scenario, checkpoint: Path, requests: list[Request], phases: Phases,
                     phase: str, shared: bool = False) -> TargetRun | str:

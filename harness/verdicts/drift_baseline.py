@@ -1,0 +1,92 @@
+"""Precision baselines: each scenario's drift statistics stored (`check --drift-record FILE`), and a later run's
+judged against them (`check --drift-baseline FILE`), as `baselines/` stores throughput.
+
+A new kernel or a torch upgrade moves the drift of a correct pair long before a token flips: a scenario fails where a
+judged statistic grew beyond `DRIFT_GROWTH` times its stored figure (the flip rate by two flips more than that, as
+flips come whole). A scenario is matched by everything that decides its tokens (model, mode, dtype, workload, seed,
+length, engine options), on the same device and target.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.inputs.scenarios import Scenario
+from harness.verdicts.drift import LABELS, DriftStats
+from harness.verdicts.noise import JUDGED, MIN_STEPS
+
+DRIFT_GROWTH = 1.5  # a statistic may grow to this many times its stored figure
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class StoredDrift:
+    """One scenario's drift as recorded: on which device and target, with which torch, when."""
+
+    scenario: Scenario
+    device: str
+    target: str
+    drift: DriftStats
+    recorded: dict  # torch version, date...
+
+    def as_dict(self) -> dict:
+        return {"scenario": self.scenario.as_dict(), "device": self.device, "target": self.target,
+                "drift": self.drift.as_dict(), "recorded": self.recorded}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StoredDrift:
+        return cls(Scenario.from_dict(d["scenario"]), d["device"], d["target"], DriftStats.from_dict(d["drift"]),
+                   d["recorded"])
+
+
+@dataclass(frozen=True)
+class DriftBaseline:
+    """The drift figures a file stores."""
+
+    path: Path
+    records: tuple[StoredDrift, ...] = ()
+
+    @classmethod
+    def load(cls, path: Path) -> DriftBaseline:
+        """The figures in `path`; an empty baseline where it does not exist. Raises ValueError (or OSError, KeyError,
+        TypeError) where it is no drift baseline."""
+        if not path.exists():
+            return cls(path)
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError(f"not a drift baseline of format {FORMAT} (written by check --drift-record)")
+        return cls(path, tuple(StoredDrift.from_dict(d) for d in doc["records"]))
+
+    def stored(self, scenario: Scenario, device: str, target: str) -> StoredDrift | None:
+        return next((r for r in self.records if (r.scenario, r.device, r.target) == (scenario, device, target)), None)
+
+    def judge(self, scenario: Scenario, device: str, target: str, drift: DriftStats) -> tuple[str, list[str]]:
+        """How `drift` compares with the stored figure (or why it was not compared), and a failure per statistic that
+        grew beyond DRIFT_GROWTH times it."""
+        stored = self.stored(scenario, device, target)
+        if stored is None:
+            return f"no figure stored in {self.path}", []
+        if drift.steps < MIN_STEPS:
+            return f"not compared with {self.path}: {drift.steps} steps compared, fewer than {MIN_STEPS}", []
+        failures = [f"drift grew beyond the baseline: {LABELS[name]} {drift.statistic(name):.3g} over {drift.steps} "
+                    f"compared steps is above {limit:.3g}, {DRIFT_GROWTH:g}x the {stored.drift.statistic(name):.3g} "
+                    f"stored in {self.path} (torch {stored.recorded.get('torch', '?')}, {stored.recorded.get('date', '?')})"
+                    for name in JUDGED if drift.statistic(name) > (limit := growth_limit(name, stored.drift))]
+        beyond = f"{len(failures)} of {len(JUDGED)} statistics beyond" if failures else "within"
+        return f"{beyond} {DRIFT_GROWTH:g}x the figures stored in {self.path}", failures
+
+    def merged(self, records: list[StoredDrift]) -> bytes:
+        """This file's content with `records` added, each replacing the figure stored for its scenario."""
+        new = {(r.scenario, r.device, r.target) for r in records}
+        kept = [r for r in self.records if (r.scenario, r.device, r.target) not in new]
+        doc = {"format": FORMAT, "what": "drift statistics per scenario: npugraph-harness check --drift-record; "
+                                         "judged by check --drift-baseline",
+               "records": [r.as_dict() for r in [*kept, *records]]}
+        return (json.dumps(doc, indent=1) + "\n").encode()
+
+
+def growth_limit(name: str, stored: DriftStats) -> float:
+    """The largest value statistic `name` may take against its stored figure."""
+    limit = DRIFT_GROWTH * stored.statistic(name)
+    return limit + 2 / stored.steps if name == "flip_rate" else limit
