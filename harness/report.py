@@ -1,15 +1,19 @@
 """Readable check reports: a console table, a JSON document and JUnit XML, the files written as scenarios end."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from harness.inputs.scenarios import Scenario
 from harness.judge import PHASES, ScenarioResult
 from harness.stops import signals_deferred
+from harness.verdicts.drift_baseline import DriftBaseline, StoredDrift
 
 
 def table(results: list[ScenarioResult]) -> str:
@@ -32,6 +36,8 @@ def table(results: list[ScenarioResult]) -> str:
         )
         for failure in r.failures[:3]:
             lines.append(f"    ! {failure}")
+        if r.drift.steps:
+            lines.append(f"    drift: {r.drift.summary()}; {r.drift_judged}")
         if d["near_ties"] or d["router_near_ties"] or r.forced_requests:
             lines.append(f"    ~ near-ties: {d['near_ties']} of tokens, {d['router_near_ties']} of routing; "
                          f"{r.forced_requests} request(s) re-run forced past them")
@@ -54,12 +60,14 @@ def table(results: list[ScenarioResult]) -> str:
 @dataclass
 class CheckReports:
     """The check's `--json` and `--junit` files, rewritten atomically after every scenario, so that each holds every
-    finished scenario at any moment, and says whether the run is complete and, if not, why."""
+    finished scenario at any moment, and says whether the run is complete and, if not, why; and `--drift-record`'s,
+    to which each scenario that passed adds its drift statistics."""
 
     json: Path | None
     junit: Path | None
     meta: dict = field(default_factory=dict)  # the run's: device, target, environment...
     fingerprints: dict[str, str] = field(default_factory=dict)  # by model: its checkpoint's, for `check --resume`
+    drift_record: Path | None = None
 
     def write(self, results: list[ScenarioResult], pending: list[Scenario], stopped_by: str | None = None) -> None:
         """Both files for `results` finished and `pending` not run yet; `stopped_by`: why the run ended early."""
@@ -71,6 +79,15 @@ class CheckReports:
             _replace(self.json, json.dumps(doc, indent=2, default=str).encode())
         if self.junit:
             _replace(self.junit, junit_xml(results, pending, stopped_by))
+        if self.drift_record:
+            _replace(self.drift_record, DriftBaseline.load(self.drift_record).merged(self.drift_figures(results)))
+
+    def drift_figures(self, results: list[ScenarioResult]) -> list[StoredDrift]:
+        """The drift of each scenario that passed, stamped with the torch that ran it and the date."""
+        stamp = {"torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                 **{k: v for k, v in self.meta.get("environment", {}).items() if k in ("torch_npu", "cann")}}
+        return [StoredDrift(r.scenario, self.meta["device"], self.meta["target"], r.drift, stamp)
+                for r in results if r.passed and r.drift.steps]
 
 
 def junit_xml(results: list[ScenarioResult], pending: list[Scenario], stopped_by: str | None) -> bytes:
