@@ -13,9 +13,12 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.verdicts.drift import LABELS, DriftStats
-from harness.verdicts.tolerances import KernelPair
+
+if TYPE_CHECKING:  # tolerances imports torch, which the command line's option checks must not
+    from harness.verdicts.tolerances import KernelPair
 
 PROFILES = Path(__file__).with_name("noise_profiles.json")
 # The statistics judged: each mean moves with a fault that shifts every step; the 99th percentile with one that
