@@ -22,7 +22,7 @@ from pathlib import Path
 
 from harness.inputs.scenarios import Scenario
 from harness.verdicts.drift import LABELS, DriftStats
-from harness.verdicts.noise import HEADROOM, JUDGED, MIN_STEPS, PROFILES, profile_key
+from harness.verdicts.noise import JUDGED, MIN_STEPS, PROFILES, NoiseProfile, profile_key
 from reference_runner.engine.args import EngineArgs
 
 BUILTINS = ["llama", "qwen2", "qwen2_moe", "mixtral", "llama_kv1", "llama_hd32", "qwen3", "qwen3_moe"]
@@ -116,9 +116,10 @@ def write_profiles(out: Path, records: list[dict], models: list[str], dtypes: li
     for key, roles in sorted(by_profile.items()):
         calibrated = roles["calibration"]
         worst = {name: max(DriftStats.from_dict(r["drift"]).statistic(name) for r in calibrated) for name in LABELS}
-        held = roles["held_out"]
-        failing = [r["name"] for r in held
-                   if any(DriftStats.from_dict(r["drift"]).statistic(name) > HEADROOM * worst[name] for name in JUDGED)]
+        held, profile = roles["held_out"], NoiseProfile(key, len(calibrated), worst)
+        failing = [f"{r['name']} seed {r['seed']}, {r['tokens']} tokens" for r in held
+                   if (drift := DriftStats.from_dict(r["drift"])) and any(
+                       drift.statistic(name) > profile.bound(name, drift.steps) for name in JUDGED)]
         profiles[key] = {
             "scenarios": len(calibrated), "steps": sum(r["drift"]["steps"] for r in calibrated),
             "worst": {name: float(f"{value:.4g}") for name, value in worst.items()},

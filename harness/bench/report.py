@@ -216,10 +216,10 @@ def drift_section(rows: list[tuple[str, DriftStats, DriftStats | None]], stored:
              "|---|---:|" + "---:|" * len(DRIFT_PLOTTED) + "---:|---|"]
     for name, drift, figure in rows:
         cells = [f"{drift.statistic(n):.3g}" + (f" (stored {figure.statistic(n):.3g}, limit "
-                                                  f"{growth_limit(n, figure):.3g})" if figure else "")
+                                                  f"{growth_limit(n, figure, drift.steps):.3g})" if figure else "")
                  for n in DRIFT_PLOTTED]
         grew = "-" if figure is None else ", ".join(
-            _cell(LABELS[n]) for n in DRIFT_PLOTTED if drift.statistic(n) > growth_limit(n, figure)) or "no"
+            _cell(LABELS[n]) for n in DRIFT_PLOTTED if drift.statistic(n) > growth_limit(n, figure, drift.steps)) or "no"
         lines.append(f"| {name} | {drift.steps} | {' | '.join(cells)} | {drift.top1_agreement:.1%} | {grew} |")
     return [*lines, ""]
 
@@ -242,7 +242,7 @@ def render_drift_chart(rows: list[tuple[str, DriftStats, DriftStats | None]], pa
         drawn = [d.statistic(statistic) for _, d, _ in rows] + [f.statistic(statistic) for *_, f in rows if f]
         floor = min([v for v in drawn if v > 0], default=1e-6) / 3
         for y, (_, drift, figure) in enumerate(rows):
-            value, limit = drift.statistic(statistic), growth_limit(statistic, figure) if figure else None
+            value, limit = drift.statistic(statistic), growth_limit(statistic, figure, drift.steps) if figure else None
             if value > 0:
                 grew = limit is not None and value > limit
                 ax.barh(y, value - floor, left=floor, color="#d62728" if grew else "#1f77b4")

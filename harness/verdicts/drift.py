@@ -104,6 +104,16 @@ class DriftStats:
                 f"{self.mean_kl:.3g} p99 {self.p99_kl:.3g} max {self.max_kl:.3g}")
 
 
+# Flips come whole, and few where drift is small: this many more than a rate allows are chance, not drift.
+FLIP_SLACK = 3
+
+
+def allowed(name: str, figure: float, factor: float, steps: int) -> float:
+    """The most statistic `name` may reach over `steps` compared steps against `figure`: `factor` times it, and for
+    the flip rate FLIP_SLACK flips more."""
+    return factor * figure + (FLIP_SLACK / steps if name == "flip_rate" and steps else 0.0)
+
+
 # What each judged statistic is called in a failure, a report and the README.
 LABELS = {"mean_abs_diff": "mean |delta logprob|", "p99_abs_diff": "99th percentile |delta logprob|",
           "mean_kl": "mean KL divergence", "p99_kl": "99th percentile KL divergence", "flip_rate": "top-1 flip rate"}

@@ -2,8 +2,8 @@
 judged against them (`check --drift-baseline FILE`), as `baselines/` stores throughput.
 
 A new kernel or a torch upgrade moves the drift of a correct pair long before a token flips: a scenario fails where a
-judged statistic grew beyond `DRIFT_GROWTH` times its stored figure (the flip rate by two flips more than that, as
-flips come whole). A scenario is matched by everything that decides its tokens (model, mode, dtype, workload, seed,
+judged statistic grew beyond `DRIFT_GROWTH` times its stored figure (the flip rate: and `FLIP_SLACK` flips, as flips
+come whole). A scenario is matched by everything that decides its tokens (model, mode, dtype, workload, seed,
 length, engine options), on the same device and target.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.inputs.scenarios import Scenario
-from harness.verdicts.drift import LABELS, DriftStats
+from harness.verdicts.drift import LABELS, DriftStats, allowed
 from harness.verdicts.noise import JUDGED, MIN_STEPS
 
 DRIFT_GROWTH = 1.5  # a statistic may grow to this many times its stored figure
@@ -72,7 +72,7 @@ class DriftBaseline:
         failures = [f"drift grew beyond the baseline: {LABELS[name]} {drift.statistic(name):.3g} over {drift.steps} "
                     f"compared steps is above {limit:.3g}, {DRIFT_GROWTH:g}x the {stored.drift.statistic(name):.3g} "
                     f"stored in {self.path} (torch {stored.recorded.get('torch', '?')}, {stored.recorded.get('date', '?')})"
-                    for name in JUDGED if drift.statistic(name) > (limit := growth_limit(name, stored.drift))]
+                    for name in JUDGED if drift.statistic(name) > (limit := growth_limit(name, stored.drift, drift.steps))]
         beyond = f"{len(failures)} of {len(JUDGED)} statistics beyond" if failures else "within"
         return f"{beyond} {DRIFT_GROWTH:g}x the figures stored in {self.path}", failures
 
@@ -86,7 +86,6 @@ class DriftBaseline:
         return (json.dumps(doc, indent=1) + "\n").encode()
 
 
-def growth_limit(name: str, stored: DriftStats) -> float:
-    """The largest value statistic `name` may take against its stored figure."""
-    limit = DRIFT_GROWTH * stored.statistic(name)
-    return limit + 2 / stored.steps if name == "flip_rate" else limit
+def growth_limit(name: str, stored: DriftStats, steps: int) -> float:
+    """The most statistic `name` may reach over `steps` compared steps against its stored figure."""
+    return allowed(name, stored.statistic(name), DRIFT_GROWTH, steps)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness.verdicts.drift import LABELS, DriftStats
+from harness.verdicts.drift import FLIP_SLACK, LABELS, DriftStats, allowed
 
 if TYPE_CHECKING:  # tolerances imports torch, which the command line's option checks must not
     from harness.verdicts.tolerances import KernelPair
@@ -25,7 +25,7 @@ PROFILES = Path(__file__).with_name("noise_profiles.json")
 # strikes a few percent of them; the flip rate with one that reorders near-ties. The maxima are the per-step
 # tolerance's to judge.
 JUDGED = ("mean_abs_diff", "p99_abs_diff", "mean_kl", "p99_kl", "flip_rate")
-HEADROOM = 2.0  # a bound is this many times the worst value measured on correct runs
+HEADROOM = 2.0  # a bound is this many times the worst value measured on correct runs (the flip rate: and 3 flips)
 # Fewer steps than this are too few for a distribution: a statistic of 50 steps scatters too widely to judge.
 MIN_STEPS = 100
 
@@ -39,9 +39,9 @@ class NoiseProfile:
     scenarios: int
     worst: dict[str, float]
 
-    @property
-    def bounds(self) -> dict[str, float]:
-        return {name: HEADROOM * self.worst[name] for name in JUDGED}
+    def bound(self, name: str, steps: int) -> float:
+        """The most statistic `name` may reach over `steps` compared steps."""
+        return allowed(name, self.worst[name], HEADROOM, steps)
 
     def describe(self) -> str:
         target, device, dtype, pair = self.key.split("/")
@@ -73,7 +73,8 @@ def judge_drift(drift: DriftStats, profile: NoiseProfile | None, where: str) -> 
     if drift.steps < MIN_STEPS:
         return f"not judged: {drift.steps} steps compared, fewer than the {MIN_STEPS} a distribution needs", []
     failures = [f"systematic drift: {LABELS[name]} {drift.statistic(name):.3g} over {drift.steps} compared steps is "
-                f"above the bound {bound:.3g} ({HEADROOM:g}x {profile.worst[name]:.3g}, the worst of {profile.describe()})"
-                for name, bound in profile.bounds.items() if drift.statistic(name) > bound]
+                f"above the bound {bound:.3g} ({HEADROOM:g}x {profile.worst[name]:.3g}, the worst of {profile.describe()}"
+                f"{f', plus {FLIP_SLACK} flips' if name == 'flip_rate' else ''})"
+                for name in JUDGED if drift.statistic(name) > (bound := profile.bound(name, drift.steps))]
     beyond = f"{len(failures)} of {len(JUDGED)} statistics beyond" if failures else "within"
     return f"{beyond} the noise profile {profile.key}", failures

@@ -105,9 +105,12 @@ def test_a_statistic_beyond_its_bound_is_a_systematic_drift_naming_statistic_val
         "worst of 40 correct bfloat16 scenarios across kernels on cpu, reference target)"]
 
 
-def test_the_flip_rate_is_judged_against_the_profile():
-    _, failures = judge_drift(drift(flips=(5, 5, 5, 5, 1), top1_agreement=0.895), PROFILE, WHERE)
-    assert [f.split(" over ")[0] for f in failures] == ["systematic drift: top-1 flip rate 0.105"]
+def test_the_flip_rate_may_exceed_twice_the_worst_by_three_flips_as_flips_are_few():
+    within, beyond = (drift(flips=(n, 0, 0, 0, 0)) for n in (22, 24))  # the bound: 2 x 0.05 x 200 + 3 flips
+    assert judge_drift(within, PROFILE, WHERE)[1] == []
+    assert judge_drift(beyond, PROFILE, WHERE)[1] == [
+        "systematic drift: top-1 flip rate 0.12 over 200 compared steps is above the bound 0.115 (2x 0.05, the worst of "
+        "40 correct bfloat16 scenarios across kernels on cpu, reference target, plus 3 flips)"]
 
 
 def test_too_few_steps_are_not_judged_as_a_distribution():
@@ -125,13 +128,13 @@ def test_without_a_measured_profile_the_drift_is_reported_not_judged():
 def test_the_reference_target_on_the_cpu_has_a_measured_profile_for_every_dtype_and_pair(dtype, pair):
     profile = noise_profile("reference", "cpu", dtype, pair)
     assert profile is not None and profile.scenarios >= 8
-    assert set(profile.bounds) == set(JUDGED)
-    assert profile.bounds == {name: HEADROOM * profile.worst[name] for name in JUDGED}
+    assert {name: profile.bound(name, 300) for name in JUDGED} == {
+        name: HEADROOM * profile.worst[name] + (3 / 300 if name == "flip_rate" else 0) for name in JUDGED}
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_graph_against_eager_on_the_cpu_drifts_by_nothing_where_it_is_bit_identical(dtype):
-    assert set(noise_profile("reference", "cpu", dtype, "same_kernels").bounds.values()) == {0.0}
+    assert set(noise_profile("reference", "cpu", dtype, "same_kernels").worst.values()) == {0.0}
 
 
 SCENARIO = Scenario("llama", "eager", EngineArgs(mode="compile", dtype="bfloat16"))
@@ -164,9 +167,9 @@ def test_drift_grown_beyond_the_factor_fails_naming_the_statistic_and_the_stored
         f"{DRIFT_GROWTH:g}x the 0.004 stored in {tmp_path / 'drift.json'} (torch 2.13.0+cpu, 2026-12-08)"]
 
 
-def test_flips_may_grow_by_two_more_than_the_factor_allows(tmp_path):
+def test_flips_may_grow_by_three_more_than_the_factor_allows(tmp_path):
     store = baseline(tmp_path, stored())
-    within, beyond = (drift(400, flips=(n, 0, 0, 0, 0)) for n in (16, 18))  # the limit: 1.5 x 10 + 2 flips
+    within, beyond = (drift(400, flips=(n, 0, 0, 0, 0)) for n in (17, 19))  # the limit: 1.5 x 10 + 3 flips
     assert store.judge(SCENARIO, "cpu", "reference", within)[1] == []
     assert len(store.judge(SCENARIO, "cpu", "reference", beyond)[1]) == 1
 
