@@ -104,6 +104,12 @@ def main() -> int:
     return 0
 
 
+def beyond(profile: NoiseProfile, record: dict) -> list[str]:
+    """The statistics of `record` beyond the bounds of `profile`."""
+    drift = DriftStats.from_dict(record["drift"])
+    return [name for name in JUDGED if drift.statistic(name) > profile.bound(name, drift.steps)]
+
+
 def write_profiles(out: Path, records: list[dict], models: list[str], dtypes: list[str], device: str) -> None:
     """The worst value of each statistic per profile over the calibration records, and what the held-out ones show."""
     import torch
@@ -117,9 +123,7 @@ def write_profiles(out: Path, records: list[dict], models: list[str], dtypes: li
         calibrated = roles["calibration"]
         worst = {name: max(DriftStats.from_dict(r["drift"]).statistic(name) for r in calibrated) for name in LABELS}
         held, profile = roles["held_out"], NoiseProfile(key, len(calibrated), worst)
-        failing = [f"{r['name']} seed {r['seed']}, {r['tokens']} tokens" for r in held
-                   if (drift := DriftStats.from_dict(r["drift"])) and any(
-                       drift.statistic(name) > profile.bound(name, drift.steps) for name in JUDGED)]
+        failing = [f"{r['name']} seed {r['seed']}, {r['tokens']} tokens" for r in held if beyond(profile, r)]
         profiles[key] = {
             "scenarios": len(calibrated), "steps": sum(r["drift"]["steps"] for r in calibrated),
             "worst": {name: float(f"{value:.4g}") for name, value in worst.items()},
