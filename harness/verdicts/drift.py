@@ -114,6 +114,14 @@ def allowed(name: str, figure: float, factor: float, steps: int) -> float:
     return factor * figure + (FLIP_SLACK / steps if name == "flip_rate" and steps else 0.0)
 
 
+def beyond(drift: DriftStats, figures: dict[str, float], factor: float, failure: str, source: str) -> list[str]:
+    """A failure per statistic of `figures` that `drift` takes beyond what `allowed` lets it reach against its figure,
+    naming the statistic, its value, the bound and where the figure comes from (`source`)."""
+    return [f"{failure}: {LABELS[name]} {drift.statistic(name):.3g} over {drift.steps} compared steps is above the bound "
+            f"{bound:.3g} ({factor:g}x {figure:.3g}, {source}{f', plus {FLIP_SLACK} flips' if name == 'flip_rate' else ''})"
+            for name, figure in figures.items() if drift.statistic(name) > (bound := allowed(name, figure, factor, drift.steps))]
+
+
 # What each judged statistic is called in a failure, a report and the README.
 LABELS = {"mean_abs_diff": "mean |delta logprob|", "p99_abs_diff": "99th percentile |delta logprob|",
           "mean_kl": "mean KL divergence", "p99_kl": "99th percentile KL divergence", "flip_rate": "top-1 flip rate"}

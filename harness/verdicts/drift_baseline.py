@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.inputs.scenarios import Scenario
-from harness.verdicts.drift import LABELS, DriftStats, allowed
-from harness.verdicts.noise import JUDGED, MIN_STEPS
+from harness.verdicts.drift import DriftStats, allowed, beyond
+from harness.verdicts.noise import JUDGED, MIN_STEPS, within_or_beyond
 
 DRIFT_GROWTH = 1.5  # a statistic may grow to this many times its stored figure
 FORMAT = 1
@@ -69,12 +69,10 @@ class DriftBaseline:
             return f"no figure stored in {self.path}", []
         if drift.steps < MIN_STEPS:
             return f"not compared with {self.path}: {drift.steps} steps compared, fewer than {MIN_STEPS}", []
-        failures = [f"drift grew beyond the baseline: {LABELS[name]} {drift.statistic(name):.3g} over {drift.steps} "
-                    f"compared steps is above {limit:.3g}, {DRIFT_GROWTH:g}x the {stored.drift.statistic(name):.3g} "
-                    f"stored in {self.path} (torch {stored.recorded.get('torch', '?')}, {stored.recorded.get('date', '?')})"
-                    for name in JUDGED if drift.statistic(name) > (limit := growth_limit(name, stored.drift, drift.steps))]
-        beyond = f"{len(failures)} of {len(JUDGED)} statistics beyond" if failures else "within"
-        return f"{beyond} {DRIFT_GROWTH:g}x the figures stored in {self.path}", failures
+        recorded = f"stored in {self.path} by torch {stored.recorded.get('torch', '?')} on {stored.recorded.get('date', '?')}"
+        failures = beyond(drift, {name: stored.drift.statistic(name) for name in JUDGED}, DRIFT_GROWTH,
+                          "drift grew beyond the baseline", recorded)
+        return f"{within_or_beyond(failures)} {DRIFT_GROWTH:g}x the figures stored in {self.path}", failures
 
     def merged(self, records: list[StoredDrift]) -> bytes:
         """This file's content with `records` added, each replacing the figure stored for its scenario."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness.verdicts.drift import FLIP_SLACK, LABELS, DriftStats, allowed
+from harness.verdicts.drift import DriftStats, allowed, beyond
 
 if TYPE_CHECKING:  # tolerances imports torch, which the command line's option checks must not
     from harness.verdicts.tolerances import KernelPair
@@ -72,9 +72,11 @@ def judge_drift(drift: DriftStats, profile: NoiseProfile | None, where: str) -> 
         return f"not judged: no noise profile measured for {where}", []
     if drift.steps < MIN_STEPS:
         return f"not judged: {drift.steps} steps compared, fewer than the {MIN_STEPS} a distribution needs", []
-    failures = [f"systematic drift: {LABELS[name]} {drift.statistic(name):.3g} over {drift.steps} compared steps is "
-                f"above the bound {bound:.3g} ({HEADROOM:g}x {profile.worst[name]:.3g}, the worst of {profile.describe()}"
-                f"{f', plus {FLIP_SLACK} flips' if name == 'flip_rate' else ''})"
-                for name in JUDGED if drift.statistic(name) > (bound := profile.bound(name, drift.steps))]
-    beyond = f"{len(failures)} of {len(JUDGED)} statistics beyond" if failures else "within"
-    return f"{beyond} the noise profile {profile.key}", failures
+    failures = beyond(drift, {name: profile.worst[name] for name in JUDGED}, HEADROOM, "systematic drift",
+                      f"the worst of {profile.describe()}")
+    return f"{within_or_beyond(failures)} the noise profile {profile.key}", failures
+
+
+def within_or_beyond(failures: list[str]) -> str:
+    """How the judged statistics fared: "within", or how many of them failed."""
+    return f"{len(failures)} of {len(JUDGED)} statistics beyond" if failures else "within"
