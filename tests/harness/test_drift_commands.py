@@ -97,3 +97,14 @@ def test_report_shows_and_plots_each_scenarios_drift_against_its_stored_figure(t
     assert row.endswith("| mean \\|delta logprob\\|, mean KL divergence |")  # the flips were not scaled
     assert (results / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert capsys.readouterr().out.strip().endswith(f"and {results / 'drift.png'}")
+
+
+def test_a_resumed_scenario_keeps_its_drift_and_is_recorded(tmp_path):
+    report, figures = tmp_path / "check.json", tmp_path / "drift.json"
+    assert main([*CHECK, "--modes", "eager", "--json", str(report)]) == 0
+    (first,) = json.loads(report.read_text())["scenarios"]
+    assert main([*CHECK, "--modes", "eager", "--json", str(report), "--resume", str(report), "--drift-record",
+                 str(figures)]) == 0
+    (resumed,) = json.loads(report.read_text())["scenarios"]
+    assert (resumed["drift"], resumed["drift_judged"]) == (first["drift"], first["drift_judged"])
+    assert [r.drift.as_dict() for r in DriftBaseline.load(figures).records] == [first["drift"]]
