@@ -96,19 +96,21 @@ def check(args: argparse.Namespace) -> int:
     from harness.environment import ascend_environment
     from harness.judge import Judge
     from harness.report import CheckReports, table
+    from harness.verdicts.drift_baseline import this_machine
 
     judge = Judge(plan.target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr),
                   min_coverage=plan.min_coverage, drift_baseline=plan.drift_baseline)
     judge.progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(plan.scenarios)} "
                    f"scenario(s)" + (f", {len(plan.resumed)} finished in {args.resume}" if args.resume else ""))
+    machine = this_machine(plan.device)
     if plan.drift_baseline is not None:
-        stored = sum(plan.drift_baseline.stored(s, plan.device, plan.target.name) is not None for s in plan.scenarios)
-        judge.progress(f"--drift-baseline {plan.drift_baseline.path}: figures stored for {stored} of "
-                       f"{len(plan.scenarios)} scenario(s)")
+        stored = [plan.drift_baseline.stored(s, plan.device, plan.target.name, machine) for s in plan.scenarios]
+        judge.progress(f"--drift-baseline {plan.drift_baseline.path}: figures stored for {len(stored) - stored.count(None)} "
+                       f"of {len(plan.scenarios)} scenario(s) on {plan.target.name}, {plan.device}, {machine}")
     environment = ascend_environment(plan.device)
     for warning in environment.get("warnings", []):
         print(f"npugraph-harness: warning: {warning}", file=sys.stderr)
-    reports = CheckReports(plan.json, plan.junit, {**plan.identity, "environment": environment},
+    reports = CheckReports(plan.json, plan.junit, {**plan.identity, "machine": machine, "environment": environment},
                            {m.name: m.fingerprint for m in plan.models}, plan.drift_record)
     results: list[ScenarioResult] = []
     try:

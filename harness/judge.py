@@ -27,7 +27,7 @@ from harness.targets.base import Target, TargetRun, TargetUnavailable, default_m
 from harness.verdicts import routing
 from harness.verdicts.compare import Verdict, compare_generations, coverage, length_problems, summarize
 from harness.verdicts.drift import DriftStats
-from harness.verdicts.drift_baseline import DriftBaseline
+from harness.verdicts.drift_baseline import DriftBaseline, this_machine
 from harness.verdicts.noise import judge_drift, noise_profile, profile_key
 from harness.verdicts.routing import RoutingTie, first_routing_tie
 from harness.verdicts.tolerances import KernelPair, Tolerance
@@ -248,7 +248,8 @@ class Judge:
         key = (self.target.name, self.target.device, scenario.engine.dtype, pair)
         judged, failures = judge_drift(drift, noise_profile(*key), where=profile_key(*key))
         if self.drift_baseline is not None:
-            against, grew = self.drift_baseline.judge(scenario, self.target.device, self.target.name, drift)
+            against, grew = self.drift_baseline.judge(scenario, self.target.device, self.target.name,
+                                                      this_machine(self.target.device), drift)
             judged, failures = f"{judged}; {against}", failures + grew
         return judged, failures
 

@@ -13,7 +13,7 @@ import torch
 from harness.inputs.scenarios import Scenario
 from harness.judge import PHASES, ScenarioResult
 from harness.stops import signals_deferred
-from harness.verdicts.drift_baseline import DriftBaseline, StoredDrift
+from harness.verdicts.drift_baseline import DriftBaseline, StoredDrift, this_machine
 
 
 def table(results: list[ScenarioResult]) -> str:
@@ -86,7 +86,8 @@ class CheckReports:
         """The drift of each scenario that passed, stamped with the torch that ran it and the date."""
         stamp = {"torch": torch.__version__, "date": datetime.date.today().isoformat(),
                  **{k: v for k, v in self.meta.get("environment", {}).items() if k in ("torch_npu", "cann")}}
-        return [StoredDrift(r.scenario, self.meta["device"], self.meta["target"], r.drift, stamp)
+        machine = this_machine(self.meta["device"])
+        return [StoredDrift(r.scenario, self.meta["device"], self.meta["target"], machine, r.drift, stamp)
                 for r in results if r.passed and r.drift.steps]
 
 

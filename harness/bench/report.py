@@ -199,7 +199,8 @@ def drift_rows(check: dict, stored: DriftBaseline | None) -> list[tuple[str, Dri
     for s in check.get("scenarios", []):
         if not s.get("drift", {}).get("steps"):
             continue
-        record = stored.stored(Scenario.from_dict(s), check.get("device"), check.get("target")) if stored else None
+        record = stored.stored(Scenario.from_dict(s), check.get("device"), check.get("target"),
+                               check.get("machine")) if stored else None
         rows.append((f"{s['name']} {s['dtype']}", DriftStats.from_dict(s["drift"]), record.drift if record else None))
     return rows
 

@@ -142,6 +142,9 @@ STORED = drift(400, mean_abs_diff=0.04, p99_abs_diff=0.2, mean_kl=0.004, p99_kl=
                top1_agreement=0.975)
 
 
+MACHINE = "x86_64 AVX2, 2 threads"
+
+
 def baseline(tmp_path, *records: StoredDrift) -> DriftBaseline:
     path = tmp_path / "drift.json"
     path.write_bytes(DriftBaseline(path).merged(list(records)))
@@ -149,19 +152,19 @@ def baseline(tmp_path, *records: StoredDrift) -> DriftBaseline:
 
 
 def stored(scenario: Scenario = SCENARIO, stats: DriftStats = STORED) -> StoredDrift:
-    return StoredDrift(scenario, "cpu", "reference", stats, {"torch": "2.13.0+cpu", "date": "2026-12-08"})
+    return StoredDrift(scenario, "cpu", "reference", MACHINE, stats, {"torch": "2.13.0+cpu", "date": "2026-12-08"})
 
 
 def test_drift_within_the_growth_factor_of_its_stored_figure_passes(tmp_path):
     same = drift(400, mean_abs_diff=0.04 * DRIFT_GROWTH, p99_abs_diff=0.2, mean_kl=0.004, p99_kl=0.03,
                  flips=(6, 6, 3, 0, 0), top1_agreement=0.9625)
-    judged, failures = baseline(tmp_path, stored()).judge(SCENARIO, "cpu", "reference", same)
+    judged, failures = baseline(tmp_path, stored()).judge(SCENARIO, "cpu", "reference", MACHINE, same)
     assert (judged, failures) == (f"within {DRIFT_GROWTH:g}x the figures stored in {tmp_path / 'drift.json'}", [])
 
 
 def test_drift_grown_beyond_the_factor_fails_naming_the_statistic_and_the_stored_figure(tmp_path):
     grown = drift(400, mean_abs_diff=0.04, p99_abs_diff=0.2, mean_kl=0.0065, p99_kl=0.03, flips=(4, 4, 2, 0, 0))
-    _, failures = baseline(tmp_path, stored()).judge(SCENARIO, "cpu", "reference", grown)
+    _, failures = baseline(tmp_path, stored()).judge(SCENARIO, "cpu", "reference", MACHINE, grown)
     assert failures == [
         f"drift grew beyond the baseline: mean KL divergence 0.0065 over 400 compared steps is above the bound 0.006 "
         f"({DRIFT_GROWTH:g}x 0.004, stored in {tmp_path / 'drift.json'} by torch 2.13.0+cpu on 2026-12-08)"]
@@ -170,18 +173,19 @@ def test_drift_grown_beyond_the_factor_fails_naming_the_statistic_and_the_stored
 def test_flips_may_grow_by_three_more_than_the_factor_allows(tmp_path):
     store = baseline(tmp_path, stored())
     within, beyond = (drift(400, flips=(n, 0, 0, 0, 0)) for n in (17, 19))  # the limit: 1.5 x 10 + 3 flips
-    assert store.judge(SCENARIO, "cpu", "reference", within)[1] == []
-    assert len(store.judge(SCENARIO, "cpu", "reference", beyond)[1]) == 1
+    assert store.judge(SCENARIO, "cpu", "reference", MACHINE, within)[1] == []
+    assert len(store.judge(SCENARIO, "cpu", "reference", MACHINE, beyond)[1]) == 1
 
 
 @pytest.mark.parametrize("other", [
     {"scenario": Scenario("llama", "eager", EngineArgs(mode="compile", dtype="float16"))},
     {"scenario": Scenario("llama", "eager", EngineArgs(mode="compile", dtype="bfloat16"), seed=1)},
-    {"device": "npu"}, {"target": "vllm"}])
-def test_a_scenario_is_judged_only_against_the_figure_of_the_same_scenario_device_and_target(tmp_path, other):
+    {"device": "npu"}, {"target": "vllm"}, {"machine": "x86_64 AVX2, 1 threads"}])
+def test_a_scenario_is_judged_only_against_the_figure_of_the_same_scenario_device_target_and_machine(tmp_path, other):
     record = StoredDrift(**{**stored().__dict__, **other})
-    judged, failures = baseline(tmp_path, record).judge(SCENARIO, "cpu", "reference", drift(400, mean_kl=1.0))
-    assert (judged, failures) == (f"no figure stored in {tmp_path / 'drift.json'}", [])
+    judged, failures = baseline(tmp_path, record).judge(SCENARIO, "cpu", "reference", MACHINE, drift(400, mean_kl=1.0))
+    assert (judged, failures) == (
+        f"no figure stored in {tmp_path / 'drift.json'} for this scenario on reference, cpu, {MACHINE}", [])
 
 
 def test_recording_replaces_the_figure_of_the_same_scenario_and_keeps_the_others(tmp_path):
@@ -191,7 +195,7 @@ def test_recording_replaces_the_figure_of_the_same_scenario_and_keeps_the_others
     store.path.write_bytes(store.merged([newer]))
     reread = DriftBaseline.load(store.path)
     assert [r.scenario for r in reread.records] == [other, SCENARIO]
-    assert reread.stored(SCENARIO, "cpu", "reference") == newer
+    assert reread.stored(SCENARIO, "cpu", "reference", MACHINE) == newer
 
 
 def test_a_file_of_another_kind_is_no_drift_baseline(tmp_path):

@@ -72,7 +72,7 @@ def test_drift_grown_beyond_its_stored_figure_fails_the_scenario(tmp_path):
     (scenario,) = json.loads(report.read_text())["scenarios"]
     assert scenario["verdicts"]["mismatch"] == 0
     assert [f.split(":")[0] for f in scenario["failures"]] == ["drift grew beyond the baseline"] * 4
-    assert f"{DRIFT_GROWTH:g}x the " in scenario["failures"][0] and f"stored in {figures}" in scenario["failures"][0]
+    assert f"({DRIFT_GROWTH:g}x " in scenario["failures"][0] and f"stored in {figures} by torch " in scenario["failures"][0]
 
 
 def test_only_scenarios_that_passed_are_recorded(tmp_path, monkeypatch):
