@@ -198,8 +198,9 @@ class Judge:
         engine = scenario.engine
 
         def result(verdicts: list[Verdict], run: TargetRun, failures: list[str], forced: int = 0,
-                   drift: tuple[DriftStats, str] = (DriftStats(0), "not judged: the scenario ended early")) -> ScenarioResult:
-            return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures, forced, phases, *drift)
+                   drift: DriftStats = DriftStats(0), judged: str = "not judged: the scenario ended early") -> ScenarioResult:
+            return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures, forced, phases, drift,
+                                  judged)
 
         dtype = getattr(torch, engine.dtype)
         pair = kernel_pair(scenario)
@@ -239,7 +240,7 @@ class Judge:
         drift = DriftStats.of([step for v in verdicts for step in v.drift])
         judged, drift_failures = self.judge_drift(scenario, pair, drift)
         return result(verdicts, run, failures + drift_failures, len(stopped) if self.target.can_force_tokens else 0,
-                      (drift, judged))
+                      drift, judged)
 
     def judge_drift(self, scenario: Scenario, pair: KernelPair, drift: DriftStats) -> tuple[str, list[str]]:
         """The scenario's drift statistics judged as a distribution, against the noise profile of correct runs on the
