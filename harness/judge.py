@@ -26,7 +26,7 @@ from harness.inputs.workloads import make_requests
 from harness.targets.base import Target, TargetRun, TargetUnavailable, default_min_coverage
 from harness.verdicts import routing
 from harness.verdicts.compare import Verdict, compare_generations, coverage, length_problems, summarize
-from harness.verdicts.drift import DriftStats
+from harness.verdicts.drift import NOTHING_COMPARED, DriftStats
 from harness.verdicts.drift_baseline import DriftBaseline, this_machine
 from harness.verdicts.noise import judge_drift, noise_profile, profile_key
 from harness.verdicts.routing import RoutingTie, first_routing_tie
@@ -86,7 +86,7 @@ class ScenarioResult:
     failures: list[str] = field(default_factory=list)
     forced_requests: int = 0  # requests re-run with the baseline's tokens forced past a near-tie
     phases: Phases = field(default_factory=Phases)
-    drift: DriftStats = field(default_factory=lambda: DriftStats(0))  # over the compared steps of every request
+    drift: DriftStats = NOTHING_COMPARED  # over the compared steps of every request
     drift_judged: str = ""  # against what the drift was judged, or why it was not
 
     @property
@@ -198,7 +198,7 @@ class Judge:
         engine = scenario.engine
 
         def result(verdicts: list[Verdict], run: TargetRun, failures: list[str], forced: int = 0,
-                   drift: DriftStats = DriftStats(0), judged: str = "not judged: the scenario ended early") -> ScenarioResult:
+                   drift: DriftStats = NOTHING_COMPARED, judged: str = "not judged: the scenario ended early") -> ScenarioResult:
             return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures, forced, phases, drift,
                                   judged)
 

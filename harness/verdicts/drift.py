@@ -104,6 +104,8 @@ class DriftStats:
                 f"{self.mean_kl:.3g} p99 {self.p99_kl:.3g} max {self.max_kl:.3g}")
 
 
+NOTHING_COMPARED = DriftStats(0)
+
 # Flips come whole, and few where drift is small: this many more than a rate allows are chance, not drift.
 FLIP_SLACK = 3
 
