@@ -27,7 +27,7 @@ from harness.exits import EXIT_FAIL, EXIT_PASS, UsageError, stop_reason
 from harness.inputs.scenarios import Scenario, default_matrix
 from harness.inputs.workloads import WORKLOADS, make_requests
 from harness.stops import raise_if_stopped
-from harness.targets import TARGETS
+from harness.targets import ENTRY_POINT_GROUP, find_target, target_names
 from reference_runner.device import DEVICES
 from reference_runner.engine.args import MODES, EngineArgs
 from reference_runner.records import Request
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from harness.judge import Judge, ScenarioResult
-    from harness.report import CheckReports
+    from harness.report import CheckResult
     from harness.targets.base import Target
     from harness.verdicts.drift_baseline import DriftBaseline
     from reference_runner.models.config import ModelConfig
@@ -72,14 +72,15 @@ class CheckPlan:
     min_coverage: float
     json: Path | None = None
     junit: Path | None = None
+    against: list[Target] = dataclasses.field(default_factory=list)  # targets whose eager runs are baselines
     drift_record: Path | None = None
     drift_baseline: DriftBaseline | None = None  # --drift-baseline: the stored figures each scenario is judged against
     resumed: dict[str, ScenarioResult] = dataclasses.field(default_factory=dict)  # by name: finished, from --resume
 
     @property
     def scenarios(self) -> list[Scenario]:
-        return default_matrix([m.name for m in self.models], self.modes, self.engine, workload=self.workload,
-                              max_new_tokens=self.max_new_tokens)
+        return default_matrix([m.name for m in self.models], self.modes, self.engine, [t.name for t in self.against],
+                              workload=self.workload, max_new_tokens=self.max_new_tokens)
 
     @property
     def identity(self) -> dict:
@@ -90,59 +91,75 @@ class CheckPlan:
 
 
 def check(args: argparse.Namespace) -> int:
-    """Plan, run every scenario (the reports rewritten as each ends), print the table; EXIT_PASS only if every
-    scenario passed."""
+    """The command: plan, run every scenario (the reports rewritten as each ends), print the table, also of a run
+    stopped early; EXIT_PASS only if every scenario passed."""
     plan = plan_check(args)
+    result = new_result(plan)
+    try:
+        run_check(plan, result, progress=stderr_progress)
+    finally:
+        if result.scenarios:
+            print(result.summary())
+    return EXIT_PASS if result.passed else EXIT_FAIL
+
+
+def stderr_progress(line: str) -> None:
+    """A progress line on stderr, time-stamped."""
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr)
+
+
+def new_result(plan: CheckPlan) -> CheckResult:
+    """The result of `plan` before any scenario has run."""
+    from harness.report import CheckResult
+
+    return CheckResult([], plan.scenarios, meta=dict(plan.identity),
+                       fingerprints={m.name: m.fingerprint for m in plan.models})
+
+
+def run_check(plan: CheckPlan, result: CheckResult, progress: Callable[[str], None]) -> None:
+    """Run `plan`'s scenarios into `result`, a resumed one taken as it was, writing the reports before the first
+    and after each. However the run ends, what finished is kept, and the reports say why the rest did not run."""
     from harness.environment import ascend_environment
-    from harness.judge import Judge
-    from harness.report import CheckReports, table
+    from harness.judge import SETUP_ERRORS, Judge
+    from harness.report import CheckReports
     from harness.verdicts.drift_baseline import this_machine
 
-    judge = Judge(plan.target, progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr),
-                  min_coverage=plan.min_coverage, drift_baseline=plan.drift_baseline)
-    judge.progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(plan.scenarios)} "
-                   f"scenario(s)" + (f", {len(plan.resumed)} finished in {args.resume}" if args.resume else ""))
-    machine = this_machine(plan.device)
+    judge = Judge(plan.target, progress=progress, min_coverage=plan.min_coverage, against=plan.against,
+                  drift_baseline=plan.drift_baseline)
+    scenarios = plan.scenarios
+    progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(scenarios)} scenario(s)"
+             + (f", {len(plan.resumed)} finished before" if plan.resumed else ""))
+    result.meta["machine"] = machine = this_machine(plan.device)
     if plan.drift_baseline is not None:
-        stored = [plan.drift_baseline.stored(s, plan.device, plan.target.name, machine) for s in plan.scenarios]
-        judge.progress(f"--drift-baseline {plan.drift_baseline.path}: figures stored for {len(stored) - stored.count(None)} "
-                       f"of {len(plan.scenarios)} scenario(s) on {plan.target.name}, {plan.device}, {machine}")
-    environment = ascend_environment(plan.device)
+        stored = [plan.drift_baseline.stored(s, plan.device, plan.target.name, machine) for s in scenarios]
+        progress(f"--drift-baseline {plan.drift_baseline.path}: figures stored for {len(stored) - stored.count(None)} "
+                 f"of {len(scenarios)} scenario(s) on {plan.target.name}, {plan.device}, {machine}")
+    result.meta["environment"] = environment = ascend_environment(plan.device)
     for warning in environment.get("warnings", []):
         print(f"npugraph-harness: warning: {warning}", file=sys.stderr)
-    reports = CheckReports(plan.json, plan.junit, {**plan.identity, "machine": machine, "environment": environment},
-                           {m.name: m.fingerprint for m in plan.models}, plan.drift_record)
-    results: list[ScenarioResult] = []
+    reports = CheckReports(plan.json, plan.junit, plan.drift_record)
     try:
-        run_scenarios(plan, judge, reports, results)
-    except BaseException as error:  # what finished is kept, and the files say why the rest did not run
+        try:
+            reports.write(result)
+            for i, scenario in enumerate(scenarios, 1):
+                raise_if_stopped()
+                if scenario.name in plan.resumed:
+                    progress(f"scenario {i}/{len(scenarios)}: {scenario.name}: finished before, not run again")
+                    result.scenarios.append(plan.resumed[scenario.name])
+                else:
+                    progress(f"scenario {i}/{len(scenarios)}: {scenario.name}")
+                    result.scenarios.append(run_scenario(judge, scenario))
+                result.pending = scenarios[i:]
+                reports.write(result)
+        except (OSError, *SETUP_ERRORS) as error:
+            raise UsageError(str(error)) from None
+    except BaseException as error:
+        result.stopped_by = stop_reason(error)
         with contextlib.suppress(OSError):
-            reports.write(results, plan.scenarios[len(results):], stopped_by=stop_reason(error))
-        if results:
-            print(table(results))
+            reports.write(result)
         raise
-    print(table(results))
-    return EXIT_PASS if results and all(r.passed for r in results) else EXIT_FAIL
-
-
-def run_scenarios(plan: CheckPlan, judge: Judge, reports: CheckReports, results: list[ScenarioResult]) -> None:
-    """Each scenario of `plan` in turn (a resumed one taken from its file), appended to `results` and written."""
-    from harness.judge import SETUP_ERRORS
-
-    scenarios = plan.scenarios
-    try:
-        reports.write(results, scenarios)
-        for i, scenario in enumerate(scenarios, 1):
-            raise_if_stopped()
-            if scenario.name in plan.resumed:
-                judge.progress(f"scenario {i}/{len(scenarios)}: {scenario.name}: finished before, not run again")
-                results.append(plan.resumed[scenario.name])
-            else:
-                judge.progress(f"scenario {i}/{len(scenarios)}: {scenario.name}")
-                results.append(run_scenario(judge, scenario))
-            reports.write(results, scenarios[i:])
-    except (OSError, *SETUP_ERRORS) as error:
-        raise UsageError(str(error)) from None
+    finally:
+        judge.close()
 
 
 def run_scenario(judge: Judge, scenario: Scenario) -> ScenarioResult:
@@ -169,7 +186,7 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     import transformers
 
     from harness.targets import get_target
-    from harness.targets.base import TargetUnavailable, default_min_coverage
+    from harness.targets.base import MIN_COVERAGE, TargetUnavailable
     from reference_runner.attention import default_dtype
     from reference_runner.device import DeviceUnavailable, detect_device, resolve_device
 
@@ -177,12 +194,13 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     try:
         device = resolve_device(args.device) if args.device else detect_device()
         target = get_target(args.target, device)
+        against = [get_target(name, device) for name in args.against or ()]
     except (DeviceUnavailable, TargetUnavailable) as error:
         raise UsageError(str(error)) from None
     engine = EngineArgs.from_cli_args(args, dtype=args.dtype or default_dtype(device))
-    min_coverage = default_min_coverage(target) if args.min_coverage is None else args.min_coverage
+    min_coverage = MIN_COVERAGE if args.min_coverage is None else args.min_coverage
     plan = CheckPlan(device, target, engine, list(args.modes), args.workload, args.max_new_tokens, models=[],
-                     min_coverage=min_coverage, **{output: getattr(args, output) for output in OUTPUTS},
+                     min_coverage=min_coverage, against=against, **{output: getattr(args, output) for output in OUTPUTS},
                      drift_baseline=read_drift_baseline("--drift-baseline", args.drift_baseline))
     for name in args.model:  # all of them before any scenario: a bad last model costs nothing
         model = resolve_model(name, args.workload, args.max_new_tokens, getattr(torch, engine.dtype))
@@ -249,7 +267,8 @@ def check_lists(args: argparse.Namespace) -> None:
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         raise UsageError(f"--modes: unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
-    for option, items in (("--modes", args.modes), ("--model", args.model), ("--graph-bs", args.graph_bs or ())):
+    for option, items in (("--modes", args.modes), ("--model", args.model), ("--graph-bs", args.graph_bs or ()),
+                          ("--against", args.against or ())):
         twice = [item for i, item in enumerate(items) if item in items[:i]]
         if twice:
             raise UsageError(f"{option} lists {twice[0]!r} twice")
@@ -286,8 +305,13 @@ def check_names(args: argparse.Namespace) -> None:
     for where, device in (("--device ", args.device), ("NPUGRAPH_DEVICE=", forced)):
         if device is not None and device not in DEVICES:
             raise UsageError(f"{where}{device}: unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if args.target not in TARGETS:
-        raise UsageError(f"--target {args.target}: unknown target {args.target!r}; choose one of {', '.join(TARGETS)}")
+    for option, target in (("--target", args.target), *(("--against", name) for name in args.against or ())):
+        if find_target(target) is None:
+            raise UsageError(f"{option} {target}: unknown target {target!r}; choose one of {', '.join(target_names())} "
+                             f"(or register one under the entry-point group {ENTRY_POINT_GROUP})")
+    if args.target in (args.against or ()):
+        raise UsageError(f"--against {args.target}: the target under test itself; name other targets to judge it "
+                         "against (without --against, its modes are judged against its own eager run)")
     if args.workload not in WORKLOADS:
         raise UsageError(f"--workload {args.workload}: unknown workload {args.workload!r}; choose one of "
                          f"{', '.join(WORKLOADS)}")
@@ -401,13 +425,24 @@ def check_layout(plan: CheckPlan, model: ModelPlan) -> None:
 
 
 def check_target(plan: CheckPlan, model: ModelPlan) -> None:
-    """The target can run the model in every mode asked for (a third-party engine refuses what it lacks)."""
-    from harness.targets.base import TargetUnavailable
+    """The target can run the model in every mode asked for, and each target judged against can run its eager baseline
+    (a third-party engine refuses what it lacks); and each can be compared past a near-tie, or a scenario would stop
+    at the first one."""
+    from harness.targets.base import FORCINGS, TargetUnavailable
 
-    for mode in plan.modes:
-        scenario = Scenario(model.name, baseline="eager", engine=dataclasses.replace(plan.engine, mode=mode))
+    for option, target in (("--target", plan.target), *(("--against", t) for t in plan.against)):
+        if getattr(target, "forcing", None) not in FORCINGS:
+            raise UsageError(f"{option} {target.name}: it can neither force tokens in its loop nor be continued "
+                             f"(forcing={getattr(target, 'forcing', None)!r}, not one of {', '.join(FORCINGS)}), so its "
+                             f"scenarios would stop comparing at their first near-tie, below the minimum coverage")
+
+    base = Scenario(model.name, baseline="eager", engine=plan.engine)
+    runs = [(plan.target, dataclasses.replace(base, engine=dataclasses.replace(plan.engine, mode=mode)))
+            for mode in plan.modes]
+    runs += [(against, dataclasses.replace(base, engine=base.baseline_engine())) for against in plan.against]
+    for target, scenario in runs:
         try:
-            plan.target.validate(scenario, model.checkpoint)
+            target.validate(scenario, model.checkpoint)
         except TargetUnavailable as error:
             raise UsageError(f"--model {model.name}: {error}") from None
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from harness.bench.results import DEFAULT_TOLERANCE
 from harness.exits import EXIT_PASS, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, Terminated, UsageError, stop_reason
 from harness.stops import raise_if_stopped, stop_signals
-from harness.targets import TARGETS
+from harness.targets import ENTRY_POINT_GROUP, TARGETS
 from harness.targets.base import MIN_COVERAGE
 from harness.targets.subprocesses import descendants_ended
 from harness.verdicts.drift_baseline import DRIFT_GROWTH
@@ -33,37 +33,46 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def add_check_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `check`: the command line's, and the keyword arguments of `npugraph_harness.check`."""
+    parser.add_argument("--model", type=csv_items, default=csv_items(DEFAULT_MODELS),
+                        help="built-in names (llama, qwen2, qwen2_moe, mixtral, llama_kv1, llama_hd32, qwen3, qwen3_moe), the "
+                             "real model smollm2, or checkpoint dirs, "
+                             f"comma-separated (default: {DEFAULT_MODELS})")
+    parser.add_argument("--modes", type=csv_items, default=["eager", "graph"], help=f"comma-separated of {', '.join(MODES)}")
+    parser.add_argument("--device", default=None, help="cpu, cuda or npu (default: detected)")
+    parser.add_argument("--target", default="reference",
+                        help=f"engine under test: {', '.join(TARGETS)}, or one an installed package registers (entry-point "
+                             f"group {ENTRY_POINT_GROUP})")
+    parser.add_argument("--against", type=csv_items, default=None, metavar="TARGETS",
+                        help="judge every mode against each of these other targets' eager runs (same checkpoint and "
+                             "token ids, the tolerance for different kernels) instead of transformers and the target's "
+                             f"own eager run; comma-separated of {', '.join(TARGETS)}")
+    parser.add_argument("--workload", default="mixed", help="request mix (mixed, join_leave, skewed, batch1, batch3, ...)")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="tokens decoded per request (before per-request offsets)")
+    parser.add_argument("--json", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
+    parser.add_argument("--resume", type=Path, default=None, metavar="FILE",
+                        help="take the scenarios that check report FILE (--json) holds as finished with the same options "
+                             "and checkpoints from there, and run the rest")
+    parser.add_argument("--min-coverage", type=float, default=None,
+                        help=f"share of generated tokens a scenario must compare to pass, 0..1 (default: {MIN_COVERAGE:g})")
+    parser.add_argument("--drift-baseline", type=Path, default=None, metavar="FILE",
+                        help=f"fail a scenario whose drift statistics grew beyond {DRIFT_GROWTH:g}x the figures FILE stores "
+                             "for it (written by --drift-record; e.g. baselines/drift-cpu.json)")
+    parser.add_argument("--drift-record", type=Path, default=None, metavar="FILE",
+                        help="store the drift statistics of every scenario that passed in FILE, as each ends (added to the "
+                             "figures FILE holds, replacing those of the same scenario)")
+    EngineArgs.add_cli_args(parser, exclude=("mode",))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="npugraph-harness", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="graph vs eager (and eager vs transformers) token by token")
-    check.add_argument("--model", type=csv_items, default=csv_items(DEFAULT_MODELS),
-                       help="built-in names (llama, qwen2, qwen2_moe, mixtral, llama_kv1, llama_hd32, qwen3, qwen3_moe), the "
-                            "real model smollm2, or checkpoint dirs, "
-                            f"comma-separated (default: {DEFAULT_MODELS})")
-    check.add_argument("--modes", type=csv_items, default=["eager", "graph"], help=f"comma-separated of {', '.join(MODES)}")
-    check.add_argument("--device", default=None, help="cpu, cuda or npu (default: detected)")
-    check.add_argument("--target", default="reference", help=f"engine under test: {', '.join(TARGETS)}")
-    check.add_argument("--workload", default="mixed", help="request mix (mixed, join_leave, skewed, batch1, batch3, ...)")
-    check.add_argument("--max-new-tokens", type=int, default=32,
-                       help="tokens decoded per request (before per-request offsets)")
-    check.add_argument("--json", type=Path, default=None, help="write the JSON report here")
-    check.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
-    check.add_argument("--resume", type=Path, default=None, metavar="FILE",
-                       help="take the scenarios that check report FILE (--json) holds as finished with the same options "
-                            "and checkpoints from there, and run the rest")
-    check.add_argument("--drift-baseline", type=Path, default=None, metavar="FILE",
-                       help=f"fail a scenario whose drift statistics grew beyond {DRIFT_GROWTH:g}x the figures FILE stores "
-                            "for it (written by --drift-record; e.g. baselines/drift-cpu.json)")
-    check.add_argument("--drift-record", type=Path, default=None, metavar="FILE",
-                       help="store the drift statistics of every scenario that passed in FILE, as each ends (added to the "
-                            "figures FILE holds, replacing those of the same scenario)")
-    check.add_argument("--min-coverage", type=float, default=None,
-                       help=f"share of generated tokens a scenario must compare to pass, 0..1 (default: "
-                            f"{MIN_COVERAGE[True]:g}, or {MIN_COVERAGE[False]:g} for a target that cannot force "
-                            "tokens: sglang, vllm)")
-    EngineArgs.add_cli_args(check, exclude=("mode",))
+    add_check_options(check)
 
     bench = sub.add_parser("bench", help="decode throughput benchmarks (pytest-benchmark), gated against baselines/",
                            description="Runs suites/bench and gates it with the baselines stored for this machine "

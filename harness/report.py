@@ -13,6 +13,7 @@ import torch
 from harness.inputs.scenarios import Scenario
 from harness.judge import PHASES, ScenarioResult
 from harness.stops import signals_deferred
+from harness.verdicts.compare import Verdict, coverage
 from harness.verdicts.drift_baseline import DriftBaseline, StoredDrift, this_machine
 
 
@@ -58,6 +59,96 @@ def table(results: list[ScenarioResult]) -> str:
 
 
 @dataclass
+class CheckResult:
+    """What a check found so far: every finished scenario, those not run yet, and why the run stopped if it did."""
+
+    scenarios: list[ScenarioResult]
+    pending: list[Scenario]
+    stopped_by: str | None = None  # why the run ended before its last scenario (`exits.stop_reason`)
+    meta: dict = field(default_factory=dict)  # the run's: device, target, minimum coverage, environment
+    fingerprints: dict[str, str] = field(default_factory=dict)  # by model: its checkpoint's, for `check --resume`
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending and self.stopped_by is None
+
+    @property
+    def passed(self) -> bool:
+        """Complete, with at least one scenario, and every scenario passed."""
+        return self.complete and bool(self.scenarios) and all(r.passed for r in self.scenarios)
+
+    def summary(self) -> str:
+        """The console table."""
+        return table(self.scenarios)
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "complete": self.complete, "stopped_by": self.stopped_by, **self.meta,
+                "scenarios": [r.as_dict() | {"checkpoint_fingerprint": self.fingerprints.get(r.scenario.model)}
+                              for r in self.scenarios],
+                "pending": [s.name for s in self.pending]}
+
+    def to_json(self) -> str:
+        """The `--json` report."""
+        return json.dumps(self.as_dict(), indent=2, default=str)
+
+    def to_junit(self) -> bytes:
+        """JUnit XML: a test case per scenario, failed ones with their failures, pending ones skipped."""
+        suite = ET.Element(
+            "testsuite", name="npugraph-harness", tests=str(len(self.scenarios) + len(self.pending)),
+            failures=str(sum(not r.passed for r in self.scenarios)), skipped=str(len(self.pending)),
+            time=f"{sum(r.seconds for r in self.scenarios):.2f}",
+        )
+        for r in self.scenarios:
+            case = ET.SubElement(suite, "testcase", classname=f"check.{r.scenario.model}", name=r.scenario.name,
+                                 time=f"{r.seconds:.2f}")
+            if not r.passed:
+                ET.SubElement(case, "failure", message=r.failures[0]).text = "\n".join(r.failures)
+        for scenario in self.pending:
+            case = ET.SubElement(suite, "testcase", classname=f"check.{scenario.model}", name=scenario.name, time="0")
+            ET.SubElement(case, "skipped", message=f"not run: {self.stopped_by or 'the run has not reached it yet'}")
+        return ET.tostring(suite, encoding="utf-8", xml_declaration=True)
+
+    def failure_report(self) -> str:
+        """Why the check did not pass: each failed scenario, its failures and its first divergence; or why the run
+        is incomplete. Empty if it passed."""
+        lines = [] if self.complete else [f"the check is incomplete: {self.stopped_by or 'scenarios not run'} "
+                                          f"({len(self.pending)} of {len(self.scenarios) + len(self.pending)} "
+                                          "scenarios not run)"]
+        if not self.scenarios and self.complete:
+            lines.append("no scenario ran")
+        for r in self.scenarios:
+            if r.passed:
+                continue
+            lines.append(f"{r.scenario.name}: FAIL ({r.run.engine_version or '?'}; {coverage_line(r)})")
+            lines += [f"    ! {failure}" for failure in r.failures]
+            first = r.first_divergence
+            if first is not None and not first.passed:
+                lines.append(f"    first divergence: {divergence_line(first)}")
+        return "\n".join(lines)
+
+    def assert_passed(self) -> None:
+        """Raise AssertionError, with `failure_report()` as its message, unless the check passed."""
+        if not self.passed:
+            raise AssertionError(self.failure_report())
+
+
+def coverage_line(result: ScenarioResult) -> str:
+    compared, generated = coverage(result.verdicts)
+    return f"{compared} of {generated} tokens compared"
+
+
+def divergence_line(v: Verdict) -> str:
+    """Request, step, both tokens, their logprobs and the baseline's margin."""
+    def logprob(value: float | None) -> str:
+        return "?" if value is None else f"{value:.4f}"
+
+    margin = "?" if v.margin is None else f"{v.margin:.4f}"
+    return (f"request {v.rid}, step {v.step}: baseline token {v.baseline_token} (logprob "
+            f"{logprob(v.baseline_logprob)}) vs test token {v.test_token} (logprob {logprob(v.test_logprob)}), "
+            f"baseline top-2 margin {margin}")
+
+
+@dataclass
 class CheckReports:
     """The check's `--json` and `--junit` files, rewritten atomically after every scenario, so that each holds every
     finished scenario at any moment, and says whether the run is complete and, if not, why; and `--drift-record`'s,
@@ -65,48 +156,25 @@ class CheckReports:
 
     json: Path | None
     junit: Path | None
-    meta: dict = field(default_factory=dict)  # the run's: device, target, environment...
-    fingerprints: dict[str, str] = field(default_factory=dict)  # by model: its checkpoint's, for `check --resume`
-    drift_record: Path | None = None
+    drift_record: Path | None = None  # --drift-record: the drift of each scenario that passed is stored there
 
-    def write(self, results: list[ScenarioResult], pending: list[Scenario], stopped_by: str | None = None) -> None:
-        """Both files for `results` finished and `pending` not run yet; `stopped_by`: why the run ended early."""
-        complete = not pending and stopped_by is None
+    def write(self, result: CheckResult) -> None:
         if self.json:
-            scenarios = [r.as_dict() | {"checkpoint_fingerprint": self.fingerprints.get(r.scenario.model)} for r in results]
-            doc = {"passed": complete and all(r.passed for r in results), "complete": complete, "stopped_by": stopped_by,
-                   **self.meta, "scenarios": scenarios, "pending": [s.name for s in pending]}
-            _replace(self.json, json.dumps(doc, indent=2, default=str).encode())
+            _replace(self.json, result.to_json().encode())
         if self.junit:
-            _replace(self.junit, junit_xml(results, pending, stopped_by))
+            _replace(self.junit, result.to_junit())
         if self.drift_record:
-            _replace(self.drift_record, DriftBaseline.load(self.drift_record).merged(self.drift_figures(results)))
-
-    def drift_figures(self, results: list[ScenarioResult]) -> list[StoredDrift]:
-        """The drift of each scenario that passed, stamped with the torch that ran it and the date."""
-        stamp = {"torch": torch.__version__, "date": datetime.date.today().isoformat(),
-                 **{k: v for k, v in self.meta.get("environment", {}).items() if k in ("torch_npu", "cann")}}
-        machine = this_machine(self.meta["device"])
-        return [StoredDrift(r.scenario, self.meta["device"], self.meta["target"], machine, r.drift, stamp)
-                for r in results if r.passed and r.drift.steps]
+            _replace(self.drift_record, DriftBaseline.load(self.drift_record).merged(drift_figures(result)))
 
 
-def junit_xml(results: list[ScenarioResult], pending: list[Scenario], stopped_by: str | None) -> bytes:
-    """JUnit XML: a test case per scenario, failed ones with their failures, pending ones skipped."""
-    suite = ET.Element(
-        "testsuite", name="npugraph-harness", tests=str(len(results) + len(pending)),
-        failures=str(sum(not r.passed for r in results)), skipped=str(len(pending)),
-        time=f"{sum(r.seconds for r in results):.2f}",
-    )
-    for r in results:
-        case = ET.SubElement(suite, "testcase", classname=f"check.{r.scenario.model}", name=r.scenario.name,
-                             time=f"{r.seconds:.2f}")
-        if not r.passed:
-            ET.SubElement(case, "failure", message=r.failures[0]).text = "\n".join(r.failures)
-    for scenario in pending:
-        case = ET.SubElement(suite, "testcase", classname=f"check.{scenario.model}", name=scenario.name, time="0")
-        ET.SubElement(case, "skipped", message=f"not run: {stopped_by or 'the run has not reached it yet'}")
-    return ET.tostring(suite, encoding="utf-8", xml_declaration=True)
+def drift_figures(result: CheckResult) -> list[StoredDrift]:
+    """The drift of each scenario that passed, stamped with the torch that ran it and the date."""
+    meta = result.meta
+    stamp = {"torch": torch.__version__, "date": datetime.date.today().isoformat(),
+             **{k: v for k, v in meta.get("environment", {}).items() if k in ("torch_npu", "cann")}}
+    machine = this_machine(meta["device"])
+    return [StoredDrift(r.scenario, meta["device"], meta["target"], machine, r.drift, stamp)
+            for r in result.scenarios if r.passed and r.drift.steps]
 
 
 def _replace(path: Path, content: bytes) -> None:

@@ -32,13 +32,14 @@ def python_env(**variables: str) -> dict[str, str]:
 
 
 def start(module: str, args: list[str], env: dict[str, str], log: Path, die_with_parent: bool,
-          started: list[subprocess.Popen]) -> subprocess.Popen:
+          started: list[subprocess.Popen], stdin: int = subprocess.DEVNULL) -> subprocess.Popen:
     """`python -m module args` in a new process group (and session), stdout and stderr into `log`, appended to
     `started` before a stop can interrupt; with `die_with_parent`, the kernel kills it when this process dies (a
-    child that starts processes of its own must instead watch for that itself and end its whole group)."""
+    child that starts processes of its own must instead watch for that itself and end its whole group). `stdin`:
+    subprocess.PIPE to talk to it, else nothing."""
     with open(log, "wb") as out, signals_deferred():  # the child keeps its own handle of `out`
         started.append(subprocess.Popen(
-            [sys.executable, "-m", module, *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", module, *args], env=env, stdin=stdin, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent if die_with_parent and _PRCTL else None))
     return started[-1]
 

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from harness.inputs.scenarios import Scenario
-from harness.verdicts.compare import compare_generation
+from harness.verdicts.compare import Segment, compare_generation
 from harness.verdicts.drift import MARGIN_BINS, DriftStats, StepDrift, step_drift
 from harness.verdicts.drift_baseline import DRIFT_GROWTH, DriftBaseline, StoredDrift
 from harness.verdicts.noise import HEADROOM, JUDGED, MIN_STEPS, NoiseProfile, judge_drift, noise_profile
@@ -76,8 +76,8 @@ def test_a_verdict_records_the_drift_of_every_step_it_compared_and_only_those():
     baseline, test = gen(a, near, b), gen(a, flipped, b)
     free = compare_generation(baseline, test, tolerance=TOL)
     assert (free.compared, [s.flipped for s in free.drift]) == (2, [False, True])
-    continued = compare_generation(baseline, test, tolerance=TOL, continuation=Generation(
-        "r0", [5, 7, 9], [a, flipped, b], [False] * 3, forced_from=1))
+    forced = Generation("r0", [5, 7, 9], [a, flipped, b], [False] * 3, forced_from=1)
+    continued = compare_generation(baseline, test, tolerance=TOL, segments=[Segment(2, baseline, forced, "in_loop")])
     assert (continued.compared, [s.flipped for s in continued.drift]) == (3, [False, True, False])
     assert "drift" not in continued.as_dict()
 

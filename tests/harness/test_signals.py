@@ -3,9 +3,11 @@ gone at the moment it exits, the launch directory removed, the reports hold ever
 incomplete, and the exit is 130 or 143 with one line and no traceback. A check killed outright (SIGKILL) takes its
 ranks with it, and the next launch removes the directory it left.
 
-Bounds, measured on 2 cores kept busy by a CPU hog (two busy loops): a check's two ranks start within 30 s (imports,
-the checkpoint, the oracle), and a stopped check exits within 6 s (SIGTERM to its ranks, SIGKILL 5 s later at worst);
-the bounds below leave at least 2x that.
+Bounds, measured on 2 cores at load averages of 8 to 10 (other test runs beside; 6 checks): a check's two ranks
+started within 53 s (imports, the checkpoint), and a stopped check exited within 11 s (SIGTERM to its ranks, SIGKILL
+5 s later at worst, then the interpreter's own exit, slow when every process gets a fifth of a core); the bounds below
+leave over 3x that. They bound a hang, they do not measure speed: a check that ignored its signal would still
+fail on its exit status.
 """
 import json
 import os
@@ -27,8 +29,8 @@ from harness.stops import stop_signals
 from harness.targets.launch import RankJob, launch
 from reference_runner.engine.args import EngineArgs
 
-STOP_WITHIN_S = 15
-START_WITHIN_S = 120
+STOP_WITHIN_S = 60
+START_WITHIN_S = 180
 STOPPED = {signal.SIGINT: (130, "npugraph-harness: stopped by SIGINT (Ctrl-C)"),
            signal.SIGTERM: (143, "npugraph-harness: stopped by SIGTERM")}
 
