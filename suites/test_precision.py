@@ -12,7 +12,7 @@ a planted drift too small for both.
 import pytest
 
 from harness.inputs.scenarios import Scenario
-from harness.report import CheckReports
+from harness.report import CheckReports, CheckResult
 from harness.verdicts.drift_baseline import DriftBaseline
 from reference_runner.engine.args import EngineArgs
 from suites.faults import PLANTED_DRIFT
@@ -66,8 +66,8 @@ def test_a_planted_drift_fails_against_the_recorded_precision_baseline(check, ju
                         seed=HELD_OUT_SEED)
     figures = tmp_path / "drift-cpu.json"
     recorded = check(scenario)
-    CheckReports(None, None, {"device": judge.target.device, "target": judge.target.name}, drift_record=figures).write(
-        [recorded], [])
+    CheckReports(None, None, drift_record=figures).write(
+        CheckResult([recorded], [], meta={"device": judge.target.device, "target": judge.target.name}))
     monkeypatch.setattr(judge, "drift_baseline", DriftBaseline.load(figures))
     assert check(scenario).failures == []  # the run it was recorded from
     PLANTED_DRIFT.inject(monkeypatch)
