@@ -470,6 +470,98 @@ def vllm_compiled_logits_perturbed(job) -> None:
         for request, params in zip(requests, sampling_params(requests, top_k))]
 
 
+# A fault that goes wrong late: from the step after each request's first near-tie (its top-2 logit margin below the
+# tie margin of bfloat16 across kernels), the runner-up's logit lifted by LATE_LIFT at every step. A comparison that
+# stops at the first near-tie of each request never sees it; one carried past near-ties does.
+LATE_TIE_MARGIN, LATE_LIFT = 1.5, 3.0
+
+
+def _lift_after_first_near_tie(logits: torch.Tensor, tied: list[bool]) -> None:
+    """On one request's logits (a row): lift the runner-up if `tied[0]` (its first near-tie is behind it), else note
+    a near-tie."""
+    top = logits.topk(2)
+    if tied[0]:
+        logits[top.indices[1]] += LATE_LIFT
+    elif top.values[0] - top.values[1] < LATE_TIE_MARGIN:
+        tied[0] = True
+
+
+def vllm_compiled_runner_up_lifted_after_first_near_tie(job) -> None:
+    """vLLM in compile mode, LATE_LIFT after each request's first near-tie: on the logits the sampler takes its
+    logprobs from, as a kernel miscompiled for long sequences would compute them. Every other mode is left alone."""
+    if job.engine.mode != "compile":
+        return
+    from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
+    from vllm.v1.sample.sampler import Sampler
+
+    from harness.targets import vllm as target
+
+    class Rows(LogitsProcessor):
+        """Per row of the batch, whether its request has met its first near-tie (the logits are left alone here)."""
+
+        def __init__(self, vllm_config, device, is_pin_memory) -> None:
+            self.tied: dict[int, list[bool]] = {}
+
+        def is_argmax_invariant(self) -> bool:
+            return True
+
+        def update_state(self, batch_update) -> None:
+            for index in batch_update.removed if batch_update else ():
+                self.tied.pop(index, None)
+            for index, *_ in batch_update.added if batch_update else ():
+                self.tied[index] = [False]
+            for a, b, direction in batch_update.moved if batch_update else ():
+                moving, replaced = self.tied.pop(a, None), self.tied.pop(b, None)
+                if moving is not None:
+                    self.tied[b] = moving
+                if direction == MoveDirectionality.SWAP and replaced is not None:
+                    self.tied[a] = replaced
+
+        def apply(self, logits):
+            return logits
+
+    forward, llm_args = Sampler.forward, target.llm_args
+
+    def lifted(self, logits, sampling_metadata, *args, **kwargs):
+        for rows in (p for p in sampling_metadata.logitsprocs.all if isinstance(p, Rows)):
+            for index, tied in rows.tied.items():
+                _lift_after_first_near_tie(logits[index], tied)
+        return forward(self, logits, sampling_metadata, *args, **kwargs)
+
+    def with_rows(job, config):
+        args = llm_args(job, config)
+        return {**args, "logits_processors": [*args["logits_processors"], Rows]}
+
+    Sampler.forward, target.llm_args = lifted, with_rows
+
+
+def sglang_runner_up_lifted_after_first_near_tie(job) -> None:
+    """SGLang, LATE_LIFT after each request's first near-tie (each continuation is a request of its own to SGLang):
+    through a custom logit processor on every request, whose changes SGLang's logprobs show."""
+    from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
+
+    from harness.targets import sglang as target
+
+    class AfterFirstNearTie(CustomLogitProcessor):
+        tied: ClassVar[dict[str, list[bool]]] = {}  # by SGLang's own request id
+
+        def __call__(self, logits, custom_param_list=None):
+            for row, params in enumerate(custom_param_list):
+                _lift_after_first_near_tie(logits[row], AfterFirstNearTie.tied.setdefault(params["__req__"].rid, [False]))
+            return logits
+
+    engine_args, generate_args = target.engine_args, target.generate_args
+
+    def with_processor(requests, top_k):
+        args = generate_args(requests, top_k)
+        args["sampling_params"] = [{**params, "custom_params": {}} for params in args["sampling_params"]]
+        args["custom_logit_processor"] = [AfterFirstNearTie.to_str()] * len(requests)
+        return args
+
+    target.engine_args = lambda *args: {**engine_args(*args), "enable_custom_logit_processor": True}
+    target.generate_args = with_processor
+
+
 def sglang_logits_perturbed(job) -> None:
     """SGLang: at step 4 of request r1, the runner-up token's logit is lifted above the top one, as a kernel that
     misranks one token would; every other step and request is left alone. SGLang returns the logprobs it leaves."""
@@ -535,5 +627,6 @@ def _at_sglang_step(step: int, fault) -> None:
 
 
 WORKER_FAULTS = {f.__name__: f"{__name__}:{f.__name__}" for f in (
-    worker_raises, worker_is_killed, worker_hangs, vllm_compiled_logits_perturbed, sglang_logits_perturbed,
+    worker_raises, worker_is_killed, worker_hangs, vllm_compiled_logits_perturbed,
+    vllm_compiled_runner_up_lifted_after_first_near_tie, sglang_logits_perturbed, sglang_runner_up_lifted_after_first_near_tie,
     sglang_scheduler_crashes, sglang_scheduler_hangs)}

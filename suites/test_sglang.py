@@ -17,14 +17,15 @@ import pytest
 
 import harness.targets
 from harness.cli import main
-from harness.exits import EXIT_FAIL
+from harness.exits import EXIT_FAIL, EXIT_PASS
+from harness.targets.reference import ReferenceTarget
 from harness.targets.sglang import SGLangTarget
 from suites.faults import PERTURBED_REQUEST, PERTURBED_STEP, WORKER_FAULTS
 from suites.processes import TAG, tagged_processes, watching
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
-                       reason="needs SGLang installed (README, \"Judging your engine\"; CI installs its CPU engine)"),
+                       reason="needs SGLang installed (docs/engines.md; CI installs its CPU engine)"),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds SGLang's processes through /proc"),
 ]
 SGLANG_PROCESSES = {"sglang::scheduler", "sglang::detokenizer"}  # as SGLang names them (setproctitle)
@@ -67,6 +68,32 @@ def test_a_run_that_ends_normally_leaves_no_sglang_process(perturbed):
     _, _, seen, tag = perturbed
     assert SGLANG_PROCESSES.issubset(seen)  # they ran
     assert tagged_processes(tag) == {}
+
+
+AGAINST_REFERENCE = ["check", "--target", "sglang", "--against", "reference", "--model", "llama_hd32", "--modes", "eager",
+                     "--dtype", "bfloat16"]
+
+
+@pytest.mark.parametrize(("fault", "status"), [
+    ("sglang_runner_up_lifted_after_first_near_tie", EXIT_FAIL),
+    pytest.param(None, EXIT_PASS, marks=pytest.mark.slow),  # its twin in CI: the cross-engine check of .ci/run
+], ids=["lifted after the first near-tie", "unperturbed"])
+def test_a_fault_after_each_requests_first_near_tie_is_caught_through_continuation(monkeypatch, tmp_path, device, fault,
+                                                                                   status):
+    # Against the reference runner, both free-running: every near-tie stops the comparison, and only continuing both
+    # sides past it reaches the steps the fault changes.
+    target = SGLangTarget(device, setup=WORKER_FAULTS[fault] if fault else None)
+    monkeypatch.setattr(harness.targets, "get_target",
+                        lambda name, device: target if name == "sglang" else ReferenceTarget(device))
+    report = tmp_path / "check.json"
+    assert main([*AGAINST_REFERENCE, "--device", device, "--json", str(report)]) == status
+    scenario = json.loads(report.read_text())["scenarios"][0]
+    assert scenario["forced_requests"] > 0
+    continued = [r for r in scenario["requests"] if "continuation" in r["continued_by"]]
+    if fault:
+        assert any(r["status"] == "mismatch" for r in continued), scenario["failures"]
+    else:
+        assert scenario["coverage"] >= 0.9
 
 
 @pytest.mark.slow  # a third SGLang start-up: nightly, to keep CI within its time

@@ -208,7 +208,7 @@ class SGLangTarget(Target):
         if importlib.util.find_spec("sglang") is None:
             raise TargetUnavailable("target 'sglang' needs SGLang installed: on a CPU host sglang without its "
                                     "dependencies, then packaging/sglang-cpu.txt; on cuda pip install .[sglang]; on "
-                                    "Ascend, SGLang's NPU build (README, \"Judging your engine\")")
+                                    "Ascend, SGLang's NPU build (docs/engines.md)")
         self.device = device
         self.setup = setup  # WorkerJob.setup: fault injection in the worker
         self.workers = WorkerSessions(worker_env(device), timeout_s, sessions_capacity(device))

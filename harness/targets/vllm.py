@@ -220,7 +220,7 @@ class VLLMTarget(Target):
     def __init__(self, device: str, setup: str | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> None:
         if importlib.util.find_spec("vllm") is None:
             raise TargetUnavailable("target 'vllm' needs vLLM installed: on a CPU host the vllm extra with its "
-                                    "placeholders, on cuda vllm, on npu vllm-ascend (README, \"Judging your engine\")")
+                                    "placeholders, on cuda vllm, on npu vllm-ascend (docs/engines.md)")
         if device == "npu" and importlib.util.find_spec("vllm_ascend") is None:
             raise TargetUnavailable("target 'vllm' on npu needs vLLM-Ascend installed (pip install vllm-ascend)")
         self.device = device

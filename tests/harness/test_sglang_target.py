@@ -148,7 +148,7 @@ def test_argument_problems_name_unknown_fields_and_values_outside_their_choices(
 
 
 @pytest.mark.skipif(not SGLANG_INSTALLED, reason="needs sglang installed (CI installs sglang 0.5.23 without its "
-                                                 "dependencies, README \"Judging your engine\")")
+                                                 "dependencies, docs/engines.md)")
 def test_every_argument_is_a_field_of_the_installed_server_args_with_an_allowed_value():
     # In a process of its own: importing sglang's ServerArgs sets torch's cache directories in the importer.
     # Mode tree is the reference target's alone (check.check_reference_only refuses it for sglang).

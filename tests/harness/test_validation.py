@@ -218,8 +218,7 @@ def test_an_absent_device_is_named(capsys, monkeypatch, where):
 def test_an_absent_target_engine_is_named(capsys):
     assert refused([*FAST, "--target", "sglang"], capsys) == error(
         "target 'sglang' needs SGLang installed: on a CPU host sglang without its dependencies, then "
-        "packaging/sglang-cpu.txt; on cuda pip install .[sglang]; on Ascend, SGLang's NPU build (README, \"Judging "
-        "your engine\")")
+        "packaging/sglang-cpu.txt; on cuda pip install .[sglang]; on Ascend, SGLang's NPU build (docs/engines.md)")
 
 
 # --- limits ----------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
 
 VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not VLLM_INSTALLED, reason="needs vLLM installed (README, \"Judging your engine\")")
+needs_vllm = pytest.mark.skipif(not VLLM_INSTALLED, reason="needs vLLM installed (docs/engines.md)")
 REQUEST = Request("r0", [11, 12, 13], max_new_tokens=2)
 HD32 = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
 
