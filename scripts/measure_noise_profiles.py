@@ -37,12 +37,12 @@ def scenarios(models: list[str], dtypes: list[str], seeds: list[int], workloads:
             for seed in seeds]
 
 
-def calibration(models: list[str], dtype: str) -> list[Scenario]:
-    """Built-in checkpoints at 64 tokens: workloads mixed and join_leave, seeds 0 and 1 (float32, whose drift is a
-    thousandth of bfloat16's: seed 0); smollm2, a trained model with flatter distributions, whose 30 layers take
-    minutes to compile: mixed, seed 0, 32 tokens."""
+def calibration(models: list[str], dtype: str, workloads: list[str]) -> list[Scenario]:
+    """Built-in checkpoints at 64 tokens: `workloads` (default mixed and join_leave), seeds 0 and 1 (float32, whose
+    drift is a thousandth of bfloat16's: seed 0); smollm2, a trained model with flatter distributions, whose 30 layers
+    take minutes to compile: mixed, seed 0, 32 tokens."""
     builtins = [m for m in models if m != "smollm2"]
-    return [*scenarios(builtins, [dtype], [0] if dtype == "float32" else [0, 1], ["mixed", "join_leave"], 64),
+    return [*scenarios(builtins, [dtype], [0] if dtype == "float32" else [0, 1], workloads, 64),
             *(scenarios(["smollm2"], [dtype], [0], ["mixed"], 32) if "smollm2" in models else [])]
 
 
@@ -66,6 +66,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", default="bfloat16,float16,float32")
     parser.add_argument("--models", default=",".join([*BUILTINS, "smollm2"]))
+    parser.add_argument("--workloads", default="mixed,join_leave", help="the built-ins' calibration workloads")
     parser.add_argument("--details", type=Path, default=Path("results/noise-profiles.jsonl"),
                         help="each scenario's statistics, one JSON line each, written as it ends (resumes from it)")
     parser.add_argument("--out", type=Path, default=PROFILES)
@@ -73,7 +74,7 @@ def main() -> int:
     parser.add_argument("--write-only", action="store_true",
                         help="run nothing: write --out from the scenarios --details holds (a profile counts those)")
     args = parser.parse_args()
-    dtypes, models = args.dtypes.split(","), args.models.split(",")
+    dtypes, models, workloads = args.dtypes.split(","), args.models.split(","), args.workloads.split(",")
 
     from harness.judge import Judge, kernel_pair
     from harness.targets import get_target
@@ -85,8 +86,8 @@ def main() -> int:
         for line in args.details.read_text().splitlines():
             record = json.loads(line)
             done[record["key"]] = record
-    plan = [(role, s) for dtype in dtypes for role, made in (("calibration", calibration), ("held_out", held_out))
-            for s in made(models, dtype)]
+    plan = [(role, s) for dtype in dtypes for role, made in (("calibration", calibration(models, dtype, workloads)),
+                                                             ("held_out", held_out(models, dtype))) for s in made]
     for i, (role, scenario) in enumerate(plan, 1):
         if key_of(scenario) in done or args.write_only:
             continue
@@ -103,7 +104,7 @@ def main() -> int:
         print(f"[{i}/{len(plan)}] {role} {scenario.name} {scenario.engine.dtype} seed {scenario.seed}: "
               f"{result.drift.summary()} ({record['seconds']}s)", file=sys.stderr, flush=True)
     if not args.measure_only:
-        write_profiles(args.out, [done[key_of(s)] for _, s in plan if key_of(s) in done], models, dtypes, args.device)
+        write_profiles(args.out, [r for r in done.values() if r["dtype"] in dtypes], models, dtypes, args.device)
     return 0
 
 
@@ -127,8 +128,10 @@ def write_profiles(out: Path, records: list[dict], models: list[str], dtypes: li
         worst = {name: max(DriftStats.from_dict(r["drift"]).statistic(name) for r in calibrated) for name in LABELS}
         held, profile = roles["held_out"], NoiseProfile(key, len(calibrated), worst)
         failing = [f"{r['name']} seed {r['seed']}, {r['tokens']} tokens" for r in held if beyond(profile, r)]
+        calibrated_on = [json.loads(r["key"]) for r in calibrated]
         profiles[key] = {
             "scenarios": len(calibrated), "steps": sum(r["drift"]["steps"] for r in calibrated),
+            "calibrated_on": {field: sorted({str(s[field]) for s in calibrated_on}) for field in ("model", "workload", "seed")},
             "worst": {name: float(f"{value:.4g}") for name, value in worst.items()},
             "held_out": {"scenarios": len(held), "beyond_bounds": failing,
                          "worst": {name: float(f"{max(DriftStats.from_dict(r['drift']).statistic(name) for r in held):.4g}")
@@ -138,7 +141,8 @@ def write_profiles(out: Path, records: list[dict], models: list[str], dtypes: li
         "how": ("scripts/measure_noise_profiles.py: the reference target, unpatched, through the check's Judge; per "
                 "profile the worst value of each statistic over its calibration scenarios with at least "
                 f"{MIN_STEPS} compared steps. Calibration: built-in checkpoints x (eager vs transformers, compile vs "
-                "eager, graph vs eager) x workloads mixed and join_leave x seeds 0 and 1 (float32: seed 0), 64 tokens; "
+                "eager, graph vs eager) x workloads (each profile's calibrated_on) x seeds 0 and 1 (float32: seed 0), 64 "
+                "tokens; "
                 "smollm2 mixed, seed 0, 32 tokens. Held out: workload mixed, seed 2 at 32 and 64 tokens and seed 3 "
                 "at 32 (float32: seed 2 at 32); smollm2 seed 1."),
         "measured": {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__,

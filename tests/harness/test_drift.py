@@ -123,16 +123,19 @@ def test_without_a_measured_profile_the_drift_is_reported_not_judged():
         "not judged: no noise profile measured for vllm/cpu/bfloat16/across_kernels", [])
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+MEASURED_DTYPES = ["bfloat16", "float16"]  # float32 is not measured yet: its scenarios are reported, not judged
+
+
+@pytest.mark.parametrize("dtype", MEASURED_DTYPES)
 @pytest.mark.parametrize("pair", ["same_kernels", "across_kernels"])
-def test_the_reference_target_on_the_cpu_has_a_measured_profile_for_every_dtype_and_pair(dtype, pair):
+def test_the_reference_target_on_the_cpu_has_a_measured_profile_for_the_half_precision_dtypes_and_every_pair(dtype, pair):
     profile = noise_profile("reference", "cpu", dtype, pair)
     assert profile is not None and profile.scenarios >= 8
     assert {name: profile.bound(name, 300) for name in JUDGED} == {
         name: HEADROOM * profile.worst[name] + (3 / 300 if name == "flip_rate" else 0) for name in JUDGED}
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", MEASURED_DTYPES)
 def test_graph_against_eager_on_the_cpu_drifts_by_nothing_where_it_is_bit_identical(dtype):
     assert set(noise_profile("reference", "cpu", dtype, "same_kernels").worst.values()) == {0.0}
 

@@ -10,8 +10,9 @@ from harness.verdicts.drift import DriftStats
 from harness.verdicts.drift_baseline import DRIFT_GROWTH, DriftBaseline
 from suites.faults import FAULTS
 
-# Eager against transformers and graph against eager on llama, 121 compared steps each: enough to be judged.
-CHECK = ["check", "--model", "llama", "--modes", "eager,graph", "--max-new-tokens", "20"]
+# Eager against transformers and graph against eager on llama, 121 compared steps each: enough to be judged (in a
+# dtype whose noise profiles are measured).
+CHECK = ["check", "--model", "llama", "--modes", "eager,graph", "--max-new-tokens", "20", "--dtype", "bfloat16"]
 STEPS = 8 * 20 - 39  # the mixed workload's requests stop 39 tokens short of 8 x 20
 
 
@@ -47,7 +48,7 @@ def test_recorded_figures_pass_the_same_run_and_are_printed_in_the_table(tmp_pat
     assert main([*CHECK, "--drift-baseline", str(figures), "--json", str(tmp_path / "check.json")]) == 0
     out = capsys.readouterr().out
     assert f"    drift: {STEPS} steps: |dlogprob| mean " in out
-    assert (f"within the noise profile reference/cpu/float32/across_kernels; within {DRIFT_GROWTH:g}x the figures stored "
+    assert (f"within the noise profile reference/cpu/bfloat16/across_kernels; within {DRIFT_GROWTH:g}x the figures stored "
             f"in {figures}") in out
     doc = json.loads((tmp_path / "check.json").read_text())
     assert doc["drift_baseline"] == str(figures)
@@ -93,7 +94,7 @@ def test_report_shows_and_plots_each_scenarios_drift_against_its_stored_figure(t
     assert main(["report", str(results), "--drift-baseline", str(figures), "--ratios", str(tmp_path / "none.json")]) == 0
     summary = (results / "summary.md").read_text()
     assert "## Precision drift" in summary
-    row = next(line for line in summary.splitlines() if line.startswith("| llama-eager-vs-oracle-mixed float32 |"))
+    row = next(line for line in summary.splitlines() if line.startswith("| llama-eager-vs-oracle-mixed bfloat16 |"))
     assert row.endswith("| mean \\|delta logprob\\|, mean KL divergence |")  # the flips were not scaled
     assert (results / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert capsys.readouterr().out.strip().endswith(f"and {results / 'drift.png'}")
