@@ -38,11 +38,12 @@ if TYPE_CHECKING:
     from harness.judge import Judge, ScenarioResult
     from harness.report import CheckResult
     from harness.targets.base import Target
+    from harness.verdicts.drift_baseline import DriftBaseline
     from reference_runner.models.config import ModelConfig
 
 # Decode graphs are captured at [1, 2, 4, 8] and every 8 up to --max-bs: beyond this, capture alone takes ages.
 MAX_BS = 1024
-OUTPUTS = ("json", "junit")  # the report options, each a file path
+OUTPUTS = ("json", "junit", "drift_record")  # the report options, each a file path
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class CheckPlan:
     json: Path | None = None
     junit: Path | None = None
     against: list[Target] = dataclasses.field(default_factory=list)  # targets whose eager runs are baselines
+    drift_record: Path | None = None
+    drift_baseline: DriftBaseline | None = None  # --drift-baseline: the stored figures each scenario is judged against
     resumed: dict[str, ScenarioResult] = dataclasses.field(default_factory=dict)  # by name: finished, from --resume
 
     @property
@@ -83,7 +86,8 @@ class CheckPlan:
     def identity(self) -> dict:
         """What decides every verdict besides each scenario's own fields and checkpoint: a resumed scenario must
         share it."""
-        return {"device": self.device, "target": self.target.name, "min_coverage": self.min_coverage}
+        return {"device": self.device, "target": self.target.name, "min_coverage": self.min_coverage,
+                "drift_baseline": str(self.drift_baseline.path) if self.drift_baseline else None}
 
 
 def check(args: argparse.Namespace) -> int:
@@ -118,15 +122,22 @@ def run_check(plan: CheckPlan, result: CheckResult, progress: Callable[[str], No
     from harness.environment import ascend_environment
     from harness.judge import SETUP_ERRORS, Judge
     from harness.report import CheckReports
+    from harness.verdicts.drift_baseline import this_machine
 
-    judge = Judge(plan.target, progress=progress, min_coverage=plan.min_coverage, against=plan.against)
+    judge = Judge(plan.target, progress=progress, min_coverage=plan.min_coverage, against=plan.against,
+                  drift_baseline=plan.drift_baseline)
     scenarios = plan.scenarios
     progress(f"validated {', '.join(m.name for m in plan.models)} on {plan.device}: {len(scenarios)} scenario(s)"
              + (f", {len(plan.resumed)} finished before" if plan.resumed else ""))
+    result.meta["machine"] = machine = this_machine(plan.device)
+    if plan.drift_baseline is not None:
+        stored = [plan.drift_baseline.stored(s, plan.device, plan.target.name, machine) for s in scenarios]
+        progress(f"--drift-baseline {plan.drift_baseline.path}: figures stored for {len(stored) - stored.count(None)} "
+                 f"of {len(scenarios)} scenario(s) on {plan.target.name}, {plan.device}, {machine}")
     result.meta["environment"] = environment = ascend_environment(plan.device)
     for warning in environment.get("warnings", []):
         print(f"npugraph-harness: warning: {warning}", file=sys.stderr)
-    reports = CheckReports(plan.json, plan.junit)
+    reports = CheckReports(plan.json, plan.junit, plan.drift_record)
     try:
         try:
             reports.write(result)
@@ -188,7 +199,8 @@ def plan_check(args: argparse.Namespace) -> CheckPlan:
     engine = EngineArgs.from_cli_args(args, dtype=args.dtype or default_dtype(device))
     min_coverage = MIN_COVERAGE if args.min_coverage is None else args.min_coverage
     plan = CheckPlan(device, target, engine, list(args.modes), args.workload, args.max_new_tokens, models=[],
-                     min_coverage=min_coverage, against=against, **{output: getattr(args, output) for output in OUTPUTS})
+                     min_coverage=min_coverage, against=against, **{output: getattr(args, output) for output in OUTPUTS},
+                     drift_baseline=read_drift_baseline("--drift-baseline", args.drift_baseline))
     for name in args.model:  # all of them before any scenario: a bad last model costs nothing
         model = resolve_model(name, args.workload, args.max_new_tokens, getattr(torch, engine.dtype))
         for model_check in MODEL_CHECKS:
@@ -318,7 +330,7 @@ def check_names(args: argparse.Namespace) -> None:
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Each report path is a file we can write (its folders are made now), and no two options share one."""
-    paths = {option: getattr(args, option) for option in OUTPUTS if getattr(args, option) is not None}
+    paths = {option.replace("_", "-"): getattr(args, option) for option in OUTPUTS if getattr(args, option) is not None}
     seen: dict[Path, str] = {}
     for option, path in paths.items():
         if path.resolve() in seen:
@@ -355,8 +367,29 @@ def check_reference_only(args: argparse.Namespace) -> None:
                          "target")
 
 
+def check_drift_files(args: argparse.Namespace) -> None:
+    """--drift-baseline names a drift baseline file; --drift-record, where it exists, is one (its figures are kept)."""
+    if args.drift_baseline is not None and not args.drift_baseline.is_file():
+        raise UsageError(f"--drift-baseline {args.drift_baseline}: no such file (record one with --drift-record)")
+    for option in ("--drift-baseline", "--drift-record"):
+        read_drift_baseline(option, getattr(args, option[2:].replace("-", "_")))
+
+
+def read_drift_baseline(option: str, path: Path | None) -> DriftBaseline | None:
+    """The drift figures stored in `path` (none where it does not exist yet), or UsageError naming `option`."""
+    from harness.verdicts.drift_baseline import DriftBaseline
+
+    if path is None:
+        return None
+    try:
+        return DriftBaseline.load(path)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{option} {path}: not a drift baseline written by --drift-record ({type(error).__name__}: "
+                         f"{error})") from None
+
+
 OPTION_CHECKS: tuple[Callable[[argparse.Namespace], None], ...] = (
-    check_names, check_lists, check_numbers, check_outputs, check_resume, check_reference_only)
+    check_names, check_lists, check_numbers, check_outputs, check_resume, check_reference_only, check_drift_files)
 
 
 # --- model checks: each model's config and requests against the engine's limits -----------------

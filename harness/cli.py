@@ -18,6 +18,7 @@ from harness.stops import raise_if_stopped, stop_signals
 from harness.targets import ENTRY_POINT_GROUP, TARGETS
 from harness.targets.base import MIN_COVERAGE
 from harness.targets.subprocesses import descendants_ended
+from harness.verdicts.drift_baseline import DRIFT_GROWTH
 from reference_runner.engine.args import MODES, EngineArgs, csv_items
 
 DEFAULT_MODELS = "llama,qwen2_moe"  # one dense, one MoE
@@ -57,6 +58,12 @@ def add_check_options(parser: argparse.ArgumentParser) -> None:
                              "and checkpoints from there, and run the rest")
     parser.add_argument("--min-coverage", type=float, default=None,
                         help=f"share of generated tokens a scenario must compare to pass, 0..1 (default: {MIN_COVERAGE:g})")
+    parser.add_argument("--drift-baseline", type=Path, default=None, metavar="FILE",
+                        help=f"fail a scenario whose drift statistics grew beyond {DRIFT_GROWTH:g}x the figures FILE stores "
+                             "for it (written by --drift-record; e.g. baselines/drift-cpu.json)")
+    parser.add_argument("--drift-record", type=Path, default=None, metavar="FILE",
+                        help="store the drift statistics of every scenario that passed in FILE, as each ends (added to the "
+                             "figures FILE holds, replacing those of the same scenario)")
     EngineArgs.add_cli_args(parser, exclude=("mode",))
 
 
@@ -76,13 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, default=None, help="also write pytest-benchmark's JSON here")
     bench.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --), e.g. -k llama")
 
-    report = sub.add_parser("report", help="markdown summary and PNG chart of saved benchmark (and check) results")
+    report = sub.add_parser("report", help="markdown summary and PNG charts of saved benchmark (and check) results: "
+                                           "throughput, and each check scenario's drift against its stored figure")
     report.add_argument("results", type=Path, help="pytest-benchmark JSON, or a folder with bench.json (and check.json)")
     report.add_argument("--baseline", type=Path, default=None,
                         help="stored pytest-benchmark JSON to compare throughput with (default: this machine class's newest)")
     report.add_argument("--ratios", type=Path, default=None, help="stored speed-ups (default: baselines/ratios-<device>.json)")
     report.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="ratio gate tolerance")
     report.add_argument("--check", type=Path, default=None, help="check JSON (default: check.json beside the results)")
+    report.add_argument("--drift-baseline", type=Path, default=None, metavar="FILE",
+                        help="stored drift figures to plot each check scenario's drift against (default: "
+                             "baselines/drift-<device>.json, where it exists)")
     report.add_argument("--out", type=Path, default=None,
                         help="folder for summary.md and bench.png (default: beside the results)")
     return parser

@@ -12,7 +12,6 @@ against (`--against`), that target's eager run, made once likewise, is the basel
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,8 +26,11 @@ from harness.inputs.workloads import make_requests
 from harness.targets.base import MIN_COVERAGE, Target, TargetRun, TargetUnavailable
 from harness.verdicts import routing
 from harness.verdicts.compare import Segment, Verdict, compare_generations, coverage, length_problems, summarize
+from harness.verdicts.drift import NOTHING_COMPARED, DriftStats
+from harness.verdicts.drift_baseline import DriftBaseline, this_machine
+from harness.verdicts.noise import judge_drift, noise_profile, profile_key
 from harness.verdicts.routing import RoutingTie, first_routing_tie
-from harness.verdicts.tolerances import Tolerance
+from harness.verdicts.tolerances import KernelPair, Tolerance
 from reference_runner.device import DeviceUnavailable
 from reference_runner.errors import (
     CheckpointError,
@@ -73,6 +75,9 @@ RUN_STATS = ("engine_version", "graph_steps", "counts_graph_steps", "eager_steps
 PHASES = ("baseline", "capture", "run", "oracle", "forced_rerun", "compare")
 
 
+NOT_JUDGED = "not judged: the scenario ended early"
+
+
 @dataclass
 class ScenarioResult:
     """The verdicts of one scenario and why it failed, if it did."""
@@ -85,6 +90,8 @@ class ScenarioResult:
     forced_requests: int = 0  # requests compared past a near-tie (forced in the loop, or continued)
     phases: Phases = field(default_factory=Phases)
     baseline_version: str = ""  # the engine whose eager run was the baseline; "" for transformers
+    drift: DriftStats = NOTHING_COMPARED  # over the compared steps of every request
+    drift_judged: str = NOT_JUDGED  # against what the drift was judged, or why it was not
 
     @property
     def passed(self) -> bool:
@@ -117,11 +124,13 @@ class ScenarioResult:
             "near_ties": sum(v.ties for v in self.verdicts),
             "router_near_ties": sum(v.router_ties for v in self.verdicts),
             "forced_requests": self.forced_requests,
+            "drift": self.drift.as_dict(),
+            "drift_judged": self.drift_judged,
             **{stat: getattr(self.run, stat) for stat in RUN_STATS if stat != "engine_version"},
-            "first_divergence": None if first is None else first.__dict__ | {"passed": first.passed},
+            "first_divergence": None if first is None else first.as_dict() | {"passed": first.passed},
             "seconds": round(self.seconds, 2),
             **self.phases.as_dict(),
-            "requests": [dataclasses.asdict(v) for v in self.verdicts],
+            "requests": [v.as_dict() for v in self.verdicts],
         }
 
     @classmethod
@@ -131,7 +140,7 @@ class ScenarioResult:
         run = TargetRun([], **{f: d[f] for f in RUN_STATS})
         return cls(Scenario.from_dict(d), [Verdict(**v) for v in d["requests"]], run, d["seconds"], d["failures"],
                    d["forced_requests"], Phases(dict(d["phase_seconds"]), list(d["reused"])),
-                   d["baseline_engine_version"])
+                   d["baseline_engine_version"], DriftStats.from_dict(d["drift"]), d["drift_judged"])
 
     @classmethod
     def raised(cls, scenario: Scenario, error: Exception, seconds: float) -> ScenarioResult:
@@ -161,6 +170,14 @@ def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRu
     return failures
 
 
+def kernel_pair(scenario: Scenario) -> KernelPair:
+    """Whether the scenario's two sides run other kernels: transformers', another target's, inductor's (modes compile
+    and tree), or the other reduction order of several ranks."""
+    engine = scenario.engine
+    across = scenario.baseline != "eager" or engine.mode in ("compile", "tree") or engine.world_size > 1
+    return "across_kernels" if across else "same_kernels"
+
+
 @dataclass
 class _Case:
     """One scenario as the judge works through it."""
@@ -168,6 +185,7 @@ class _Case:
     scenario: Scenario
     checkpoint: Path
     requests: list[Request]
+    pair: KernelPair
     tolerance: Tolerance
     phases: Phases = field(default_factory=Phases)
     started: float = field(default_factory=time.perf_counter)
@@ -177,9 +195,10 @@ class _Case:
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.scenario.engine.dtype)
 
-    def result(self, verdicts: list[Verdict], run: TargetRun, failures: list[str], forced: int = 0) -> ScenarioResult:
+    def result(self, verdicts: list[Verdict], run: TargetRun, failures: list[str], forced: int = 0,
+               drift: DriftStats = NOTHING_COMPARED, drift_judged: str = NOT_JUDGED) -> ScenarioResult:
         return ScenarioResult(self.scenario, verdicts, run, time.perf_counter() - self.started, failures, forced,
-                              self.phases, self.baseline_version)
+                              self.phases, self.baseline_version, drift, drift_judged)
 
 
 class EngineFailed(Exception):
@@ -191,16 +210,18 @@ class Judge:
     targets keep between runs."""
 
     def __init__(self, target: Target, progress: Callable[[str], None] = lambda line: None,
-                 min_coverage: float | None = None, against: Sequence[Target] = ()) -> None:
+                 min_coverage: float | None = None, against: Sequence[Target] = (),
+                 drift_baseline: DriftBaseline | None = None) -> None:
         self.target = target
         self.against = {t.name: t for t in against}  # targets whose eager runs are baselines, by name (`--against`)
         self.progress = progress
         self.min_coverage = MIN_COVERAGE if min_coverage is None else min_coverage
+        self.drift_baseline = drift_baseline
         self._eager_runs: dict[tuple, TargetRun] = {}
 
     def run(self, scenario: Scenario) -> ScenarioResult:
         """Judge `scenario`: the baseline, the run under test, transformers' score where it is the baseline, the
-        comparison, and the comparison carried past near-ties."""
+        comparison carried past near-ties, and the drift over every compared step."""
         case = self.prepare(scenario)
         try:
             baseline = self.baseline(case)
@@ -210,7 +231,9 @@ class Judge:
         except EngineFailed as failure:
             return case.result([], TargetRun([]), [str(failure)])
         verdicts = [length_problems(case.requests, run.generations).get(v.rid, v) for v in verdicts]
-        return case.result(verdicts, run, scenario_failures(scenario, verdicts, run, self.min_coverage), forced)
+        drift, drift_judged, drift_failures = self.judge_drift(case, verdicts)
+        return case.result(verdicts, run, scenario_failures(scenario, verdicts, run, self.min_coverage) + drift_failures,
+                           forced, drift, drift_judged)
 
     def prepare(self, scenario: Scenario) -> _Case:
         """The scenario's checkpoint, requests and tolerance."""
@@ -218,12 +241,10 @@ class Judge:
         self.target.validate(scenario, checkpoint)
         requests = make_requests(scenario.workload, read_config(checkpoint).vocab_size, scenario.max_new_tokens,
                                  scenario.seed)
-        engine = scenario.engine
-        # Other kernels (transformers, another target), or the other reduction order of several ranks: float noise,
-        # bounded per dtype. Modes compile and tree run inductor's kernels.
-        across_kernels = scenario.baseline != "eager" or engine.mode in ("compile", "tree") or engine.world_size > 1
-        return _Case(scenario, checkpoint, requests, Tolerance.for_pair(getattr(torch, engine.dtype), self.target.device,
-                                                                        across_kernels))
+        # Other kernels: float noise, bounded per dtype.
+        pair = kernel_pair(scenario)
+        return _Case(scenario, checkpoint, requests, pair, Tolerance.for_pair(
+            getattr(torch, scenario.engine.dtype), self.target.device, pair == "across_kernels"))
 
     def baseline(self, case: _Case) -> list[Generation] | None:
         """The baseline target's eager run (made once, shared by scenarios); None where transformers is the baseline."""
@@ -277,6 +298,19 @@ class Judge:
             for segment in new:
                 segments.setdefault(segment.baseline.rid, []).append(segment)
         return verdicts, len(segments)
+
+    def judge_drift(self, case: _Case, verdicts: list[Verdict]) -> tuple[DriftStats, str, list[str]]:
+        """The drift statistics over every compared step, judged as a distribution against the noise profile of correct
+        runs on the same target, device, dtype and kernel pair, and against the figure stored for the scenario
+        (--drift-baseline): the statistics, how they were judged, and the failures."""
+        drift = DriftStats.of([step for v in verdicts for step in v.drift])
+        key = (self.target.name, self.target.device, case.scenario.engine.dtype, case.pair)
+        judged, failures = judge_drift(drift, noise_profile(*key), where=profile_key(*key))
+        if self.drift_baseline is not None:
+            against, grew = self.drift_baseline.judge(case.scenario, self.target.device, self.target.name,
+                                                      this_machine(self.target.device), drift)
+            judged, failures = f"{judged}; {against}", failures + grew
+        return drift, judged, failures
 
     def rerun_test(self, case: _Case, requests: list[Request], forced: bool) -> list[Generation]:
         """The test run again: every request, some `forced` in its loop (the scenario's schedule), or continuations

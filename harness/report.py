@@ -1,16 +1,20 @@
 """Readable check reports: a console table, a JSON document and JUnit XML, the files written as scenarios end."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from harness.inputs.scenarios import Scenario
 from harness.judge import PHASES, ScenarioResult
 from harness.stops import signals_deferred
 from harness.verdicts.compare import Verdict, coverage
+from harness.verdicts.drift_baseline import DriftBaseline, StoredDrift, this_machine
 
 
 def table(results: list[ScenarioResult]) -> str:
@@ -33,6 +37,8 @@ def table(results: list[ScenarioResult]) -> str:
         )
         for failure in r.failures[:3]:
             lines.append(f"    ! {failure}")
+        if r.drift.steps:
+            lines.append(f"    drift: {r.drift.summary()}; {r.drift_judged}")
         if d["near_ties"] or d["router_near_ties"] or r.forced_requests:
             lines.append(f"    ~ near-ties: {d['near_ties']} of tokens, {d['router_near_ties']} of routing; "
                          f"{r.forced_requests} request(s) re-run forced past them")
@@ -145,16 +151,30 @@ def divergence_line(v: Verdict) -> str:
 @dataclass
 class CheckReports:
     """The check's `--json` and `--junit` files, rewritten atomically after every scenario, so that each holds every
-    finished scenario at any moment, and says whether the run is complete and, if not, why."""
+    finished scenario at any moment, and says whether the run is complete and, if not, why; and `--drift-record`'s,
+    to which each scenario that passed adds its drift statistics."""
 
     json: Path | None
     junit: Path | None
+    drift_record: Path | None = None  # --drift-record: the drift of each scenario that passed is stored there
 
     def write(self, result: CheckResult) -> None:
         if self.json:
             _replace(self.json, result.to_json().encode())
         if self.junit:
             _replace(self.junit, result.to_junit())
+        if self.drift_record:
+            _replace(self.drift_record, DriftBaseline.load(self.drift_record).merged(drift_figures(result)))
+
+
+def drift_figures(result: CheckResult) -> list[StoredDrift]:
+    """The drift of each scenario that passed, stamped with the torch that ran it and the date."""
+    meta = result.meta
+    stamp = {"torch": torch.__version__, "date": datetime.date.today().isoformat(),
+             **{k: v for k, v in meta.get("environment", {}).items() if k in ("torch_npu", "cann")}}
+    machine = this_machine(meta["device"])
+    return [StoredDrift(r.scenario, meta["device"], meta["target"], machine, r.drift, stamp)
+            for r in result.scenarios if r.passed and r.drift.steps]
 
 
 def _replace(path: Path, content: bytes) -> None:

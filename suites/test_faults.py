@@ -4,7 +4,9 @@ suites/test_precision.py).
 
 A fault late in a sequence strikes requests that met a near-tie earlier: in bfloat16 most of them do, so
 it is caught only because the comparison continues past near-ties, in a re-run forced with the
-baseline's tokens, compiled mode (other kernels, so near-ties) included.
+baseline's tokens, compiled mode (other kernels, so near-ties) included. A fault that keeps every step
+within compiled bfloat16's per-step tolerance fails as systematic drift, its statistics over the scenario
+judged against the noise profile of correct runs, on checkpoints that profile was not measured on.
 
 Stale lengths have two forms: a host list that `update()` did not refresh where attention reads host
 lists (npu, cpu), and a device `seq_lens` that was not refreshed where it reads those (cuda). A replay
@@ -18,6 +20,7 @@ import pytest
 
 from harness.cli import main
 from harness.exits import EXIT_USAGE
+from harness.inputs.checkpoints import ensure_checkpoint
 from harness.inputs.scenarios import Scenario
 from harness.inputs.workloads import make_requests
 from reference_runner.attention import default_dtype
@@ -32,6 +35,7 @@ from suites.faults import (
     LATE_FROM_POSITION,
     NOT_INTERCEPTED,
     PADDED_ROWS_UNMASKED,
+    RUNNER_UP_LIFTED_EVERY_STEP,
 )
 
 SCENARIO = Scenario(model="llama", baseline="eager", engine=EngineArgs(mode="graph"), workload="mixed", max_new_tokens=32)
@@ -139,3 +143,37 @@ def test_a_fault_late_in_the_sequence_is_caught_in_bfloat16(check, monkeypatch, 
     prompt_lens = {r.rid: len(r.prompt_ids) for r in make_requests("mixed", 512, SCENARIO.max_new_tokens)}
     # Caught where it strikes: at a step whose forward fed a position of the fourth block.
     assert all(prompt_lens[v.rid] + v.step - 1 >= LATE_FROM_POSITION for v in mismatches)
+
+
+# Checkpoints the noise profiles were not measured on: a built-in's config with a vocabulary of 640, not 512, so that
+# every weight drawn after the embedding differs from the built-in's, at the built-ins' scale.
+HELD_OUT = {"moe": "qwen2_moe", "dense": "llama"}
+COMPILED_BFLOAT16 = EngineArgs(mode="compile", dtype="bfloat16")
+
+
+def held_out(kind: str) -> Scenario:
+    checkpoint = ensure_checkpoint(HELD_OUT[kind], vocab_size=640)
+    return Scenario(model=str(checkpoint), baseline="eager", engine=COMPILED_BFLOAT16)
+
+
+@pytest.mark.parametrize("kind", HELD_OUT)
+def test_correct_compiled_bfloat16_passes_a_held_out_checkpoint_within_its_noise_profile(check, kind):
+    result = check(held_out(kind))
+    assert result.failures == []
+    assert result.drift_judged == "within the noise profile reference/cpu/bfloat16/across_kernels"
+
+
+def test_a_runner_up_lifted_by_1_at_every_step_fails_as_systematic_drift_though_every_step_passes(check, monkeypatch):
+    RUNNER_UP_LIFTED_EVERY_STEP.inject(monkeypatch)
+    result = check(held_out("dense"))
+    assert {v.status for v in result.verdicts} <= {"match", "tie"}
+    assert result.coverage == 1.0
+    assert result.failures and all(f.startswith("systematic drift: ") for f in result.failures)
+
+
+def test_a_runner_up_lifted_by_3_late_in_the_sequence_fails_as_systematic_drift(check, monkeypatch):
+    # A step whose margin lies between the tie margin (1.5) and the lift (3.0) is a mismatch too, where one is struck:
+    # the drift statistics fail the scenario whether or not one is.
+    LATE_FAULTS["fourth_block_runner_up_boosted"].inject(monkeypatch)
+    result = check(held_out("moe"))
+    assert any(f.startswith("systematic drift: ") for f in result.failures)

@@ -25,6 +25,9 @@ from harness.bench.results import (
     speedups,
 )
 from harness.exits import UsageError
+from harness.inputs.scenarios import Scenario
+from harness.verdicts.drift import LABELS, DriftStats
+from harness.verdicts.drift_baseline import DRIFT_GROWTH, DriftBaseline, growth_limit
 from reference_runner.engine.args import MODES
 
 BENCH_MODES = (*MODES, "hf")  # hf: Hugging Face generate, the peer of the loop benchmark
@@ -185,6 +188,88 @@ def render_chart(results: list[BenchResult], baseline: list[BenchResult], path: 
     plt.close(fig)
 
 
+# --- precision drift: each check scenario's drift statistics against the figures stored for it ---------------
+
+DRIFT_PLOTTED = ("mean_abs_diff", "mean_kl", "flip_rate")
+
+
+def drift_rows(check: dict, stored: DriftBaseline | None) -> list[tuple[str, DriftStats, DriftStats | None]]:
+    """Per check scenario with compared steps: its name, drift and the figure stored for it (None: none stored)."""
+    rows = []
+    for s in check.get("scenarios", []):
+        if not s.get("drift", {}).get("steps"):
+            continue
+        record = stored.stored(Scenario.from_dict(s), check.get("device"), check.get("target"),
+                               check.get("machine")) if stored else None
+        rows.append((f"{s['name']} {s['dtype']}", DriftStats.from_dict(s["drift"]), record.drift if record else None))
+    return rows
+
+
+def drift_section(rows: list[tuple[str, DriftStats, DriftStats | None]], stored: DriftBaseline | None) -> list[str]:
+    """The drift of each scenario, with its stored figure and the limit the figure sets (`check --drift-baseline`)."""
+    if not rows:
+        return []
+    source = f"the figures stored in `{stored.path}`" if stored else "no stored figures (`check --drift-record`)"
+    lines = ["## Precision drift", "",
+             f"Over each scenario's compared steps, against {source}; *limit*: the most `check --drift-baseline` "
+             "allows. Statistics: README, \"Drift statistics\".", "",
+             "| scenario | steps | " + " | ".join(_cell(LABELS[n]) for n in DRIFT_PLOTTED) + " | top-1 agreement | grew |",
+             "|---|---:|" + "---:|" * len(DRIFT_PLOTTED) + "---:|---|"]
+    for name, drift, figure in rows:
+        cells = [f"{drift.statistic(n):.3g}" + (f" (stored {figure.statistic(n):.3g}, limit "
+                                                  f"{growth_limit(n, figure, drift.steps):.3g})" if figure else "")
+                 for n in DRIFT_PLOTTED]
+        grew = "-" if figure is None else ", ".join(
+            _cell(LABELS[n]) for n in DRIFT_PLOTTED if drift.statistic(n) > growth_limit(n, figure, drift.steps)) or "no"
+        lines.append(f"| {name} | {drift.steps} | {' | '.join(cells)} | {drift.top1_agreement:.1%} | {grew} |")
+    return [*lines, ""]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a bar would end the table cell
+
+
+def render_drift_chart(rows: list[tuple[str, DriftStats, DriftStats | None]], path: Path) -> None:
+    """Per scenario, a bar per plotted statistic (log scale; red where it grew beyond the limit its stored figure
+    sets), a black tick at the stored figure and a dashed one at the limit; exact drift (0) is written, not drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(DRIFT_PLOTTED), figsize=(4 + 4 * len(DRIFT_PLOTTED), max(3.0, 1.2 + 0.3 * len(rows))),
+                             squeeze=False, sharey=True, layout="constrained")
+    for ax, statistic in zip(axes[0], DRIFT_PLOTTED):
+        drawn = [d.statistic(statistic) for _, d, _ in rows] + [f.statistic(statistic) for *_, f in rows if f]
+        floor = min([v for v in drawn if v > 0], default=1e-6) / 3
+        for y, (_, drift, figure) in enumerate(rows):
+            value, limit = drift.statistic(statistic), growth_limit(statistic, figure, drift.steps) if figure else None
+            if value > 0:
+                grew = limit is not None and value > limit
+                ax.barh(y, value - floor, left=floor, color="#d62728" if grew else "#1f77b4")
+            else:
+                ax.text(floor, y, " 0 (exact)", va="center", fontsize=7)
+            if figure is not None and figure.statistic(statistic) > 0:
+                ax.vlines(figure.statistic(statistic), y - 0.4, y + 0.4, colors="black", linewidth=2)
+                ax.vlines(limit, y - 0.4, y + 0.4, colors="black", linewidth=1, linestyles="dashed")
+        ax.set_xscale("log")
+        ax.set_title(LABELS[statistic], fontsize=9)
+        ax.grid(axis="x", which="both", alpha=0.25)
+    axes[0][0].set_yticks(range(len(rows)), [name for name, *_ in rows], fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("Drift per scenario over its compared steps: black tick the stored figure, dashed the most "
+                 f"--drift-baseline allows ({DRIFT_GROWTH:g}x); red bars grew beyond it", fontsize=10)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def default_drift_baseline(check: dict) -> Path | None:
+    """`baselines/drift-<device>.json` for the device the check ran on, where it exists."""
+    path = BASELINES / f"drift-{check.get('device', 'cpu')}.json"
+    return path if path.is_file() else None
+
+
 def load_check(path: Path) -> dict:
     """The document `npugraph-harness check --json` wrote: `passed` and a list of scenario objects."""
     check = json.loads(Path(path).read_text())
@@ -226,10 +311,19 @@ def report(args: argparse.Namespace) -> int:
         sources["check"] = str(check_file)
     out = args.out or folder
     out.mkdir(parents=True, exist_ok=True)
+    drift_file = (args.drift_baseline or default_drift_baseline(check)) if check is not None else None
+    drift_stored = _load(drift_file, "a drift baseline", DriftBaseline.load) if drift_file else None
+    if drift_file:
+        sources["drift baseline"] = str(drift_file)
+    drift = drift_rows(check, drift_stored) if check is not None else []
     (out / "summary.md").write_text(render_markdown(results, machine_info, baseline, stored, args.tolerance, check, sources,
-                                                       cost_ratios))
+                                                       cost_ratios) + "\n".join(drift_section(drift, drift_stored)))
     render_chart(results, baseline, out / "bench.png")
-    print(f"wrote {out / 'summary.md'} and {out / 'bench.png'}")
+    written = [out / "summary.md", out / "bench.png"]
+    if drift:
+        render_drift_chart(drift, out / "drift.png")
+        written.append(out / "drift.png")
+    print(f"wrote {', '.join(map(str, written[:-1]))} and {written[-1]}")
     gate_ok = all(c.passed for c in ratio_gate(speedups(results), stored, args.tolerance))
     costs_ok = all(c.met for c in cost_ratios)
     return 0 if gate_ok and costs_ok and (check is None or check.get("passed")) else 1

@@ -26,9 +26,10 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from harness.verdicts.drift import StepDrift, step_drift
 from harness.verdicts.routing import RoutingTie
 from harness.verdicts.tolerances import Tolerance
 from reference_runner.records import Generation, Request
@@ -60,11 +61,17 @@ class Verdict:
     # a test that does not report it).
     resume_from: int | None = None
     force_from: int | None = None
-    continued_by: list[str] = dataclasses.field(default_factory=list)  # the methods of the segments it went through
+    continued_by: list[str] = field(default_factory=list)  # the methods of the segments it went through
+    # Per compared step, in order: what the scenario's drift statistics pool (not part of the verdict's record).
+    drift: list[StepDrift] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def passed(self) -> bool:
         return self.status != "mismatch"
+
+    def as_dict(self) -> dict:
+        """The verdict's record, its per-step drift aside (a scenario keeps their statistics)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "drift"}
 
 
 METHODS = ("in_loop", "continuation")  # how a segment was recomputed (`Target.forcing`)
@@ -186,6 +193,7 @@ class _Walk:
         self.routing_tie = routing_tie
         self.compared = self.ties = self.router_ties = 0
         self.max_diff = self.step_diff = 0.0
+        self.drift: list[StepDrift] = []
         self.first_tie: Verdict | None = None
         self.last_tie: Verdict | None = None
         self.methods: list[str] = []  # of the segments walked through
@@ -209,6 +217,8 @@ class _Walk:
             if end is not None:
                 return end
             self.compared += 1
+            self.drift.append(step_drift(self.baseline.top_logprobs[step], test.top_logprobs[step],
+                                         _choice(self.baseline, step), _choice(test, step)))
             baseline_token, test_token = self.baseline.output_ids[step], test.output_ids[step]
             if baseline_token != test_token:
                 if self.last_tie is None or self.last_tie.step != step:
@@ -312,7 +322,7 @@ class _Walk:
                               f"{self.max_diff:.3g}")
         return dataclasses.replace(verdict, compared=self.compared, generated=generated, ties=self.ties,
                                    router_ties=self.router_ties, max_logprob_diff=self.max_diff,
-                                   continued_by=list(self.methods))
+                                   continued_by=list(self.methods), drift=self.drift)
 
 
 def _record_problem(baseline: Generation, test: Generation) -> str | None:

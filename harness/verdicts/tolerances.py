@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+# What the two sides of a comparison compute with: the same kernels (graph replay against eager), or other ones
+# (eager against transformers, inductor's compiled step against eager, several ranks' reduction order against one).
+KernelPair = Literal["same_kernels", "across_kernels"]
 
 
 @dataclass(frozen=True)
