@@ -62,8 +62,10 @@ _SAME_KERNELS: dict[str, dict[torch.dtype, Tolerance]] = {
 # Different kernels: eager against transformers (scored on the engine's tokens), inductor-compiled against
 # eager. Measured with the continuation past near-ties (every step compared), built-in checkpoints x
 # workloads mixed, join_leave and batch8, seed 0 (and seed 1 for llama), held out: seeds 2 and 3:
-# - float16: logprobs differ by up to 0.14, tokens flip at margins up to 0.055, and routing differs only
-#   where both sides' router gaps are below 0.003.
+# - float16: eager against transformers: logprobs differ by up to 0.14, tokens flip at margins up to 0.055, and
+#   routing differs only where both sides' router gaps are below 0.003; compiled against eager (the noise profiles'
+#   calibration, 2026-12-07: built-ins x seeds 0-3, 32 and 64 tokens) by up to 0.31 (llama_hd32), flipping at
+#   margins up to 0.148 (mixtral): inductor's float32 intermediates, bfloat16's 1.9 on a grid 8x finer.
 # - bfloat16: eager against transformers differ by up to 0.86 and flip at margins up to 0.25;
 #   compiled against eager, which keeps more intermediates in float32, by up to 1.9 (a single step of
 #   Mixtral; 1.5 in Llama, where float32 puts the token eager bfloat16 rounds 1.3 down at -1.13 and
@@ -75,6 +77,6 @@ _SAME_KERNELS: dict[str, dict[torch.dtype, Tolerance]] = {
 # The float16 and bfloat16 values below leave about 1.5x headroom over the largest of each.
 _ACROSS_KERNELS: dict[torch.dtype, Tolerance] = {
     torch.float32: Tolerance(logprob_atol=1e-3, tie_margin=1e-2, router_gap=1e-3),
-    torch.float16: Tolerance(logprob_atol=0.2, tie_margin=0.1, router_gap=0.05),
+    torch.float16: Tolerance(logprob_atol=0.45, tie_margin=0.25, router_gap=0.05),
     torch.bfloat16: Tolerance(logprob_atol=3.0, tie_margin=1.5, router_gap=0.65),
 }
