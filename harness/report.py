@@ -38,7 +38,7 @@ def table(results: list[ScenarioResult]) -> str:
         for failure in r.failures[:3]:
             lines.append(f"    ! {failure}")
         if r.drift.steps:
-            lines.append(f"    drift: {r.drift.summary()}; {r.drift_judged}")
+            lines += [f"    drift: {r.drift.summary()}", f"    drift {r.drift_judged}"]
         if d["near_ties"] or d["router_near_ties"] or r.forced_requests:
             lines.append(f"    ~ near-ties: {d['near_ties']} of tokens, {d['router_near_ties']} of routing; "
                          f"{r.forced_requests} request(s) re-run forced past them")
