@@ -174,7 +174,8 @@ def test_report_lists_each_time_to_verdict_ratio_against_its_limit(tmp_path, sto
 def test_report_without_results_exits_2_with_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"npugraph-harness: error: no benchmark results at {tmp_path / 'bench.json'} (write them with --benchmark-json)")
+        f"npugraph-harness: error: no benchmark results at {tmp_path / 'bench.json'} "
+        f"(write them with `npugraph-harness bench --json {tmp_path / 'bench.json'}`)")
 
 
 @pytest.mark.parametrize(("device", "fails_on_times"), [("cpu", False), ("cuda", True), ("npu", True)])
