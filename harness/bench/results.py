@@ -104,14 +104,6 @@ def ratios_path(device: str) -> Path:
     return BASELINES / f"ratios-{device}.json"
 
 
-def save_ratios(path: Path, ratios: dict[str, float], machine: dict) -> None:
-    """Store the gated speed-ups of one run (the stored keys are what the gate checks), with the machine."""
-    gated = {k: round(v, 3) for k, v in sorted(ratios.items())
-             if k.split("/")[1] in GATED_KINDS and k.split("/")[3] in GATED_MODES}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"machine": machine, "speedups": gated}, indent=2) + "\n")
-
-
 def load_ratios(path: Path) -> dict[str, float]:
     return json.loads(Path(path).read_text())["speedups"]
 
