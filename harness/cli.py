@@ -2,7 +2,8 @@
 
 Parsing imports nothing heavy: each command's module (and torch with it) is imported only once its
 options have parsed, so `--help` and bad options answer at once. Every bad input is one line on stderr
-and exit 2; Ctrl-C (SIGINT) and SIGTERM stop a command cleanly, with one line and exit 130 or 143.
+and exit 2; Ctrl-C (SIGINT) and SIGTERM stop a command cleanly, with one line and exit 130 or 143 (`stops.py`).
+Whatever the exit, the command returns only once every process it started is gone.
 """
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import sys
 from pathlib import Path
 
 from harness.bench.results import DEFAULT_TOLERANCE
-from harness.exits import EXIT_PASS, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, Terminated, UsageError, sigterm_raises
-from harness.targets import TARGETS
+from harness.exits import EXIT_PASS, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, Terminated, UsageError, stop_reason
+from harness.stops import raise_if_stopped, stop_signals
+from harness.targets import ENTRY_POINT_GROUP, TARGETS
 from harness.targets.base import MIN_COVERAGE
+from harness.targets.subprocesses import descendants_ended
 from reference_runner.engine.args import MODES, EngineArgs, csv_items
 
 DEFAULT_MODELS = "llama,qwen2_moe"  # one dense, one MoE
+STOP_STATUS = {UsageError: EXIT_USAGE, KeyboardInterrupt: EXIT_SIGINT, Terminated: EXIT_SIGTERM}
 COMMANDS = {"check": "harness.check:check", "bench": "harness.bench.run:bench", "report": "harness.bench.report:report"}
 
 
@@ -28,28 +32,40 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def add_check_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `check`: the command line's, and the keyword arguments of `npugraph_harness.check`."""
+    parser.add_argument("--model", type=csv_items, default=csv_items(DEFAULT_MODELS),
+                        help="built-in names (llama, qwen2, qwen2_moe, mixtral, llama_kv1, llama_hd32, qwen3, qwen3_moe), the "
+                             "real model smollm2, or checkpoint dirs, "
+                             f"comma-separated (default: {DEFAULT_MODELS})")
+    parser.add_argument("--modes", type=csv_items, default=["eager", "graph"], help=f"comma-separated of {', '.join(MODES)}")
+    parser.add_argument("--device", default=None, help="cpu, cuda or npu (default: detected)")
+    parser.add_argument("--target", default="reference",
+                        help=f"engine under test: {', '.join(TARGETS)}, or one an installed package registers (entry-point "
+                             f"group {ENTRY_POINT_GROUP})")
+    parser.add_argument("--against", type=csv_items, default=None, metavar="TARGETS",
+                        help="judge every mode against each of these other targets' eager runs (same checkpoint and "
+                             "token ids, the tolerance for different kernels) instead of transformers and the target's "
+                             f"own eager run; comma-separated of {', '.join(TARGETS)}")
+    parser.add_argument("--workload", default="mixed", help="request mix (mixed, join_leave, skewed, batch1, batch3, ...)")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="tokens decoded per request (before per-request offsets)")
+    parser.add_argument("--json", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
+    parser.add_argument("--resume", type=Path, default=None, metavar="FILE",
+                        help="take the scenarios that check report FILE (--json) holds as finished with the same options "
+                             "and checkpoints from there, and run the rest")
+    parser.add_argument("--min-coverage", type=float, default=None,
+                        help=f"share of generated tokens a scenario must compare to pass, 0..1 (default: {MIN_COVERAGE:g})")
+    EngineArgs.add_cli_args(parser, exclude=("mode",))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="npugraph-harness", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="graph vs eager (and eager vs transformers) token by token")
-    check.add_argument("--model", type=csv_items, default=csv_items(DEFAULT_MODELS),
-                       help="built-in names (llama, qwen2, qwen2_moe, mixtral, llama_kv1, llama_hd32, qwen3, qwen3_moe), the "
-                            "real model smollm2, or checkpoint dirs, "
-                            f"comma-separated (default: {DEFAULT_MODELS})")
-    check.add_argument("--modes", type=csv_items, default=["eager", "graph"], help=f"comma-separated of {', '.join(MODES)}")
-    check.add_argument("--device", default=None, help="cpu, cuda or npu (default: detected)")
-    check.add_argument("--target", default="reference", help=f"engine under test: {', '.join(TARGETS)}")
-    check.add_argument("--workload", default="mixed", help="request mix (mixed, join_leave, skewed, batch1, batch3, ...)")
-    check.add_argument("--max-new-tokens", type=int, default=32,
-                       help="tokens decoded per request (before per-request offsets)")
-    check.add_argument("--json", type=Path, default=None, help="write the JSON report here")
-    check.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
-    check.add_argument("--min-coverage", type=float, default=None,
-                       help=f"share of generated tokens a scenario must compare to pass, 0..1 (default: "
-                            f"{MIN_COVERAGE[True]:g}, or {MIN_COVERAGE[False]:g} for a target that cannot force "
-                            "tokens: sglang, vllm)")
-    EngineArgs.add_cli_args(check, exclude=("mode",))
+    add_check_options(check)
 
     bench = sub.add_parser("bench", help="decode throughput benchmarks (pytest-benchmark), gated against baselines/",
                            description="Runs suites/bench and gates it with the baselines stored for this machine "
@@ -74,22 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `npugraph-harness` and `python -m harness`; returns the exit status."""
-    with sigterm_raises():
+    """Entry point of `npugraph-harness` and `python -m harness`; returns the exit status once every process the
+    command started is gone."""
+    with stop_signals():
         try:
-            args = build_parser().parse_args(argv)
-            module, name = COMMANDS[args.command].split(":")
-            return getattr(importlib.import_module(module), name)(args)
+            with descendants_ended():
+                args = build_parser().parse_args(argv)
+                module, name = COMMANDS[args.command].split(":")
+                status = getattr(importlib.import_module(module), name)(args)
+            raise_if_stopped()  # a stop that something swallowed on its way up still stops the command
+            return status
         except SystemExit as exit_:  # --help
             return EXIT_USAGE if exit_.code else EXIT_PASS
-        except UsageError as error:
-            return _stop(f"error: {error}", EXIT_USAGE)
-        except KeyboardInterrupt:
-            return _stop("stopped by SIGINT (Ctrl-C)", EXIT_SIGINT)
-        except Terminated:
-            return _stop("stopped by SIGTERM", EXIT_SIGTERM)
-
-
-def _stop(line: str, status: int) -> int:
-    print(f"npugraph-harness: {line}", file=sys.stderr)
-    return status
+        except (UsageError, KeyboardInterrupt, Terminated) as error:
+            print(f"npugraph-harness: {stop_reason(error)}", file=sys.stderr)
+            return next(status for kind, status in STOP_STATUS.items() if isinstance(error, kind))

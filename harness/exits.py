@@ -1,15 +1,7 @@
-"""The command line's exit statuses, the error that maps to exit 2, and SIGTERM as an exception.
-
-SIGINT raises `KeyboardInterrupt` and, inside `sigterm_raises`, SIGTERM raises `Terminated`: both unwind
-the run, so every `finally` on the way out (rank process groups killed, scratch directories removed)
-runs before the command exits 130 or 143 with one line.
-"""
+"""The command line's exit statuses, the error that maps to exit 2, and SIGTERM's exception (`stops.py` raises it)."""
 from __future__ import annotations
 
-import contextlib
 import signal
-import threading
-from collections.abc import Iterator
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 # 128 + the signal number: what a shell reports for a process killed by that signal.
@@ -24,19 +16,13 @@ class Terminated(BaseException):
     """SIGTERM arrived (a BaseException, like KeyboardInterrupt: no `except Exception` may swallow it)."""
 
 
-@contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Within: SIGTERM raises `Terminated` in the main thread. Off the main thread (where Python cannot set a
-    handler) nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_terminated(signum: int, frame: object) -> None:
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def stop_reason(error: BaseException) -> str:
+    """Why a command ended early, as its last line says it: `stopped by SIGTERM`, `error: ...` (a bad input or an
+    unusable setup), `internal error: TypeError: ...`."""
+    if isinstance(error, KeyboardInterrupt):
+        return "stopped by SIGINT (Ctrl-C)"
+    if isinstance(error, Terminated):
+        return "stopped by SIGTERM"
+    if isinstance(error, UsageError):
+        return f"error: {error}"
+    return f"internal error: {type(error).__name__}: {error}"

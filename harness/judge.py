@@ -1,31 +1,33 @@
 """Run scenarios on a target and judge each one: token verdicts, how much they compared, and the graph-mode
 sanity rules.
 
-Past a near-tie the free-running test no longer sees the baseline's inputs. A target that can force
-tokens is then run once more, every request of the scenario in one run (so the schedule is the same),
-those that stopped at a near-tie fed the baseline's tokens from there on and, on MoE models, computing
-with the baseline's experts: the comparison continues to their last step (`verdicts/compare.py`).
+Past a near-tie the free-running test no longer sees the baseline's inputs: the steps from there are recomputed
+from the baseline's inputs, forced in the target's loop or continued on both sides (`forcing.py`), and the
+comparison goes on to every request's last step (`verdicts/compare.py`).
 
 The target's eager run on one rank is made once per model, workload, length, seed and engine options, and
-serves both as the `eager` scenario's run and as the baseline of every other mode.
+serves both as the `eager` scenario's run and as the baseline of every other mode. With another target to judge
+against (`--against`), that target's eager run, made once likewise, is the baseline of the scenarios named after it.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from harness.forcing import Sides, next_segments
 from harness.inputs.checkpoints import ensure_checkpoint
 from harness.inputs.oracle import oracle_score
 from harness.inputs.scenarios import Scenario
 from harness.inputs.workloads import make_requests
-from harness.targets.base import Target, TargetRun, TargetUnavailable, default_min_coverage
+from harness.targets.base import MIN_COVERAGE, Target, TargetRun, TargetUnavailable
 from harness.verdicts import routing
-from harness.verdicts.compare import Verdict, compare_generations, coverage, length_problems, summarize
+from harness.verdicts.compare import Segment, Verdict, compare_generations, coverage, length_problems, summarize
 from harness.verdicts.routing import RoutingTie, first_routing_tie
 from harness.verdicts.tolerances import Tolerance
 from reference_runner.device import DeviceUnavailable
@@ -63,6 +65,10 @@ class Phases:
         return {"phase_seconds": {p: round(self.seconds[p], 2) for p in PHASES if p in self.seconds}, "reused": self.reused}
 
 
+# The TargetRun fields a scenario's JSON keeps: all but the records and the capture time (a phase).
+RUN_STATS = ("engine_version", "graph_steps", "counts_graph_steps", "eager_steps", "prefill_graph_steps",
+             "prefill_eager_steps", "fallback_reasons", "graph_memory")
+
 # In the order they run: the eager baseline, the capture (or compile) of the target's graphs, the target's
 # run without it, transformers scoring the run, the forced re-run past near-ties, and the comparison.
 PHASES = ("baseline", "capture", "run", "oracle", "forced_rerun", "compare")
@@ -77,8 +83,9 @@ class ScenarioResult:
     run: TargetRun
     seconds: float
     failures: list[str] = field(default_factory=list)
-    forced_requests: int = 0  # requests re-run with the baseline's tokens forced past a near-tie
+    forced_requests: int = 0  # requests compared past a near-tie (forced in the loop, or continued)
     phases: Phases = field(default_factory=Phases)
+    baseline_version: str = ""  # the engine whose eager run was the baseline; "" for transformers
 
     @property
     def passed(self) -> bool:
@@ -101,6 +108,7 @@ class ScenarioResult:
         return {
             **self.scenario.as_dict(),
             "engine_version": self.run.engine_version,
+            "baseline_engine_version": self.baseline_version,
             "passed": self.passed,
             "failures": self.failures,
             "verdicts": summarize(self.verdicts),
@@ -110,17 +118,27 @@ class ScenarioResult:
             "near_ties": sum(v.ties for v in self.verdicts),
             "router_near_ties": sum(v.router_ties for v in self.verdicts),
             "forced_requests": self.forced_requests,
-            "graph_steps": self.run.graph_steps,
-            "counts_graph_steps": self.run.counts_graph_steps,
-            "eager_steps": self.run.eager_steps,
-            "prefill_graph_steps": self.run.prefill_graph_steps,
-            "prefill_eager_steps": self.run.prefill_eager_steps,
-            "fallback_reasons": self.run.fallback_reasons,
-            "graph_memory": self.run.graph_memory,
+            **{stat: getattr(self.run, stat) for stat in RUN_STATS if stat != "engine_version"},
             "first_divergence": None if first is None else first.__dict__ | {"passed": first.passed},
             "seconds": round(self.seconds, 2),
             **self.phases.as_dict(),
+            "requests": [dataclasses.asdict(v) for v in self.verdicts],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScenarioResult:
+        """The inverse of `as_dict` (after a JSON round trip), the run's records aside: a finished scenario read
+        back from a check's JSON (`check --resume`)."""
+        run = TargetRun([], **{f: d[f] for f in RUN_STATS})
+        return cls(Scenario.from_dict(d), [Verdict(**v) for v in d["requests"]], run, d["seconds"], d["failures"],
+                   d["forced_requests"], Phases(dict(d["phase_seconds"]), list(d["reused"])),
+                   d["baseline_engine_version"])
+
+    @classmethod
+    def raised(cls, scenario: Scenario, error: Exception, seconds: float) -> ScenarioResult:
+        """A scenario that the harness itself could not finish: failed, naming the error."""
+        return cls(scenario, [], TargetRun([]), seconds, [f"internal error: {type(error).__name__}: {error}"])
+
 
 
 def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRun, min_coverage: float) -> list[str]:
@@ -144,119 +162,202 @@ def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRu
     return failures
 
 
-def forced_request(request: Request, baseline: Generation, step: int) -> Request:
-    """`request` fed the baseline's tokens from `step` on and computing with the baseline's experts (MoE)."""
-    return replace(request, forced_from=step, forced_ids=baseline.output_ids[step:],
-                   forced_experts=[position for fed in baseline.routed_experts for position in fed])
+@dataclass
+class _Case:
+    """One scenario as the judge works through it."""
+
+    scenario: Scenario
+    checkpoint: Path
+    requests: list[Request]
+    tolerance: Tolerance
+    phases: Phases = field(default_factory=Phases)
+    started: float = field(default_factory=time.perf_counter)
+    baseline_version: str = ""  # the engine whose eager run is the baseline; "" for transformers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.scenario.engine.dtype)
+
+    def result(self, verdicts: list[Verdict], run: TargetRun, failures: list[str], forced: int = 0) -> ScenarioResult:
+        return ScenarioResult(self.scenario, verdicts, run, time.perf_counter() - self.started, failures, forced,
+                              self.phases, self.baseline_version)
+
+
+class EngineFailed(Exception):
+    """An engine of the scenario (the one under test, or the baseline's) raised: the scenario fails saying so."""
 
 
 class Judge:
-    """Runs scenarios on one target, reusing the eager run that several scenarios share."""
+    """Runs scenarios on one target, reusing the eager run that several scenarios share. `close` ends the engines the
+    targets keep between runs."""
 
     def __init__(self, target: Target, progress: Callable[[str], None] = lambda line: None,
-                 min_coverage: float | None = None) -> None:
+                 min_coverage: float | None = None, against: Sequence[Target] = ()) -> None:
         self.target = target
+        self.against = {t.name: t for t in against}  # targets whose eager runs are baselines, by name (`--against`)
         self.progress = progress
-        self.min_coverage = default_min_coverage(target) if min_coverage is None else min_coverage
+        self.min_coverage = MIN_COVERAGE if min_coverage is None else min_coverage
         self._eager_runs: dict[tuple, TargetRun] = {}
 
     def run(self, scenario: Scenario) -> ScenarioResult:
-        start, phases = time.perf_counter(), Phases()
+        """Judge `scenario`: the baseline, the run under test, transformers' score where it is the baseline, the
+        comparison, and the comparison carried past near-ties."""
+        case = self.prepare(scenario)
+        try:
+            baseline = self.baseline(case)
+            run = self.run_test(case)
+            baseline = baseline or self.score(case, run.generations)
+            verdicts, forced = self.compare_past_near_ties(case, baseline, run)
+        except EngineFailed as failure:
+            return case.result([], TargetRun([]), [str(failure)])
+        verdicts = [length_problems(case.requests, run.generations).get(v.rid, v) for v in verdicts]
+        return case.result(verdicts, run, scenario_failures(scenario, verdicts, run, self.min_coverage), forced)
+
+    def prepare(self, scenario: Scenario) -> _Case:
+        """The scenario's checkpoint, requests and tolerance."""
         checkpoint = ensure_checkpoint(scenario.model)
         self.target.validate(scenario, checkpoint)
         requests = make_requests(scenario.workload, read_config(checkpoint).vocab_size, scenario.max_new_tokens,
                                  scenario.seed)
         engine = scenario.engine
+        # Other kernels (transformers, another target), or the other reduction order of several ranks: float noise,
+        # bounded per dtype. Modes compile and tree run inductor's kernels.
+        across_kernels = scenario.baseline != "eager" or engine.mode in ("compile", "tree") or engine.world_size > 1
+        return _Case(scenario, checkpoint, requests, Tolerance.for_pair(getattr(torch, engine.dtype), self.target.device,
+                                                                        across_kernels))
 
-        def result(verdicts: list[Verdict], run: TargetRun, failures: list[str], forced: int = 0) -> ScenarioResult:
-            return ScenarioResult(scenario, verdicts, run, time.perf_counter() - start, failures, forced, phases)
+    def baseline(self, case: _Case) -> list[Generation] | None:
+        """The baseline target's eager run (made once, shared by scenarios); None where transformers is the baseline."""
+        target = self.baseline_target(case.scenario)
+        if target is None:
+            return None
+        run = self.eager_run(case, "baseline", target)
+        case.baseline_version = run.engine_version
+        return run.generations
 
-        dtype = getattr(torch, engine.dtype)
-        baseline = None
-        if scenario.baseline == "eager":
-            baseline = self.eager_run(scenario, checkpoint, requests, phases, "baseline").generations
+    def run_test(self, case: _Case) -> TargetRun:
+        """The run under test (the shared eager run where the scenario is eager on one rank)."""
+        scenario = case.scenario
         self.progress(f"{scenario.name}: running {scenario.mode} on {self.target.name}")
-        is_eager_run = scenario.engine == scenario.baseline_engine() and not scenario.dp_ranks
-        run = self._run_target(scenario, checkpoint, requests, phases, "run", shared=is_eager_run)
-        if isinstance(run, str):
-            return result([], TargetRun([]), [run])
-        if baseline is None:
-            self.progress(f"{scenario.name}: scoring its tokens with transformers")
-            with phases.timing("oracle"):
-                baseline = oracle_score(checkpoint, requests, run.generations, top_k=engine.top_k, dtype=dtype)
-        # Other kernels, or the other reduction order of several ranks: float noise, bounded per dtype.
-        # Modes compile and tree run inductor's kernels.
-        across_kernels = scenario.baseline == "oracle" or engine.mode in ("compile", "tree") or engine.world_size > 1
-        tolerance = Tolerance.for_pair(dtype, self.target.device, across_kernels)
-        with phases.timing("compare"):
-            ties = self.routing_ties(scenario, checkpoint, requests, baseline, run.generations, tolerance)
-            verdicts = compare_generations(baseline, run.generations, tolerance, routing_ties=ties)
-        stopped = {v.rid: v.force_from for v in verdicts if v.force_from is not None}
-        if stopped and self.target.can_force_tokens:
-            self.progress(f"{scenario.name}: re-running with the baseline's tokens forced past the near-ties of "
-                          f"{len(stopped)} request(s)")
-            by_rid = {g.rid: g for g in baseline}
-            rerun = self._run_target(scenario, checkpoint, [
-                forced_request(r, by_rid[r.rid], stopped[r.rid]) if r.rid in stopped else r for r in requests],
-                phases, "forced_rerun")
-            if isinstance(rerun, str):
-                return result(verdicts, run, [rerun], len(stopped))
-            continuations = {g.rid: g for g in rerun.generations if g.rid in stopped}
-            with phases.timing("compare"):
-                verdicts = compare_generations(baseline, run.generations, tolerance, continuations=continuations,
-                                               routing_ties=ties)
-        wrong_length = length_problems(requests, run.generations)
-        verdicts = [wrong_length.get(v.rid, v) for v in verdicts]
-        failures = scenario_failures(scenario, verdicts, run, self.min_coverage)
-        return result(verdicts, run, failures, len(stopped) if self.target.can_force_tokens else 0)
+        if scenario.engine == scenario.baseline_engine() and not scenario.dp_ranks:
+            return self.eager_run(case, "run", self.target)
+        return self._timed_run(case, self.target, scenario, case.requests, "run")
 
-    def _run_target(self, scenario: Scenario, checkpoint: Path, requests: list[Request], phases: Phases,
-                    phase: str, shared: bool = False) -> TargetRun | str:
-        """The target's run (`shared`: the eager run on one rank that baselines reuse, `eager_run`), or why the
-        scenario failed: the engine under test crashed."""
+    def score(self, case: _Case, generations: list[Generation]) -> list[Generation]:
+        """Transformers' distributions along the test's own tokens."""
+        self.progress(f"{case.scenario.name}: scoring its tokens with transformers")
+        with case.phases.timing("oracle"):
+            return oracle_score(case.checkpoint, case.requests, generations, top_k=case.scenario.engine.top_k,
+                                dtype=case.dtype)
+
+    def compare_past_near_ties(self, case: _Case, baseline: list[Generation],
+                               run: TargetRun) -> tuple[list[Verdict], int]:
+        """The verdicts, the comparison carried past every near-tie by segments recomputed from the baseline's inputs
+        (`forcing.py`), in rounds until none stops where it can go on; and how many requests that took."""
+        segments: dict[str, list[Segment]] = {}
+        sides = Sides(case.requests, lambda requests: self.rerun_test(case, requests, forced=True),
+                      lambda requests: self.rerun_test(case, requests, forced=False),
+                      lambda requests, tests: self.continue_baseline(case, requests, tests))
+        for _ in range(case.scenario.max_new_tokens + 1):  # each round carries a stopped request a step further at least
+            baseline_now = _reached(baseline, segments, "baseline")
+            test_now = _reached(run.generations, segments, "test")
+            with case.phases.timing("compare"):
+                ties = self.routing_ties(case, list(baseline_now.values()), run.generations)
+                verdicts = compare_generations(baseline, run.generations, case.tolerance, segments=segments,
+                                               routing_ties=ties)
+            stops = [v for v in verdicts if v.resume_from is not None]
+            if not stops:
+                break
+            self.progress(f"{case.scenario.name}: {len(stops)} request(s) stopped at a near-tie: compared past it "
+                          f"({self.target.forcing.replace('_', ' ')})")
+            new = next_segments(self.target.forcing, stops, baseline_now, test_now, segments, sides)
+            if not new:
+                break
+            for segment in new:
+                segments.setdefault(segment.baseline.rid, []).append(segment)
+        return verdicts, len(segments)
+
+    def rerun_test(self, case: _Case, requests: list[Request], forced: bool) -> list[Generation]:
+        """The test run again: every request, some `forced` in its loop (the scenario's schedule), or continuations
+        (their DP ranks round robin)."""
+        scenario = case.scenario if forced else replace(case.scenario, dp_ranks=None)
+        return self._timed_run(case, self.target, scenario, requests, "forced_rerun").generations
+
+    def continue_baseline(self, case: _Case, requests: list[Request], tests: list[Generation]) -> list[Generation]:
+        """The baseline's continuations of `requests`: its target run on them, or transformers scoring the test's."""
+        target = self.baseline_target(case.scenario)
+        if target is None:
+            with case.phases.timing("forced_rerun"):
+                return oracle_score(case.checkpoint, requests, tests, top_k=case.scenario.engine.top_k, dtype=case.dtype)
+        eager = replace(case.scenario, engine=case.scenario.baseline_engine(), dp_ranks=None)
+        return self._timed_run(case, target, eager, requests, "forced_rerun").generations
+
+    def _timed_run(self, case: _Case, target: Target, scenario: Scenario, requests: list[Request],
+                   phase: str) -> TargetRun:
+        """`target`'s run of `requests`, timed as `phase`; EngineFailed if its engine raised."""
         try:
-            if shared:
-                return self.eager_run(scenario, checkpoint, requests, phases, phase)
-            with phases.timing(phase):
-                run = self.target.run(scenario, checkpoint, requests)
-            _split_capture(phases, phase, run)
-            return run
+            with case.phases.timing(phase):
+                run = target.run(scenario, case.checkpoint, requests)
         except SETUP_ERRORS:
             raise
         except Exception as error:
-            return f"the engine under test ({self.target.name}) raised {type(error).__name__}: {error}"
+            role = "the engine under test" if target is self.target else "the baseline's engine"
+            raise EngineFailed(f"{role} ({target.name}) raised {type(error).__name__}: {error}") from None
+        _split_capture(case.phases, phase, run)
+        return run
 
-    def eager_run(self, scenario: Scenario, checkpoint: Path, requests: list[Request], phases: Phases,
-                  phase: str) -> TargetRun:
-        """The target's eager run on one rank of `scenario`'s requests, made once and reused by later scenarios."""
-        engine = scenario.baseline_engine()
-        key = (str(checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed, engine)
+    def close(self) -> None:
+        """End what the targets keep between runs (their engines' workers)."""
+        for target in [self.target, *self.against.values()]:
+            target.close()
+
+    def baseline_target(self, scenario: Scenario) -> Target | None:
+        """The target whose eager run is `scenario`'s baseline: this one, the one judged against, or none (the oracle)."""
+        if scenario.baseline in ("oracle", "eager"):
+            return None if scenario.baseline == "oracle" else self.target
+        if scenario.baseline not in self.against:
+            raise ValueError(f"scenario {scenario.name}: baseline {scenario.baseline!r} is no target judged against")
+        return self.against[scenario.baseline]
+
+    def eager_run(self, case: _Case, phase: str, target: Target) -> TargetRun:
+        """`target`'s eager run on one rank of the case's requests, made once and reused by later scenarios."""
+        scenario = case.scenario
+        baseline = replace(scenario, engine=scenario.baseline_engine(), dp_ranks=None)
+        key = (target.name, str(case.checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed,
+               baseline.engine)
         if key in self._eager_runs:
-            phases.reused.append(phase)
+            case.phases.reused.append(phase)
             return self._eager_runs[key]
         if phase == "baseline":
-            self.progress(f"{scenario.name}: baseline eager")
-        with phases.timing(phase):
-            self._eager_runs[key] = self.target.run(replace(scenario, engine=engine, dp_ranks=None), checkpoint, requests)
+            self.progress(f"{scenario.name}: baseline eager on {target.name}")
+        if target is not self.target:
+            target.validate(baseline, case.checkpoint)
+        self._eager_runs[key] = self._timed_run(case, target, baseline, case.requests, phase)
         return self._eager_runs[key]
 
-    def routing_ties(self, scenario: Scenario, checkpoint: Path, requests: list[Request], baseline: list[Generation],
-                     test: list[Generation], tolerance: Tolerance) -> dict[str, RoutingTie]:
+    def routing_ties(self, case: _Case, baseline: list[Generation], test: list[Generation]) -> dict[str, RoutingTie]:
         """For a test that does not report its MoE routing, per rid the first router near-tie along the
         baseline's tokens, past which the two sides may route differently (none where the routing is
         reported and compared, or cannot differ)."""
+        checkpoint, tolerance = case.checkpoint, case.tolerance
         if not tolerance.router_gap or not routing.has_experts(checkpoint) or any(g.routed_experts for g in test):
             return {}
         if not routing.searchable(checkpoint):
-            self.progress(f"{scenario.name}: router near-ties not searched (checkpoint above "
+            self.progress(f"{case.scenario.name}: router near-ties not searched (checkpoint above "
                           f"{routing.MAX_CHECKPOINT_BYTES >> 30} GiB): MoE verdicts across kernels may flag them")
             return {}
         by_rid = {g.rid: g for g in baseline if g.error is None}
-        judged = [r for r in requests if r.rid in by_rid]
+        judged = [r for r in case.requests if r.rid in by_rid]
         sequences = [r.prompt_ids + by_rid[r.rid].output_ids[:-1] for r in judged]
         ties = {r.rid: first_routing_tie(gaps, len(r.prompt_ids), tolerance.router_gap)
                 for r, gaps in zip(judged, routing.router_gaps(checkpoint, sequences))}
         return {rid: tie for rid, tie in ties.items() if tie is not None}
+
+
+def _reached(generations: list[Generation], segments: dict[str, list[Segment]], side: str) -> dict[str, Generation]:
+    """Per rid, the generation of `side` ("baseline" or "test") its comparison stands on: its last segment's, else
+    its own."""
+    return {g.rid: getattr(segments[g.rid][-1], side) if g.rid in segments else g for g in generations}
 
 
 def _split_capture(phases: Phases, phase: str, run: TargetRun) -> None:

@@ -2,31 +2,34 @@
 and checkpoint staging directories.
 
 Each is named after the process that made it (`{prefix}{pid}-{random}`). That process removes it on
-every exit it lives through, with SIGINT and SIGTERM held back meanwhile, so that a second Ctrl-C cannot
-cut the removal short; the next process to make one under the same parent removes those whose process
-has died (SIGKILL, a crash).
+every exit it lives through: SIGINT and SIGTERM are held back while it is made and while it is removed, so
+that neither can land between its creation and the block that removes it, nor cut the removal short. The
+next process to make one under the same parent removes those whose process has died (SIGKILL, a crash).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+from harness.stops import signals_deferred
 
 
 @contextlib.contextmanager
 def scratch(parent: Path, prefix: str) -> Iterator[Path]:
     """A fresh directory `parent/{prefix}{pid}-*`, removed on the way out however the block ends."""
-    path = make_scratch(parent, prefix)
+    path = None
     try:
+        with signals_deferred():  # a stop raised at its end finds `path` set
+            path = make_scratch(parent, prefix)
         yield path
     finally:
-        with signals_deferred():
-            shutil.rmtree(path, ignore_errors=True)
+        if path is not None:
+            with signals_deferred():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def make_scratch(parent: Path, prefix: str) -> Path:
@@ -55,21 +58,3 @@ def _alive(pid: int) -> bool:
         return True
     return True
 
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Within: SIGINT and SIGTERM are only noted; on leaving, the first one noted is raised again, to the handlers
-    in place before. For cleanup that must finish. Off the main thread nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    noted: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
-        if noted:
-            signal.raise_signal(noted[0])

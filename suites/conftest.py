@@ -1,5 +1,6 @@
 """Suites run scenarios through the same Judge as `npugraph-harness check`."""
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 
@@ -11,9 +12,11 @@ from reference_runner.attention import default_dtype
 
 
 @pytest.fixture(scope="session")
-def judge(device) -> Judge:
+def judge(device) -> Iterator[Judge]:
     """One judge per session, so eager baseline runs are shared between scenarios."""
-    return Judge(get_target("reference", device))
+    judge = Judge(get_target("reference", device))
+    yield judge
+    judge.close()
 
 
 @pytest.fixture

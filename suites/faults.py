@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -449,11 +449,82 @@ def vllm_compiled_logits_perturbed(job) -> None:
             return lift
 
     llm_args, sampling_params = target.llm_args, target.sampling_params
-    target.llm_args = lambda job, config: {**llm_args(job, config), "logits_processors": [LiftRunnerUp]}
+
+    def with_processor(job, config):
+        args = llm_args(job, config)
+        return {**args, "logits_processors": [*args["logits_processors"], LiftRunnerUp]}
+
+    target.llm_args = with_processor
     target.sampling_params = lambda requests, top_k: [
-        {**params, "extra_args": {"perturbed": True}} if request.rid == PERTURBED_REQUEST else params
+        {**params, "extra_args": {**params.get("extra_args", {}), "perturbed": True}}
+        if request.rid == PERTURBED_REQUEST else params
         for request, params in zip(requests, sampling_params(requests, top_k))]
 
 
+def sglang_logits_perturbed(job) -> None:
+    """SGLang: at step 4 of request r1, the runner-up token's logit is lifted above the top one, as a kernel that
+    misranks one token would; every other step and request is left alone. SGLang returns the logprobs it leaves."""
+
+    def lift_runner_up(logits):
+        top = torch.topk(logits, 2)
+        logits[top.indices[1]] = top.values[0] + 1.0
+
+    _at_sglang_step(PERTURBED_STEP, lift_runner_up)
+
+
+def sglang_scheduler_crashes(job) -> None:
+    """SGLang's scheduler process raises at step 2 of request r1, mid-run, as an engine crash would."""
+
+    def crash(logits):
+        raise RuntimeError("injected scheduler crash")
+
+    _at_sglang_step(2, crash)
+
+
+def sglang_scheduler_hangs(job) -> None:
+    """SGLang's scheduler process hangs at step 2 of request r1, mid-run, as a stuck kernel would."""
+
+    def hang(logits):
+        time.sleep(3600)
+
+    _at_sglang_step(2, hang)
+
+
+def _at_sglang_step(step: int, fault) -> None:
+    """`fault(logits)` on request r1's logits at decode `step`, in SGLang's scheduler: through a custom logit processor
+    (SGLang's public hook, `enable_custom_logit_processor`) given to r1 alone."""
+    from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
+
+    from harness.targets import sglang as target
+
+    class AtStep(CustomLogitProcessor):
+        # Per request, the steps sampled so far: called once per step, the prefill's first. (Its output_ids cannot
+        # say which step: the overlap scheduler appends each token a step late.)
+        sampled: ClassVar[dict[str, int]] = {}
+
+        def __call__(self, logits, custom_param_list=None):
+            # Each row's custom_params, with its request under "__req__" (SGLang adds it where custom_params is a dict).
+            for row, params in enumerate(custom_param_list):
+                rid = params["__req__"].rid
+                AtStep.sampled[rid] = AtStep.sampled.get(rid, -1) + 1
+                if AtStep.sampled[rid] == step:
+                    fault(logits[row])
+            return logits
+
+    engine_args, generate_args = target.engine_args, target.generate_args
+
+    def with_processor(requests, top_k):
+        args = generate_args(requests, top_k)
+        chosen = [request.rid == PERTURBED_REQUEST for request in requests]
+        args["sampling_params"] = [{**params, "custom_params": {}} if pick else params
+                                   for params, pick in zip(args["sampling_params"], chosen)]
+        args["custom_logit_processor"] = [AtStep.to_str() if pick else None for pick in chosen]
+        return args
+
+    target.engine_args = lambda *args: {**engine_args(*args), "enable_custom_logit_processor": True}
+    target.generate_args = with_processor
+
+
 WORKER_FAULTS = {f.__name__: f"{__name__}:{f.__name__}" for f in (
-    worker_raises, worker_is_killed, worker_hangs, vllm_compiled_logits_perturbed)}
+    worker_raises, worker_is_killed, worker_hangs, vllm_compiled_logits_perturbed, sglang_logits_perturbed,
+    sglang_scheduler_crashes, sglang_scheduler_hangs)}

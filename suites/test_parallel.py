@@ -86,6 +86,6 @@ def test_fault_on_one_rank_fails_the_scenario_in_bounded_time(device, fault):
     print(result.failures[:1])  # the report names the failing rank and its error
     assert not result.passed
     assert result.seconds < EXIT_WITHIN_S
-    if fault == "rank_raises_mid_run":  # the cause, not its peer's "connection closed"
+    if fault == "raises_mid_run":  # the cause, not its peer's "connection closed"
         assert result.failures[0].startswith(
             "the engine under test (reference) raised RankFailed: rank 1: RuntimeError: injected failure")

@@ -48,8 +48,7 @@ def bench(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "pytest", str(BENCH_DIR), f"--ignore={BENCH_DIR / 'test_moe_formulations.py'}",
             "--benchmark-only", f"--device={device}", f"--benchmark-storage=file://{storage}"]
     if not args.record:
-        # Absolute times hold on the machine class that stored them; speed-ups on machines of the device (within the
-        # tolerance where the CPU model differs too: README, "The ratio gate").
+        # Absolute times hold on the machine class that stored them; speed-ups on any machine of the device.
         if stored_baselines(storage / get_machine_id()):
             argv.append("--benchmark-compare")
             if device in GATED_TIMES_DEVICES:

@@ -169,6 +169,20 @@ def manifest(path: Path) -> dict[str, Any]:
     return {"config_sha256": _sha256(path / "config.json"), "files": files}
 
 
+def fingerprint(path: Path) -> str:
+    """A short hash that changes when the checkpoint at `path` does: its manifest where it has one (a cache entry,
+    checked against its files whenever it is used), else its config.json and each weights file's name, size and
+    modification time (the weights are not read: a real checkpoint may hold hundreds of GB)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        identity = (path / MANIFEST).read_bytes()
+    else:
+        files = sorted({*weight_files(path).values()})
+        identity = (path / "config.json").read_bytes() + json.dumps(
+            [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()
+    return hashlib.sha256(identity).hexdigest()[:16]
+
+
 # Entries this process found matching their manifest, with their files' stat: a real model's weights take a
 # second to hash, and a check looks its checkpoint up once per scenario.
 _MATCHED: dict[Path, tuple] = {}

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from reference_runner.engine.args import EngineArgs
 
-BASELINES = ("oracle", "eager")
+BASELINES = ("oracle", "eager")  # or the name of another target: its eager run (`check --against TARGETS`)
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """`engine` (its mode above all) is judged against `baseline`: the transformers `oracle`, or the same
-    target run `eager` on one rank."""
+    """`engine` (its mode above all) is judged against `baseline`: the transformers `oracle`, the same target run
+    `eager` on one rank, or another target (named: `vllm`, `reference`...) run eager on one rank."""
 
     model: str
     baseline: str
@@ -42,9 +43,19 @@ class Scenario:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "engine"}
         return {"name": self.name, **fields, **self.engine.as_dict()}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Scenario:
+        """The inverse of `as_dict` (after a JSON round trip); other keys of `d` are ignored."""
+        engine = EngineArgs.from_dict({f.name: d[f.name] for f in dataclasses.fields(EngineArgs)})
+        fields = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "engine"}
+        dp_ranks = fields["dp_ranks"]
+        return cls(**{**fields, "dp_ranks": tuple(dp_ranks) if dp_ranks is not None else None}, engine=engine)
 
-def default_matrix(models: list[str], modes: list[str], engine: EngineArgs, **options) -> list[Scenario]:
-    """`eager` against the oracle; every other mode against eager on the same target."""
-    return [Scenario(model=model, baseline="oracle" if mode == "eager" else "eager",
+
+def default_matrix(models: list[str], modes: list[str], engine: EngineArgs, against: Sequence[str] = (),
+                   **options) -> list[Scenario]:
+    """`eager` against the oracle; every other mode against eager on the same target. With `against` (targets'
+    names), every mode against each of those targets' eager runs instead."""
+    return [Scenario(model=model, baseline=baseline or ("oracle" if mode == "eager" else "eager"),
                      engine=dataclasses.replace(engine, mode=mode), **options)
-            for model in models for mode in modes]
+            for model in models for baseline in (against or [None]) for mode in modes]

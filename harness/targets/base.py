@@ -36,12 +36,17 @@ class TargetRun:
         return cls(**{**d, "generations": [Generation.from_dict(g) for g in d["generations"]]})
 
 
+# How the judge makes a target compute from the baseline's inputs again past a near-tie (`harness/forcing.py`):
+# `in_loop`, the target feeds given tokens in its own decode loop (`Request.forced_from`, `forced_ids`) and, where it
+# reports its routing, replays given MoE experts (`forced_experts`); `continuation`, each request is submitted again
+# with the baseline's tokens up to the near-tie appended to its prompt, to both sides.
+FORCINGS = ("in_loop", "continuation")
+
+
 class Target(Protocol):
     name: str
     device: str
-    # Whether the target can feed given tokens in place of its own choices (`Request.forced_from`) and replay
-    # MoE routing: the judge's continuation past a near-tie. Without it comparisons stop at the first one.
-    can_force_tokens: bool
+    forcing: str = "continuation"  # one of FORCINGS: any target that takes token ids can be continued
 
     def validate(self, scenario: Scenario, checkpoint: Path) -> None:
         """Raise TargetUnavailable if this target cannot run `scenario` on `checkpoint`: before anything runs.
@@ -51,13 +56,10 @@ class Target(Protocol):
         """Run `requests` on `checkpoint` as `scenario.engine` says (its mode, layout, dtype...)."""
         ...
 
-
-# The share of generated tokens a scenario must compare to pass, unless --min-coverage says otherwise: a
-# target that can force tokens compares every step past a near-tie; one that cannot stops at the first
-# near-tie of each request, which in bfloat16 leaves a third to two thirds of the tokens unseen.
-MIN_COVERAGE = {True: 0.9, False: 0.3}  # by `Target.can_force_tokens`
+    def close(self) -> None:
+        """End what the target keeps between runs (its engines' workers). By default there is nothing."""
 
 
-def default_min_coverage(target: Target) -> float:
-    """The coverage a scenario needs on `target` when --min-coverage is not given."""
-    return MIN_COVERAGE[target.can_force_tokens]
+# The share of generated tokens a scenario must compare to pass, unless --min-coverage says otherwise: every target
+# is compared past its near-ties (forced in its loop, or continued), so every target is held to the same share.
+MIN_COVERAGE = 0.9

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from harness.scratch import scratch, signals_deferred
+from harness.scratch import scratch
+from harness.stops import raise_if_stopped, signals_deferred
 from harness.targets.subprocesses import kill, log_tail, python_env, signal_name, start
 from reference_runner.engine.args import EngineArgs
 from reference_runner.errors import LayoutError
@@ -130,12 +131,12 @@ def launch(job: RankJob, timeout_s: float = 600.0) -> list[RankResult]:
         env = python_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
                          LOCAL_WORLD_SIZE=str(world),
                          OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # as torchrun: ranks share the cores
-        procs = []
+        procs: list[subprocess.Popen] = []
         try:
             for rank in range(world):
-                procs.append(start("harness.targets.launch", ["--job", str(out / "job.json"), "--out", str(out)],
-                                   {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, out / f"rank{rank}.log",
-                                   die_with_parent=True))
+                start("harness.targets.launch", ["--job", str(out / "job.json"), "--out", str(out)],
+                      {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, out / f"rank{rank}.log",
+                      die_with_parent=True, started=procs)
             _wait(procs, out, timeout_s)
         finally:
             with signals_deferred():  # a second Ctrl-C must not leave ranks behind
@@ -153,6 +154,7 @@ def _wait(procs: list[subprocess.Popen], out: Path, timeout_s: float) -> None:
     began = time.monotonic()
     stopped_since: dict[int, float] = {}
     while True:
+        raise_if_stopped()
         codes = [p.poll() for p in procs]
         if any(code not in (None, 0) for code in codes):
             raise RankFailed(_failures(procs, out))
@@ -280,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --job or --model")
     rank = int(os.environ.get("RANK", 0))
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
+        if not args.job:  # under torchrun; a launched rank's folder is its launcher's, gone once the launcher is
+            args.out.mkdir(parents=True, exist_ok=True)
         run_rank(_job_from_args(args), args.out)
     except BaseException as e:  # any failure of this rank is the run's failure
         traceback.print_exc()

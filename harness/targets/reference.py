@@ -1,14 +1,16 @@
 """The reference runner in this repository as a target: in process, or on tp * dp launched ranks."""
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from pathlib import Path
 
 from harness.inputs.scenarios import Scenario
 from harness.targets.base import Target, TargetRun
 from harness.targets.launch import RankJob, RankResult, launch, merge
-from harness.targets.worker import WorkerJob
+from harness.targets.worker import RunRequests, WorkerJob
 from reference_runner import __version__
+from reference_runner.engine.args import EngineArgs
 from reference_runner.engine.engine import Engine
 from reference_runner.parallel.state import DIST_TIMEOUT_S
 from reference_runner.records import Request
@@ -16,10 +18,10 @@ from reference_runner.records import Request
 ENGINE_VERSION = f"reference {__version__}"
 
 
-def run_engine(job: WorkerJob) -> TargetRun:
-    """One rank's run of `job` in this process (`ReferenceTarget.run`, or a worker's runner)."""
-    engine = Engine(job.checkpoint, job.engine, device=job.device)
-    generations = engine.generate(job.requests)
+def run_engine(checkpoint: str, args: EngineArgs, device: str, requests: list[Request]) -> TargetRun:
+    """One rank's run of `requests` in this process, on an engine of its own."""
+    engine = Engine(checkpoint, args, device=device)
+    generations = engine.generate(requests)
     stats = engine.stats
     return TargetRun(
         generations,
@@ -34,9 +36,14 @@ def run_engine(job: WorkerJob) -> TargetRun:
     )
 
 
+def start_engine(job: WorkerJob) -> RunRequests:
+    """As a worker's runner: each run on an engine of its own, as in process."""
+    return functools.partial(run_engine, job.checkpoint, job.engine, job.device)
+
+
 class ReferenceTarget(Target):
     name = "reference"
-    can_force_tokens = True
+    forcing = "in_loop"  # Request.forced_from, forced_ids and forced_experts, fed through the graphs' static buffers
 
     def __init__(self, device: str, rank_setup: str | None = None, dist_timeout_s: float = DIST_TIMEOUT_S) -> None:
         self.device = device
@@ -46,8 +53,7 @@ class ReferenceTarget(Target):
     def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
         if scenario.engine.world_size > 1:
             return self.run_ranks(scenario, checkpoint, requests)
-        return run_engine(WorkerJob(f"{__name__}:run_engine", str(checkpoint), requests, scenario.engine, self.device,
-                                    scenario.seed))
+        return run_engine(str(checkpoint), scenario.engine, self.device, requests)
 
     def run_ranks(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
         """Launch tp * dp ranks; one TP rank per DP rank reports. A bad layout raises LayoutError."""

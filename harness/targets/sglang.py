@@ -1,5 +1,12 @@
 """SGLang as a target: `sglang.Engine` on the same checkpoint and token ids, in a worker process.
 
+Devices and modes:
+- cpu: SGLang's own CPU engine (`SGLANG_USE_CPU_ENGINE=1`), `eager` only, with torch-native attention. Its worker
+  gets the stand-ins for the two parts of it that PyPI lacks (`sglang_cpu/`). Its graph runner (`CPUGraphRunner`,
+  torch.compile) needs the Intel AMX attention backend, which needs sgl_kernel's CPU build: modes graph and compile
+  are refused there, as are MoE models whose SGLang code runs a triton kernel (`CPU_UNSUPPORTED`).
+- cuda, npu: every mode; on npu the FIA decode path (below).
+
 The judge runs it as it runs the reference runner: once with graphs disabled (`eager`, the
 baseline) and once in the mode under test, greedy with top-k logprobs, then compares the records
 with the same verdict rules. Public `sglang` API only: `Engine(...)`, `generate(...)`, `shutdown()`.
@@ -25,6 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import os
+import sys
 import typing
 from collections.abc import Collection
 from pathlib import Path
@@ -32,11 +42,21 @@ from typing import Any
 
 from harness.inputs.scenarios import Scenario
 from harness.targets.base import Target, TargetRun, TargetUnavailable
-from harness.targets.worker import WORKER_TIMEOUT_S, WorkerJob, run_in_worker
+from harness.targets.sglang_cpu import STARTUP_DIR
+from harness.targets.worker import WORKER_TIMEOUT_S, RunRequests, WorkerJob, WorkerSessions, sessions_capacity
 from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
 
-WORKER_ENV = {"npu": {"ASCEND_USE_FIA": "1"}, "cuda": {}}  # per device it runs on
+WORKER_ENV = {"cpu": {"SGLANG_USE_CPU_ENGINE": "1"}, "npu": {"ASCEND_USE_FIA": "1"}, "cuda": {}}  # per device it runs on
+MODES = {"cpu": ("eager",), "cuda": ("eager", "graph", "compile"), "npu": ("eager", "graph", "compile")}
+CPU_NO_GRAPHS = ("SGLang's CPU graph runner (torch.compile) needs its Intel AMX attention backend, which needs "
+                 "sgl_kernel's CPU build (not on PyPI) and an AMX CPU; with torch-native attention it fails")
+# Architectures that SGLang's CPU engine cannot run with torch-native attention and without sgl_kernel's CPU build, and
+# the piece that is missing (sglang 0.5.23).
+CPU_UNSUPPORTED = {
+    "Qwen2MoeForCausalLM": "its shared-expert gate is a triton kernel (fused_gate_sigmoid_mul_add, "
+                           "srt/models/qwen2_moe.py:877), and triton has no CPU driver",
+}
 
 
 def server_args_fields() -> dict[str, tuple | None]:
@@ -101,17 +121,51 @@ def engine_args(engine: EngineArgs, checkpoint: str, device: str, seed: int, fie
         **_named(fields, ("cuda_graph_max_bs_decode", engine.max_bs), ("cuda_graph_max_bs", engine.max_bs)),
         # The checkpoint's generation_config.json (a repetition penalty...) must not change greedy decoding.
         **_named(fields, ("sampling_defaults", "openai"), required=False),
+        # KV-cache room for as many tokens as the reference runner holds, rather than a share of the device's memory.
+        "max_total_tokens": engine.kv_num_blocks() * engine.block_size,
     }
     if engine.graph_bs:
         args |= _named(fields, ("cuda_graph_bs_decode", list(engine.graph_bs)), ("cuda_graph_bs", list(engine.graph_bs)))
     if device == "npu":
         args["attention_backend"] = "ascend"  # with ASCEND_USE_FIA=1 in the worker: the FIA decode path
+    if device == "cpu":
+        args["attention_backend"] = "torch_native"  # the one that needs no sgl_kernel op
     return args
+
+
+def worker_env(device: str) -> dict[str, str]:
+    """The variables SGLang's worker on `device` gets; on the CPU, the stand-ins' startup first on its path."""
+    if device != "cpu":
+        return WORKER_ENV[device]
+    return {**WORKER_ENV["cpu"], "PYTHONPATH": os.pathsep.join([str(STARTUP_DIR), *sys.path])}
+
+
+def check_supported(device: str, scenario: Scenario, checkpoint: Path) -> None:
+    """Raise TargetUnavailable, in one line, if SGLang cannot run `scenario` on `checkpoint` on `device`."""
+    if scenario.mode not in MODES[device]:
+        why = f": {CPU_NO_GRAPHS}" if device == "cpu" else ""
+        raise TargetUnavailable(f"target 'sglang' has no {scenario.mode} mode on {device}{why}; choose from "
+                                f"{', '.join(MODES[device])}")
+    if device != "cpu":
+        return
+    if scenario.engine.world_size > 1:
+        raise TargetUnavailable("target 'sglang' runs one rank on cpu (SGLang's CPU engine wants a NUMA node, or "
+                                "cores bound with SGLANG_CPU_OMP_THREADS_BIND, per rank): drop --tp and --dp")
+    architecture = (json.loads((checkpoint / "config.json").read_text()).get("architectures") or ["(none)"])[0]
+    if architecture in CPU_UNSUPPORTED:
+        raise TargetUnavailable(f"target 'sglang' cannot run {checkpoint.name} ({architecture}) on cpu: "
+                                f"{CPU_UNSUPPORTED[architecture]}")
 
 
 def sampling_params(requests: list[Request]) -> list[dict]:
     """Greedy, exactly `max_new_tokens` per request (EOS ignored, as by the reference runner)."""
     return [{"temperature": 0, "max_new_tokens": r.max_new_tokens, "ignore_eos": True} for r in requests]
+
+
+def generate_args(requests: list[Request], top_k: int) -> dict[str, Any]:
+    """Keyword arguments of `Engine.generate` for every request in one call: token ids in, top-k logprobs out."""
+    return {"input_ids": [r.prompt_ids for r in requests], "sampling_params": sampling_params(requests),
+            "return_logprob": True, "top_logprobs_num": top_k}
 
 
 def to_generation(request: Request, output: dict, mode: str) -> Generation:
@@ -124,8 +178,8 @@ def to_generation(request: Request, output: dict, mode: str) -> Generation:
     return gen
 
 
-def run_engine(job: WorkerJob) -> TargetRun:
-    """The worker's run: build `sglang.Engine`, generate every request in one call, return the records."""
+def start_engine(job: WorkerJob) -> RunRequests:
+    """The worker's engine: `sglang.Engine` built once; each run generates every request in one call."""
     import sglang
 
     fields = server_args_fields()
@@ -134,29 +188,38 @@ def run_engine(job: WorkerJob) -> TargetRun:
     if problems:  # values are checked only once the engine launches its processes: say it here, plainly
         raise ValueError(f"sglang {sglang.__version__} rejects the adapter's arguments: {'; '.join(problems)}")
     engine = sglang.Engine(**args)
-    try:
-        outputs = engine.generate(input_ids=[r.prompt_ids for r in job.requests],
-                                  sampling_params=sampling_params(job.requests),
-                                  return_logprob=True, top_logprobs_num=job.engine.top_k)
-    finally:
-        engine.shutdown()
-    generations = [to_generation(r, out, job.engine.mode) for r, out in zip(job.requests, outputs)]
-    return TargetRun(generations, counts_graph_steps=False, engine_version=f"sglang {sglang.__version__}")
+
+    def run(requests: list[Request]) -> TargetRun:
+        outputs = engine.generate(**generate_args(requests, job.engine.top_k))
+        generations = [to_generation(r, out, job.engine.mode) for r, out in zip(requests, outputs)]
+        return TargetRun(generations, counts_graph_steps=False, engine_version=f"sglang {sglang.__version__}")
+
+    # The worker's end ends the engine: its scheduler and detokenizer share the worker's process group.
+    return run
 
 
 class SGLangTarget(Target):
     name = "sglang"
-    can_force_tokens = False  # its public API cannot feed given tokens while reporting the model's own logprobs
+    # Its logprobs are taken after its custom logit processors (srt/layers/sampler.py: _preprocess_logits, then
+    # log_softmax), so forcing a token through one would falsify them: it is continued instead.
+    forcing = "continuation"
 
-    def __init__(self, device: str, timeout_s: float = WORKER_TIMEOUT_S) -> None:
+    def __init__(self, device: str, setup: str | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> None:
         if importlib.util.find_spec("sglang") is None:
-            raise TargetUnavailable("target 'sglang' needs SGLang installed (pip install .[sglang]; on Ascend, "
-                                    "SGLang's NPU build)")
-        if device not in WORKER_ENV:
-            raise TargetUnavailable(f"target 'sglang' runs on npu or cuda, not {device}")
+            raise TargetUnavailable("target 'sglang' needs SGLang installed: on a CPU host sglang without its "
+                                    "dependencies, then packaging/sglang-cpu.txt; on cuda pip install .[sglang]; on "
+                                    "Ascend, SGLang's NPU build (README, \"Judging your engine\")")
         self.device = device
-        self.timeout_s = timeout_s
+        self.setup = setup  # WorkerJob.setup: fault injection in the worker
+        self.workers = WorkerSessions(worker_env(device), timeout_s, sessions_capacity(device))
+
+    def validate(self, scenario: Scenario, checkpoint: Path) -> None:
+        check_supported(self.device, scenario, checkpoint)
 
     def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
-        job = WorkerJob(f"{__name__}:run_engine", str(checkpoint), requests, scenario.engine, self.device, scenario.seed)
-        return run_in_worker(job, WORKER_ENV[self.device], self.timeout_s)
+        job = WorkerJob(f"{__name__}:start_engine", str(checkpoint), scenario.engine, self.device, scenario.seed,
+                        self.setup)
+        return self.workers.run(job, requests)
+
+    def close(self) -> None:
+        self.workers.close()

@@ -22,8 +22,13 @@ What vLLM does not let us do or see:
   `arrival_step` is ignored; verdicts are per request.
 - Which decode steps replayed a graph: vLLM reports no per-step flag. Steps after the first are flagged
   where the mode captures graphs, and the run is marked `counts_graph_steps=False`.
-- Forcing tokens: its API cannot make the engine decode given tokens, so a request is judged up to its
-  first divergence only.
+- MoE routing: vLLM reports none, so it cannot replay the baseline's experts; past a router near-tie (searched with
+  transformers) the judge continues by resubmission (`harness/forcing.py`).
+
+Past a token near-tie the judge forces the baseline's tokens in vLLM's own loop: a logits processor
+(`vllm_forcing.py`, on every engine this target starts) makes each forced request choose the given tokens, while the
+returned logprobs stay the model's own (taken before any logits processor). The scenario's run and its forced re-run
+share one engine start (`worker.py`, `WorkerSessions`).
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from typing import Any
 
 from harness.inputs.scenarios import Scenario
 from harness.targets.base import Target, TargetRun, TargetUnavailable
-from harness.targets.worker import WORKER_TIMEOUT_S, WorkerJob, run_in_worker
+from harness.targets.worker import WORKER_TIMEOUT_S, RunRequests, WorkerJob, WorkerSessions, sessions_capacity
 from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
 
@@ -60,6 +65,9 @@ WORKER_ENV = {
 # the installed vLLM's source no longer says.
 CPU_HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The logits processor that forces tokens in vLLM's loop (imported by vLLM in the worker, by name), and the key of a
+# request's forced tokens in its SamplingParams.extra_args (vllm_forcing.EXTRA_ARG; that module imports vllm).
+FORCE_TOKENS, FORCED = "harness.targets.vllm_forcing:ForceTokens", "npugraph_forced"
 
 
 def vllm_source(path: str) -> Path | None:
@@ -133,6 +141,7 @@ def llm_args(job: WorkerJob, config: dict[str, Any]) -> dict[str, Any]:
         "generation_config": "vllm",  # the checkpoint's sampling defaults (e.g. a repetition penalty) would apply
         "kv_cache_memory_bytes": kv_cache_bytes(config, engine),
         "logprobs_mode": "raw_logprobs",
+        "logits_processors": [FORCE_TOKENS],  # the forced re-run past near-ties runs on this same engine
         **MODE_ARGS[job.device][engine.mode],
     }
     if job.device != "cpu" and engine.mode != "eager":  # the captured batch sizes, as the reference runner's
@@ -144,8 +153,10 @@ def llm_args(job: WorkerJob, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def sampling_params(requests: list[Request], top_k: int) -> list[dict[str, Any]]:
-    """`vllm.SamplingParams` per request: greedy, exactly `max_new_tokens` (EOS ignored), top-k logprobs."""
-    return [{"temperature": 0, "max_tokens": r.max_new_tokens, "ignore_eos": True, "logprobs": top_k, "detokenize": False}
+    """`vllm.SamplingParams` per request: greedy, exactly `max_new_tokens` (EOS ignored), top-k logprobs; a forced
+    request's tokens for FORCE_TOKENS in its `extra_args`."""
+    return [{"temperature": 0, "max_tokens": r.max_new_tokens, "ignore_eos": True, "logprobs": top_k, "detokenize": False,
+             **({"extra_args": {FORCED: {"from": r.forced_from, "ids": r.forced_ids}}} if r.forced_from is not None else {})}
             for r in requests]
 
 
@@ -153,28 +164,32 @@ def to_generation(request: Request, token_ids: list[int], logprobs: list[dict[in
                   captures_graphs: bool) -> Generation:
     """The record of one `CompletionOutput`: per step, `logprobs` maps token ids to `Logprob(logprob, rank)`, the
     chosen token first (with its rank, which may lie below the top k), then the top k by rank."""
-    gen = Generation(request.rid)
+    gen = Generation(request.rid, forced_from=request.forced_from)
     for step, (token, by_token) in enumerate(zip(token_ids, logprobs)):
         ranked = sorted(by_token.items(), key=lambda item: item[1].rank)
         gen.append(token, [(t, lp.logprob) for t, lp in ranked if lp.rank <= top_k], captures_graphs and step > 0)
     return gen
 
 
-def run_engine(job: WorkerJob) -> TargetRun:
-    """The worker's run: build `vllm.LLM`, generate every request in one call, return the records."""
+def start_engine(job: WorkerJob) -> RunRequests:
+    """The worker's engine: `vllm.LLM` built once; each run generates every request in one call."""
     import vllm
     from vllm.inputs import TokensPrompt
 
     config = json.loads((Path(job.checkpoint) / "config.json").read_text())
     llm = vllm.LLM(**llm_args(job, config))
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=r.prompt_ids) for r in job.requests],
-                           [vllm.SamplingParams(**p) for p in sampling_params(job.requests, job.engine.top_k)],
-                           use_tqdm=False)
     captures_graphs = job.device != "cpu" and job.engine.mode != "eager"
-    generations = [to_generation(r, list(out.outputs[0].token_ids), out.outputs[0].logprobs, job.engine.top_k,
-                                 captures_graphs) for r, out in zip(job.requests, outputs)]
-    # The worker's exit ends the engine (in process, and its process group for any TP workers).
-    return TargetRun(generations, counts_graph_steps=False, engine_version=f"vllm {vllm.__version__}")
+
+    def run(requests: list[Request]) -> TargetRun:
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests],
+                               [vllm.SamplingParams(**p) for p in sampling_params(requests, job.engine.top_k)],
+                               use_tqdm=False)
+        generations = [to_generation(r, list(out.outputs[0].token_ids), out.outputs[0].logprobs, job.engine.top_k,
+                                     captures_graphs) for r, out in zip(requests, outputs)]
+        return TargetRun(generations, counts_graph_steps=False, engine_version=f"vllm {vllm.__version__}")
+
+    # The worker's end ends the engine (in process, and its process group for any TP workers).
+    return run
 
 
 def check_supported(device: str, scenario: Scenario, checkpoint: Path) -> None:
@@ -200,7 +215,7 @@ def check_supported(device: str, scenario: Scenario, checkpoint: Path) -> None:
 
 class VLLMTarget(Target):
     name = "vllm"
-    can_force_tokens = False  # its generate API cannot feed given tokens while reporting the model's own logprobs
+    forcing = "in_loop"  # FORCE_TOKENS: vLLM reports the raw logprobs of a forced step, taken before it runs
 
     def __init__(self, device: str, setup: str | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> None:
         if importlib.util.find_spec("vllm") is None:
@@ -210,12 +225,15 @@ class VLLMTarget(Target):
             raise TargetUnavailable("target 'vllm' on npu needs vLLM-Ascend installed (pip install vllm-ascend)")
         self.device = device
         self.setup = setup  # WorkerJob.setup: fault injection in the worker
-        self.timeout_s = timeout_s
+        self.workers = WorkerSessions(WORKER_ENV, timeout_s, sessions_capacity(device))
 
     def validate(self, scenario: Scenario, checkpoint: Path) -> None:
         check_supported(self.device, scenario, checkpoint)
 
     def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
-        job = WorkerJob(f"{__name__}:run_engine", str(checkpoint), requests, scenario.engine, self.device, scenario.seed,
+        job = WorkerJob(f"{__name__}:start_engine", str(checkpoint), scenario.engine, self.device, scenario.seed,
                         self.setup)
-        return run_in_worker(job, WORKER_ENV, self.timeout_s)
+        return self.workers.run(job, requests)
+
+    def close(self) -> None:
+        self.workers.close()

@@ -9,10 +9,13 @@ same way, per fed token and MoE layer: the two sets of experts must agree unless
 between the k-th and (k+1)-th expert is below `router_gap` on both sides (a router near-tie).
 
 A near-tie after which the two sides feed different tokens, or hold other experts' output in their KV
-caches, ends the comparison of the free-running test. A continuation (the test re-run with the baseline's
-tokens forced from that step, and the baseline's expert choices replayed) carries it to the last step,
-where near-ties are counted and any decisive divergence is a `mismatch`. Without one the comparison stops
-there, as vLLM's `check_logprobs_close` does, and the verdict says how many steps it compared.
+caches, ends the comparison of the free-running test. A `Segment` recomputed from the baseline's inputs
+carries it on (`harness/forcing.py` makes them): the test re-run with the baseline's tokens forced in its
+loop from that step, and the baseline's expert choices replayed, reaches the last step, where near-ties
+are counted and any decisive divergence is a `mismatch`; or both sides continued from the baseline's
+tokens up to the stop compare on until the next near-tie, where the next segment takes over. Without one
+the comparison stops there, as vLLM's `check_logprobs_close` does, and the verdict says how many steps it
+compared.
 
 Verdicts: `match` (every step compared, no near-tie), `tie` (no decisive divergence; near-ties counted,
 or the comparison stopped at one) and `mismatch` (a bug: the reason names the step, both tokens, their
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,27 +55,52 @@ class Verdict:
     generated: int = 0  # steps of the request
     ties: int = 0  # compared steps whose choices differ on a near-tie
     router_ties: int = 0  # (fed token, MoE layer) pairs routed to other experts on a router near-tie
-    force_from: int | None = None  # stopped at a near-tie: a re-run forced from this step would continue it
+    # Stopped where the two sides' inputs parted: a segment from step `resume_from` would continue it; one forced in
+    # the test's loop must be forced from step `force_from` (None: no forcing restores the inputs, e.g. the routing of
+    # a test that does not report it).
+    resume_from: int | None = None
+    force_from: int | None = None
+    continued_by: list[str] = dataclasses.field(default_factory=list)  # the methods of the segments it went through
 
     @property
     def passed(self) -> bool:
         return self.status != "mismatch"
 
 
+METHODS = ("in_loop", "continuation")  # how a segment was recomputed (`Target.forcing`)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A request's steps from `start` on, recomputed with the two sides' inputs equal again; both generations are whole
+    (their steps before `start` are those the comparison reached it with).
+
+    `in_loop`: the test re-run forced from the step before a token near-tie's `start` (a router near-tie's `start`
+    itself) to feed the baseline's tokens and experts to its last step, so near-ties no longer part the inputs; the
+    baseline is unchanged. `continuation`: both sides continued from the prompt and the baseline's tokens before `start`,
+    each choosing on its own again, so the next near-tie parts them again and another segment takes over there.
+    """
+
+    start: int
+    baseline: Generation
+    test: Generation
+    method: str  # one of METHODS
+
+
 @dataclass(frozen=True)
 class _Stop:
-    """The two sides' inputs part at step `resume`: the comparison can go on only in a re-run forced from
-    step `force_from` (None: no re-run can restore them)."""
+    """The two sides' inputs part at step `resume`: the comparison can go on only in a segment from there, forced in
+    the test's loop from step `force_from` (None: only a continuation can restore them)."""
 
     resume: int
     force_from: int | None
     reason: str
 
 
-def compare_generation(baseline: Generation, test: Generation, *, tolerance: Tolerance,
-                       continuation: Generation | None = None, routing_tie: RoutingTie | None = None) -> Verdict:
-    """Judge one request: walk both generations step by step, past a near-tie into `continuation` (the test
-    re-run forced from the step where its inputs parted from the baseline's) when there is one.
+def compare_generation(baseline: Generation, test: Generation, *, tolerance: Tolerance, segments: Sequence[Segment] = (),
+                       routing_tie: RoutingTie | None = None) -> Verdict:
+    """Judge one request: walk both generations step by step, and past each stop into the segment that starts there,
+    when there is one.
 
     `routing_tie`: for a test that does not report its routing, the first token whose router gap lets
     the two sides route differently; a divergence from its step on ends the comparison as a near-tie.
@@ -81,26 +110,34 @@ def compare_generation(baseline: Generation, test: Generation, *, tolerance: Tol
         return Verdict(baseline.rid, "mismatch", problem, generated=generated)
     walk = _Walk(baseline, tolerance, routing_tie)
     end = walk.run(test, 0, continuing=False)
-    if isinstance(end, _Stop) and end.force_from is not None and continuation is not None:
-        if problem := _continuation_problem(baseline, test, continuation, end.force_from):
-            return walk.verdict(walk.mismatch(end.force_from, test, f"the re-run forced from step {end.force_from} {problem}"))
-        end = walk.run(continuation, end.resume, continuing=True)
+    starts = {segment.start: segment for segment in segments}
+    while isinstance(end, _Stop) and (segment := starts.pop(end.resume, None)) is not None:
+        if problem := _segment_problem(walk.baseline, test, segment, end):
+            at = end.force_from if segment.method == "in_loop" and end.force_from is not None else end.resume
+            what = (f"the re-run forced from step {end.force_from}" if segment.method == "in_loop"
+                    else f"the continuation from step {end.resume}")
+            return walk.verdict(walk.mismatch(at, test, f"{what} {problem}"))
+        walk.baseline, test = segment.baseline, segment.test
+        walk.methods.append(segment.method)
+        end = walk.run(test, end.resume, continuing=segment.method == "in_loop")
+    if isinstance(end, _Stop) and end.resume >= generated:  # stopped at the last step: nothing is left to compare
+        end = None
     return walk.verdict(end)
 
 
 def compare_generations(baseline: list[Generation], test: list[Generation], tolerance: Tolerance, *,
-                        continuations: dict[str, Generation] | None = None,
+                        segments: dict[str, Sequence[Segment]] | None = None,
                         routing_ties: dict[str, RoutingTie] | None = None) -> list[Verdict]:
     """Judge every request of either side, paired by rid; a request missing on one side is a mismatch.
-    `continuations`: per rid, the test re-run forced past its near-tie; `routing_ties`: per rid, where a MoE
-    router near-tie lets a test that does not report its routing route differently."""
+    `segments`: per rid, its steps recomputed past its stops; `routing_ties`: per rid, where a MoE router near-tie lets
+    a test that does not report its routing route differently."""
     baseline_by_rid, test_by_rid = _group_by_rid(baseline), _group_by_rid(test)
     verdicts = []
     for rid in dict.fromkeys([g.rid for g in baseline] + [g.rid for g in test]):
         baselines, tests = baseline_by_rid[rid], test_by_rid[rid]
         if len(baselines) == 1 and len(tests) == 1:
             verdicts.append(compare_generation(baselines[0], tests[0], tolerance=tolerance,
-                                               continuation=(continuations or {}).get(rid),
+                                               segments=(segments or {}).get(rid, ()),
                                                routing_tie=(routing_ties or {}).get(rid)))
             continue
         found = [f"{len(gens) or 'no'} {side} generations"
@@ -109,6 +146,15 @@ def compare_generations(baseline: list[Generation], test: list[Generation], tole
         verdicts.append(Verdict(rid, "mismatch", f"expected one generation per side, found {' and '.join(found)}",
                                 generated=generated))
     return verdicts
+
+
+def splice(first: Generation, start: int, rest: Generation) -> Generation:
+    """`first`'s steps before `start`, then `rest`'s (a continuation, whose step 0 is step `start`). Routing is left out:
+    continuations serve tests that do not report it."""
+    forced_from = first.forced_from if first.forced_from is not None and first.forced_from < start else (
+        None if rest.forced_from is None else start + rest.forced_from)
+    return Generation(first.rid, first.output_ids[:start] + rest.output_ids, first.top_logprobs[:start] + rest.top_logprobs,
+                      first.graph_steps[:start] + rest.graph_steps, rest.error, forced_from)
 
 
 def length_problems(requests: list[Request], generations: list[Generation]) -> dict[str, Verdict]:
@@ -142,6 +188,7 @@ class _Walk:
         self.max_diff = self.step_diff = 0.0
         self.first_tie: Verdict | None = None
         self.last_tie: Verdict | None = None
+        self.methods: list[str] = []  # of the segments walked through
 
     def run(self, test: Generation, start: int, continuing: bool) -> Verdict | _Stop | None:
         """Compare the steps of `test` from `start`: a mismatch, where the two sides' inputs part, or None
@@ -253,7 +300,7 @@ class _Walk:
             verdict = end
         elif isinstance(end, _Stop):
             verdict = dataclasses.replace(self.first_tie or Verdict(self.baseline.rid, "tie", "", step=end.resume),
-                                          force_from=end.force_from, reason=(
+                                          resume_from=end.resume, force_from=end.force_from, reason=(
                 f"{end.reason}; comparison stops here ({self.compared} of {generated} steps compared)"))
         elif self.ties or self.router_ties:
             verdict = dataclasses.replace(self.first_tie or Verdict(self.baseline.rid, "tie", ""), reason=(
@@ -264,7 +311,8 @@ class _Walk:
             verdict = Verdict(self.baseline.rid, "match", f"all {generated} tokens match; largest logprob difference "
                               f"{self.max_diff:.3g}")
         return dataclasses.replace(verdict, compared=self.compared, generated=generated, ties=self.ties,
-                                   router_ties=self.router_ties, max_logprob_diff=self.max_diff)
+                                   router_ties=self.router_ties, max_logprob_diff=self.max_diff,
+                                   continued_by=list(self.methods))
 
 
 def _record_problem(baseline: Generation, test: Generation) -> str | None:
@@ -290,8 +338,23 @@ def _record_problem(baseline: Generation, test: Generation) -> str | None:
     return None
 
 
+def _segment_problem(baseline: Generation, test: Generation, segment: Segment, stop: _Stop) -> str | None:
+    """Why `segment` cannot carry on the comparison that stopped at `stop` (its inputs are not the baseline's), or None."""
+    if segment.method == "in_loop":
+        if stop.force_from is None:
+            return "cannot restore the inputs: no step to force from"
+        return _continuation_problem(baseline, test, segment.test, stop.force_from)
+    if (problem := _record_problem(segment.baseline, segment.test)) is not None:
+        return f"cannot be compared: {problem}"
+    for side, spliced, before in (("baseline", segment.baseline, baseline), ("test", segment.test, test)):
+        if spliced.output_ids[:segment.start] != before.output_ids[:segment.start]:
+            return f"does not follow the {side}'s tokens before step {segment.start}"
+    return None
+
+
 def _continuation_problem(baseline: Generation, test: Generation, continuation: Generation, force_from: int) -> str | None:
-    """Why the re-run cannot continue the comparison (its inputs are not the baseline's), or None."""
+    """Why the test's re-run forced in its loop cannot continue the comparison (its inputs are not the baseline's),
+    or None."""
     if continuation.error is not None:
         return f"was rejected: {continuation.error}"
     if continuation.forced_from != force_from:

@@ -1,16 +1,19 @@
-"""Verdicts of the token-by-token comparison on hand-built generations: the per-step rules, the continuation
-past a near-tie (a re-run forced with the baseline's tokens), MoE routing, and how much each verdict compared."""
+"""Verdicts of the token-by-token comparison on hand-built generations: the per-step rules, the segments past a
+near-tie (a re-run forced in the loop with the baseline's tokens, or both sides continued from them), MoE routing,
+and how much each verdict compared."""
 import dataclasses
 
 import pytest
 import torch
 
 from harness.verdicts.compare import (
+    Segment,
     Verdict,
     compare_generation,
     compare_generations,
     coverage,
     length_problems,
+    splice,
     summarize,
 )
 from harness.verdicts.routing import RoutingTie, first_routing_tie
@@ -31,6 +34,11 @@ def gen(*steps: list[tuple[int, float]], rid: str = "r0") -> Generation:
 def forced(generation: Generation, tokens: list[int], from_step: int) -> Generation:
     """`generation`'s distributions, with `tokens` fed from step `from_step` on (as a forced run records them)."""
     return dataclasses.replace(generation, output_ids=generation.output_ids[:from_step] + tokens, forced_from=from_step)
+
+
+def in_loop(baseline: Generation, rerun: Generation, start: int) -> list[Segment]:
+    """The segment of `rerun`, the test forced in its loop, from step `start` on."""
+    return [Segment(start, baseline, rerun, "in_loop")]
 
 
 A = [(5, -0.5), (6, -1.5)]
@@ -72,7 +80,7 @@ def test_near_tie_with_cross_ranked_tokens_is_a_tie_that_stops_a_free_run_where_
         "tokens; comparison stops here (2 of 3 steps compared)",
         step=1, baseline_token=7, test_token=8, baseline_logprob=-0.70, test_logprob=-0.702,
         margin=pytest.approx(0.005), max_logprob_diff=pytest.approx(0.003), compared=2, generated=3, ties=1,
-        force_from=1,
+        resume_from=2, force_from=1,
     )
     assert verdict.passed
 
@@ -94,9 +102,9 @@ def test_a_continuation_compares_every_step_after_the_tie():
     baseline = gen(A, NEAR, B, A)
     test = gen(A, FLIPPED, [(3, -0.1), (4, -5.0)], A)
     continuation = forced(gen(A, FLIPPED, B, A), [7, 7, 5], from_step=1)
-    verdict = compare_generation(baseline, test, tolerance=TOL, continuation=continuation)
+    verdict = compare_generation(baseline, test, tolerance=TOL, segments=in_loop(baseline, continuation, 2))
     assert (verdict.status, verdict.compared, verdict.generated, verdict.ties, verdict.step) == ("tie", 4, 4, 1, 1)
-    assert verdict.force_from is None
+    assert (verdict.force_from, verdict.resume_from, verdict.continued_by) == (None, None, ["in_loop"])
     assert verdict.reason.startswith("all 4 steps compared: 1 near-tie(s), 0 router near-tie(s), largest logprob "
                                      "difference 0.003; the first at step 1: baseline chose 7")
 
@@ -105,7 +113,7 @@ def test_a_decisive_divergence_after_the_tie_is_a_mismatch():
     baseline = gen(A, NEAR, B, A)
     test = gen(A, FLIPPED, B, A)
     continuation = forced(gen(A, FLIPPED, B, [(6, -0.1), (5, -3.0)]), [7, 7, 5], from_step=1)
-    verdict = compare_generation(baseline, test, tolerance=TOL, continuation=continuation)
+    verdict = compare_generation(baseline, test, tolerance=TOL, segments=in_loop(baseline, continuation, 2))
     assert (verdict.status, verdict.step, verdict.compared) == ("mismatch", 3, 3)
     assert verdict.reason.startswith("step 3: baseline chose 5 (-0.5000), test chose 6 (-0.1000)")
 
@@ -114,7 +122,7 @@ def test_near_ties_after_the_first_are_counted_not_stopped_at():
     baseline = gen(NEAR, A, NEAR, A)
     test = gen(FLIPPED, A, NEAR, A)
     continuation = forced(gen(FLIPPED, A, FLIPPED, A), [7, 5, 7, 5], from_step=0)
-    verdict = compare_generation(baseline, test, tolerance=TOL, continuation=continuation)
+    verdict = compare_generation(baseline, test, tolerance=TOL, segments=in_loop(baseline, continuation, 1))
     assert (verdict.status, verdict.compared, verdict.ties, verdict.step) == ("tie", 4, 2, 0)
 
 
@@ -126,7 +134,8 @@ def test_near_ties_after_the_first_are_counted_not_stopped_at():
     (Generation("r0", error="forced_ids of the wrong length"), "was rejected: forced_ids of the wrong length"),
 ])
 def test_a_continuation_that_did_not_run_on_the_baseline_tokens_is_a_mismatch(continuation, problem):
-    verdict = compare_generation(gen(A, NEAR, B), gen(A, FLIPPED, B), tolerance=TOL, continuation=continuation)
+    baseline = gen(A, NEAR, B)
+    verdict = compare_generation(baseline, gen(A, FLIPPED, B), tolerance=TOL, segments=in_loop(baseline, continuation, 2))
     assert (verdict.status, verdict.reason) == ("mismatch", f"step 1: the re-run forced from step 1 {problem}")
 
 
@@ -226,8 +235,46 @@ def test_continuations_are_applied_by_rid():
     baseline = [gen(A, NEAR, B, rid="a"), gen(A, NEAR, B, rid="b")]
     test = [gen(A, FLIPPED, B, rid="a"), gen(A, FLIPPED, B, rid="b")]
     continuation = dataclasses.replace(forced(gen(A, FLIPPED, B), [7, 7], from_step=1), rid="b")
-    verdicts = compare_generations(baseline, test, TOL, continuations={"b": continuation})
-    assert [(v.rid, v.compared, v.force_from) for v in verdicts] == [("a", 2, 1), ("b", 3, None)]
+    verdicts = compare_generations(baseline, test, TOL, segments={"b": in_loop(baseline[1], continuation, 2)})
+    assert [(v.rid, v.compared, v.resume_from, v.force_from) for v in verdicts] == [("a", 2, 2, 1), ("b", 3, None, None)]
+
+
+def test_a_continuation_compares_both_sides_from_the_baseline_tokens_before_it():
+    baseline, test = gen(A, NEAR, B, A), gen(A, FLIPPED, [(3, -0.1), (4, -5.0)], A)  # parted after the tie
+    segment = Segment(2, splice(baseline, 2, gen(B, A)), splice(test, 2, gen(B, [(5, -0.5), (6, -1.5078125)])),
+                      "continuation")
+    verdict = compare_generation(baseline, test, tolerance=TOL, segments=[segment])
+    assert (verdict.status, verdict.compared, verdict.ties, verdict.continued_by) == ("tie", 4, 1, ["continuation"])
+    assert verdict.max_logprob_diff == 0.0078125
+
+
+def test_continuations_carry_the_comparison_past_each_later_near_tie():
+    baseline, test = gen(NEAR, A, NEAR, A), gen(FLIPPED, A, NEAR, A)
+    first = Segment(1, splice(baseline, 1, gen(A, NEAR, A)), splice(test, 1, gen(A, FLIPPED, B)), "continuation")
+    verdict = compare_generation(baseline, test, tolerance=TOL, segments=[first])
+    assert (verdict.compared, verdict.resume_from) == (3, 3)  # stopped at the second near-tie
+    second = Segment(3, splice(first.baseline, 3, gen(A)), splice(first.test, 3, gen(A)), "continuation")
+    verdict = compare_generation(baseline, test, tolerance=TOL, segments=[first, second])
+    assert (verdict.status, verdict.compared, verdict.ties, verdict.resume_from) == ("tie", 4, 2, None)
+    assert verdict.continued_by == ["continuation", "continuation"]
+
+
+def test_a_continuation_that_does_not_follow_the_baseline_tokens_is_a_mismatch():
+    baseline, test = gen(A, NEAR, B), gen(A, FLIPPED, B)
+    astray = Segment(2, splice(gen(B, NEAR, B), 2, gen(B)), splice(test, 2, gen(B)), "continuation")
+    verdict = compare_generation(baseline, test, tolerance=TOL, segments=[astray])
+    assert (verdict.status, verdict.reason) == ("mismatch", "step 2: the continuation from step 2 does not follow the "
+                                                            "baseline's tokens before step 2")
+
+
+def test_a_stop_at_the_last_step_leaves_nothing_to_continue():
+    verdict = compare_generation(gen(A, NEAR), gen(A, FLIPPED), tolerance=TOL)
+    assert (verdict.status, verdict.compared, verdict.generated, verdict.resume_from) == ("tie", 2, 2, None)
+
+
+def test_splice_keeps_the_steps_before_the_start_and_appends_the_continuation():
+    spliced = splice(gen(A, NEAR, B), 2, gen(A, B))
+    assert (spliced.output_ids, spliced.top_logprobs, spliced.forced_from) == ([5, 7, 5, 7], [A, NEAR, A, B], None)
 
 
 def test_summarize_counts_every_status():
@@ -336,7 +383,7 @@ def test_a_router_near_tie_is_counted_and_passed_in_a_continuation_that_replays_
     baseline = routed(gen(A, B, A), *routing_of([[0, 1], [2, 3]], [0.1, 0.5], 3))
     test = routed(gen(A, B, A), *routing_of([[0, 2], [2, 3]], [0.15, 0.5], 3))
     continuation = forced(test, [7, 5], from_step=1)
-    verdict = compare_generation(baseline, test, tolerance=ROUTED, continuation=continuation)
+    verdict = compare_generation(baseline, test, tolerance=ROUTED, segments=in_loop(baseline, continuation, 1))
     assert (verdict.status, verdict.compared, verdict.router_ties, verdict.ties) == ("tie", 3, 3, 0)
 
 
@@ -344,7 +391,7 @@ def test_a_router_near_tie_is_counted_and_passed_in_a_continuation_that_replays_
 def test_a_routing_difference_where_either_side_is_far_from_a_tie_is_a_mismatch(baseline_gap, test_gap):
     baseline = routed(gen(A, B), *routing_of([[0, 1], [2, 3]], [0.5, baseline_gap], 2))
     test = routed(gen(A, B), *routing_of([[0, 1], [2, 1]], [0.5, test_gap], 2))
-    verdict = compare_generation(baseline, test, tolerance=ROUTED, continuation=forced(test, [7], from_step=1))
+    verdict = compare_generation(baseline, test, tolerance=ROUTED, segments=in_loop(baseline, forced(test, [7], from_step=1), 1))
     assert (verdict.status, verdict.step) == ("mismatch", 1)
     assert verdict.reason == ("step 1: baseline routed token 2 in MoE layer 1 to experts [2, 3], test to [1, 2]; the "
                               "router gap 0.5 is at least 0.2: a decisive routing divergence")

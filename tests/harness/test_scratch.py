@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from harness.exits import Terminated, sigterm_raises
-from harness.scratch import remove_stale, scratch, signals_deferred
+from harness.exits import Terminated
+from harness.scratch import remove_stale, scratch
+from harness.stops import signals_deferred, stop_signals
 
 
 def dead_pid() -> int:
@@ -38,7 +39,7 @@ def test_only_the_scratch_directories_of_dead_processes_are_stale(tmp_path):
 @pytest.mark.parametrize(("sig", "raised"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
 def test_a_signal_during_deferred_cleanup_is_raised_once_the_cleanup_is_done(sig, raised):
     done = []
-    with sigterm_raises(), pytest.raises(raised), signals_deferred():
+    with stop_signals(), pytest.raises(raised), signals_deferred():
         signal.raise_signal(sig)
         done.append("cleanup")
     assert done == ["cleanup"]

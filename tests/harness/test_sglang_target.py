@@ -1,19 +1,31 @@
 """The SGLang target's translation (engine arguments named as the installed ServerArgs names them, `generate`
-outputs to records) on the CPU, and its arguments checked against the installed SGLang's ServerArgs.
+outputs to records), what it refuses per device, and its arguments checked against the installed SGLang's ServerArgs.
 
-A real run needs SGLang and an accelerator: `suites/test_hardware.py`.
+Real runs: `suites/test_sglang.py` (SGLang's CPU engine), `suites/test_hardware.py` (graphs on an accelerator).
 """
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from harness.inputs.scenarios import Scenario
 from harness.judge import scenario_failures
-from harness.targets.base import MIN_COVERAGE, TargetRun, TargetUnavailable, default_min_coverage
-from harness.targets.sglang import WORKER_ENV, SGLangTarget, argument_problems, engine_args, sampling_params, to_generation
+from harness.targets.base import TargetRun, TargetUnavailable
+from harness.targets.sglang import (
+    WORKER_ENV,
+    SGLangTarget,
+    argument_problems,
+    check_supported,
+    engine_args,
+    sampling_params,
+    to_generation,
+    worker_env,
+)
+from harness.targets.sglang_cpu import STARTUP_DIR
 from harness.verdicts.compare import Verdict
 from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
@@ -25,10 +37,10 @@ REQUEST = Request("r0", [11, 12, 13], max_new_tokens=3)
 CURRENT = {"model_path", "device", "dtype", "tp_size", "dp_size", "skip_tokenizer_init", "disable_radix_cache",
            "random_seed", "log_level", "enable_torch_compile", "cuda_graph_backend_decode", "cuda_graph_backend_prefill",
            "cuda_graph_max_bs_decode", "cuda_graph_bs_decode", "sampling_defaults", "attention_backend",
-           "disable_cuda_graph"}
+           "disable_cuda_graph", "max_total_tokens"}
 PREVIOUS = {"model_path", "device", "dtype", "tp_size", "dp_size", "skip_tokenizer_init", "disable_radix_cache",
             "random_seed", "log_level", "enable_torch_compile", "disable_cuda_graph", "disable_piecewise_cuda_graph",
-            "cuda_graph_max_bs", "cuda_graph_bs", "attention_backend"}
+            "cuda_graph_max_bs", "cuda_graph_bs", "attention_backend", "max_total_tokens"}
 
 # One `Engine.generate(input_ids=..., return_logprob=True, top_logprobs_num=2)` output as SGLang returns it
 # with skip_tokenizer_init: logprob entries are (logprob, token_id, text) with text None.
@@ -70,8 +82,13 @@ def test_eager_mode_disables_decode_and_prefill_graphs_by_current_names():
         "model_path": "/ckpt", "device": "cuda", "dtype": "float32", "tp_size": 1, "dp_size": 1,
         "skip_tokenizer_init": True, "disable_radix_cache": True, "random_seed": 0, "log_level": "error",
         "enable_torch_compile": False, "cuda_graph_backend_decode": "disabled", "cuda_graph_backend_prefill": "disabled",
-        "cuda_graph_max_bs_decode": 8, "sampling_defaults": "openai",
+        "cuda_graph_max_bs_decode": 8, "sampling_defaults": "openai", "max_total_tokens": 4112,
     }
+
+
+def test_kv_cache_room_is_the_reference_runners_in_tokens():
+    engine = EngineArgs(num_blocks=100, block_size=32)
+    assert engine_args(engine, "/c", "cuda", 0, CURRENT)["max_total_tokens"] == 3200
 
 
 def test_graph_mode_passes_layout_dtype_and_decode_capture_sizes():
@@ -88,6 +105,14 @@ def test_graph_mode_passes_layout_dtype_and_decode_capture_sizes():
 def test_compile_mode_enables_torch_compile_with_decode_graphs():
     args = engine_args(EngineArgs(mode="compile"), "/c", "npu", 0, CURRENT)
     assert (args["cuda_graph_backend_decode"], args["enable_torch_compile"]) == ("full", True)
+
+
+def test_cpu_runs_sglangs_cpu_engine_with_torch_native_attention_and_the_stand_ins_first_on_its_path():
+    assert engine_args(EngineArgs(), "/c", "cpu", 0, CURRENT)["attention_backend"] == "torch_native"
+    env = worker_env("cpu")
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert env["PYTHONPATH"].split(os.pathsep)[:2] == [str(STARTUP_DIR), sys.path[0]]
+    assert worker_env("npu") == {"ASCEND_USE_FIA": "1"}
 
 
 def test_npu_selects_the_fia_decode_path():
@@ -137,7 +162,7 @@ def test_every_argument_is_a_field_of_the_installed_server_args_with_an_allowed_
     assert done.returncode == 0, done.stderr[-3000:]
     problems = json.loads(done.stdout.splitlines()[-1])
     assert problems.pop("fields") > 100  # read from the real ServerArgs
-    assert problems == {f"{d}-{m}": [] for d in ("npu", "cuda") for m in ("eager", "graph", "compile")}
+    assert problems == {f"{d}-{m}": [] for d in ("cpu", "npu", "cuda") for m in ("eager", "graph", "compile")}
 
 
 def test_sampling_is_greedy_for_exactly_max_new_tokens():
@@ -162,17 +187,46 @@ def test_a_graph_run_that_counts_zero_graph_steps_still_fails():
         "no decode step replayed a graph in mode 'graph' (silent eager fallback)"]
 
 
-def test_sglang_cannot_force_tokens_so_it_is_held_to_the_lower_minimum_coverage():
-    assert (SGLangTarget.can_force_tokens, default_min_coverage(SGLangTarget)) == (False, MIN_COVERAGE[False])
+def test_sglang_is_compared_past_near_ties_by_continuation():
+    assert SGLangTarget.forcing == "continuation"
 
 
 @pytest.mark.skipif(SGLANG_INSTALLED, reason="sglang is installed here")
 def test_target_without_sglang_installed_is_refused():
-    with pytest.raises(TargetUnavailable, match=r"target 'sglang' needs SGLang installed \(pip install .\[sglang\]"):
+    with pytest.raises(TargetUnavailable, match=r"target 'sglang' needs SGLang installed: on a CPU host sglang without "
+                                                r"its dependencies, then packaging/sglang-cpu.txt"):
         SGLangTarget("cuda")
 
 
-@pytest.mark.skipif(not SGLANG_INSTALLED, reason="needs sglang installed")
-def test_target_on_the_cpu_is_refused():
-    with pytest.raises(TargetUnavailable, match="target 'sglang' runs on npu or cuda, not cpu"):
-        SGLangTarget("cpu")
+def config_dir(tmp_path: Path, architecture: str) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("engine", "refusal"), [
+    (EngineArgs(mode="graph"), r"^target 'sglang' has no graph mode on cpu: SGLang's CPU graph runner \(torch.compile\) "
+                               r"needs its Intel AMX attention backend.*; choose from eager$"),
+    (EngineArgs(mode="compile"), r"^target 'sglang' has no compile mode on cpu: .*; choose from eager$"),
+    (EngineArgs(tp_size=2), r"^target 'sglang' runs one rank on cpu .*: drop --tp and --dp$"),
+], ids=["graph", "compile", "tp2"])
+def test_cpu_refuses_graphs_and_several_ranks_in_one_line(tmp_path, engine, refusal):
+    with pytest.raises(TargetUnavailable, match=refusal):
+        check_supported("cpu", Scenario("llama", "oracle", engine), config_dir(tmp_path, "LlamaForCausalLM"))
+
+
+def test_cpu_refuses_a_moe_model_naming_the_piece_it_lacks(tmp_path):
+    with pytest.raises(TargetUnavailable, match=r"^target 'sglang' cannot run \S+ \(Qwen2MoeForCausalLM\) on cpu: its "
+                                                r"shared-expert gate is a triton kernel \(fused_gate_sigmoid_mul_add"):
+        check_supported("cpu", Scenario("qwen2_moe", "oracle"), config_dir(tmp_path, "Qwen2MoeForCausalLM"))
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM"])
+def test_cpu_accepts_eager_dense_and_the_moe_models_its_cpu_path_runs(tmp_path, architecture):
+    check_supported("cpu", Scenario("m", "oracle"), config_dir(tmp_path, architecture))
+
+
+def test_accelerators_accept_every_mode_and_architecture(tmp_path):
+    for device in ("cuda", "npu"):
+        for mode in ("eager", "graph", "compile"):
+            check_supported(device, Scenario("m", "eager", EngineArgs(mode=mode, tp_size=2)),
+                            config_dir(tmp_path, "Qwen2MoeForCausalLM"))

@@ -1,6 +1,7 @@
 """`npugraph-harness check` resolves and validates everything before the first scenario: every bad input is one
 line on stderr naming the culprit (option, model, tensor, file or environment variable) and exit 2, with nothing
 run; anything that would check nothing is such an input, and a scenario that judged nothing fails."""
+import importlib.util
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from harness.inputs.real_models import REAL_MODELS
 from harness.inputs.scenarios import Scenario
 from harness.judge import scenario_failures
 from harness.targets.base import TargetRun
+from harness.targets.reference import ReferenceTarget
 from harness.verdicts.compare import Verdict
 
 
@@ -78,7 +80,8 @@ OPTION_PROBES = {
                                                             "that takes 16 blocks of 16 tokens, plus block 0 (reserved)"),
     "unknown-workload": (["--workload", "nope"], "--workload nope: unknown workload 'nope'; choose one of mixed, join_leave, "
                                                  "skewed, batch1, batch3, batch5, batch7, batch8, batch13"),
-    "unknown-target": (["--target", "tgi"], "--target tgi: unknown target 'tgi'; choose one of reference, sglang, vllm"),
+    "unknown-target": (["--target", "tgi"], "--target tgi: unknown target 'tgi'; choose one of reference, sglang, vllm (or "
+                                            "register one under the entry-point group npugraph_harness.targets)"),
     "unknown-device": (["--device", "tpu"], "--device tpu: unknown device 'tpu'; choose one of cpu, cuda, npu"),
     "prefill-graphs-with-dp": (["--prefill-graphs", "--dp", "2"], "prefill_graphs (--prefill-graphs) with dp_size 2: DP "
                                                                  "ranks would have to agree on one prefill bucket every "
@@ -211,10 +214,12 @@ def test_an_absent_device_is_named(capsys, monkeypatch, where):
                                               "to torch")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="sglang is installed here")
 def test_an_absent_target_engine_is_named(capsys):
-    line = refused([*FAST, "--target", "sglang"], capsys)
-    assert line in (error("target 'sglang' needs SGLang installed (pip install .[sglang]; on Ascend, SGLang's NPU build)"),
-                    error("target 'sglang' runs on npu or cuda, not cpu"))
+    assert refused([*FAST, "--target", "sglang"], capsys) == error(
+        "target 'sglang' needs SGLang installed: on a CPU host sglang without its dependencies, then "
+        "packaging/sglang-cpu.txt; on cuda pip install .[sglang]; on Ascend, SGLang's NPU build (README, \"Judging "
+        "your engine\")")
 
 
 # --- limits ----------------------------------------------------------------------------------------
@@ -270,3 +275,13 @@ def test_a_scenario_that_judged_no_request_fails():
 def test_a_scenario_that_judged_a_request_has_no_failure():
     judged = [Verdict("r0", "match", "same tokens", compared=3, generated=3)]
     assert scenario_failures(Scenario("llama", "oracle"), judged, TargetRun([]), min_coverage=0.9) == []
+
+
+def test_a_target_that_can_neither_force_nor_be_continued_is_refused(monkeypatch, capsys):
+    class Unforceable(ReferenceTarget):
+        name, forcing = "unforceable", None
+
+    monkeypatch.setattr("harness.targets.get_target", lambda name, device: Unforceable(device))
+    assert refused(FAST, capsys) == error(
+        "--target unforceable: it can neither force tokens in its loop nor be continued (forcing=None, not one of "
+        "in_loop, continuation), so its scenarios would stop comparing at their first near-tie, below the minimum coverage")

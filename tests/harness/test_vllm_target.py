@@ -1,5 +1,6 @@
 """The vLLM target's translation (LLM arguments per device and mode, outputs to records) and its refusals, on
 the CPU. A real run needs vLLM installed: suites/test_vllm.py; its arguments checked by vLLM itself below."""
+import dataclasses
 import importlib.util
 import json
 import re
@@ -44,7 +45,7 @@ class Logprob:  # vllm.logprobs.Logprob as vLLM 0.32 returns it with detokenize=
 
 
 def job(mode: str = "eager", device: str = "cpu", **engine) -> WorkerJob:
-    return WorkerJob("harness.targets.vllm:run_engine", "/ckpt", [REQUEST], EngineArgs(mode=mode, **engine), device, seed=3)
+    return WorkerJob("harness.targets.vllm:start_engine", "/ckpt", EngineArgs(mode=mode, **engine), device, seed=3)
 
 
 def test_steps_become_the_chosen_token_and_the_top_k_by_rank():
@@ -71,7 +72,8 @@ def test_eager_on_cpu_disables_compilation_and_sizes_the_kv_cache_like_the_refer
     assert llm_args(job(), HD32) == {
         "model": "/ckpt", "skip_tokenizer_init": True, "dtype": "float32", "seed": 3, "max_model_len": 256,
         "tensor_parallel_size": 1, "enable_prefix_caching": False, "generation_config": "vllm",
-        "kv_cache_memory_bytes": 4 << 20, "logprobs_mode": "raw_logprobs", "enforce_eager": True,
+        "kv_cache_memory_bytes": 4 << 20, "logprobs_mode": "raw_logprobs",
+        "logits_processors": ["harness.targets.vllm_forcing:ForceTokens"], "enforce_eager": True,
     }
 
 
@@ -108,6 +110,11 @@ def test_graph_on_npu_captures_full_decode_acl_graphs():
 def test_sampling_is_greedy_for_exactly_max_new_tokens_with_top_k_logprobs():
     assert sampling_params([REQUEST], 5) == [
         {"temperature": 0, "max_tokens": 2, "ignore_eos": True, "logprobs": 5, "detokenize": False}]
+
+
+def test_a_forced_request_carries_its_tokens_to_the_forcing_logits_processor():
+    forced = dataclasses.replace(REQUEST, forced_from=1, forced_ids=[9])
+    assert sampling_params([forced], 5)[0]["extra_args"] == {"npugraph_forced": {"from": 1, "ids": [9]}}
 
 
 def test_source_literal_reads_a_method_return_and_a_module_assignment(tmp_path):

@@ -1,5 +1,6 @@
-"""Target workers: an engine run in its own process returns the same records as in process; one that raises,
-is killed or hangs fails the run in bounded time, quoting its log; nothing it started outlives the run."""
+"""Target workers: an engine run in its own process returns the same records as in process, and serves one run after
+another from one start; one that raises, is killed or hangs fails the run in bounded time, quoting its log; nothing it
+started outlives the run."""
 import dataclasses
 import json
 import os
@@ -17,20 +18,42 @@ from harness.inputs.scenarios import Scenario
 from harness.inputs.workloads import make_requests
 from harness.targets.base import TargetRun
 from harness.targets.reference import ReferenceTarget
-from harness.targets.worker import WorkerFailed, WorkerJob, run_in_worker
+from harness.targets.worker import (
+    WORKER_TIMEOUT_S,
+    WorkerFailed,
+    WorkerJob,
+    WorkerSession,
+    WorkerSessions,
+    run_in_worker,
+)
 from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation
 from suites.faults import WORKER_FAULTS
 
 EXIT_WITHIN_S = 60
 # A judge process that runs one job (argv[1]) in a worker.
-JUDGE = ("import json, sys; from harness.targets.worker import WorkerJob, run_in_worker; "
-         "run_in_worker(WorkerJob.from_dict(json.loads(sys.argv[1])))")
+JUDGE = ("import json, sys; from harness.inputs.workloads import make_requests; "
+         "from harness.targets.worker import WorkerJob, run_in_worker; "
+         "run_in_worker(WorkerJob.from_dict(json.loads(sys.argv[1])), make_requests('mixed', 512, 4))")
+REQUESTS = make_requests("mixed", 512, 4)
 
 
-def make_job(setup: str | None = None) -> WorkerJob:
-    return WorkerJob("harness.targets.reference:run_engine", str(ensure_checkpoint("llama")), make_requests("mixed", 512, 4),
-                     EngineArgs(mode="graph"), setup=setup)
+def make_job(setup: str | None = None, mode: str = "graph") -> WorkerJob:
+    return WorkerJob("harness.targets.reference:start_engine", str(ensure_checkpoint("llama")), EngineArgs(mode=mode),
+                     setup=setup)
+
+
+def live_children() -> list[int]:
+    """Pids of this process's children that are alive (not zombies)."""
+    return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+            if _parent(stat) == os.getpid() and alive(int(stat.parent.name))]
+
+
+def _parent(stat: Path) -> int | None:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):
+        return None
 
 
 def alive(pid: int) -> bool:
@@ -43,9 +66,34 @@ def alive(pid: int) -> bool:
 
 def test_worker_returns_the_records_of_the_same_run_in_process():
     job = make_job()
-    in_process = ReferenceTarget("cpu").run(Scenario("llama", "eager", job.engine), Path(job.checkpoint), job.requests)
-    assert run_in_worker(job) == in_process
+    in_process = ReferenceTarget("cpu").run(Scenario("llama", "eager", job.engine), Path(job.checkpoint), REQUESTS)
+    assert run_in_worker(job, REQUESTS) == in_process
     assert in_process.engine_version == "reference 0.1.0"
+
+
+def test_a_session_serves_one_run_after_another_from_one_worker():
+    job, shorter = make_job(), make_requests("batch3", 512, 2)
+    with WorkerSession(job) as session:
+        first = session.run(REQUESTS)
+        (worker,) = live_children()
+        second = session.run(shorter)
+        assert live_children() == [worker]
+    assert live_children() == []
+    assert [len(g.output_ids) for g in second.generations] == [r.max_new_tokens for r in shorter]
+    assert first == run_in_worker(job, REQUESTS)
+
+
+def test_a_target_keeps_at_most_its_capacity_of_workers_the_least_recently_used_ended_first():
+    workers = WorkerSessions({}, WORKER_TIMEOUT_S, capacity=1)
+    try:
+        workers.run(make_job(mode="eager"), REQUESTS[:1])
+        (eager,) = live_children()
+        workers.run(make_job(mode="graph"), REQUESTS[:1])
+        (graph,) = live_children()
+        assert graph != eager
+    finally:
+        workers.close()
+    assert live_children() == []
 
 
 def test_target_run_survives_its_json_round_trip():
@@ -58,20 +106,20 @@ def test_target_run_survives_its_json_round_trip():
 def test_worker_that_raises_fails_the_run_with_its_error_and_log():
     with pytest.raises(WorkerFailed, match=r"^the worker raised RuntimeError: injected; its log ends:\n(.*\n)*    RuntimeError: "
                                            r"injected$"):
-        run_in_worker(make_job(WORKER_FAULTS["worker_raises"]))
+        run_in_worker(make_job(WORKER_FAULTS["worker_raises"]), REQUESTS)
 
 
 def test_worker_killed_by_a_signal_fails_the_run_quoting_its_last_log_line():
     with pytest.raises(WorkerFailed, match=r"^the worker died of SIGKILL without reporting an error; its log ends:\n"
                                            r"    about to be killed$"):
-        run_in_worker(make_job(WORKER_FAULTS["worker_is_killed"]))
+        run_in_worker(make_job(WORKER_FAULTS["worker_is_killed"]), REQUESTS)
 
 
 def test_hung_worker_and_the_process_it_started_are_killed_at_the_timeout():
     start = time.monotonic()
     with pytest.raises(WorkerFailed, match=r"^the worker did not finish within 30 s and was killed; its log ends:\n"
                                            r"    worker \d+ started process \d+$") as failure:
-        run_in_worker(make_job(WORKER_FAULTS["worker_hangs"]), timeout_s=30)
+        run_in_worker(make_job(WORKER_FAULTS["worker_hangs"]), REQUESTS, timeout_s=30)
     assert time.monotonic() - start < EXIT_WITHIN_S
     worker, child = map(int, re.findall(r"\d+", str(failure.value).splitlines()[-1]))
     assert not alive(worker)
