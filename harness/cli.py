@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "class and device. Arguments after `--` go to pytest.")
     bench.add_argument("--device", default=None, help="cpu, cuda or npu (default: detected)")
     bench.add_argument("--record", action="store_true",
-                       help="store this run as the new baseline (absolute times and speed-ups) instead of comparing")
+                       help="merge this run into the stored baselines (absolute times and speed-ups) instead of "
+                            "comparing: what it measured replaces, the rest is kept; a run that did not pass records nothing")
     bench.add_argument("--json", type=Path, default=None, help="also write pytest-benchmark's JSON here")
     bench.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --), e.g. -k llama")
 

@@ -4,19 +4,45 @@
 #   bash scripts/device_check_cuda.sh [OUT_DIR]      (from the repository root; default: $OUT, else results/device-cuda)
 # Needs torch with CUDA, transformers, pytest, hypothesis, pytest-benchmark and matplotlib; the project need not be
 # installed. Writes device.log, check.json, check-prefill.json, bench.json and the report (summary.md, bench.png)
-# into OUT_DIR; exits 1 if any step failed.
+# into OUT_DIR. Without a CUDA device it refuses in one line (exit 2); otherwise it stops at the first step that
+# fails and ends with a summary of every step (exit 1), or exits 0 when all passed.
 set -uo pipefail
+STEPS=(check check-prefill suites bench report)
+if ! probe=$(python -c "import torch, transformers
+assert torch.cuda.is_available(), f'torch {torch.__version__}: torch.cuda.is_available() is False'
+print('torch', torch.__version__, torch.cuda.get_device_name(), 'transformers', transformers.__version__)" 2>&1); then
+    echo "device_check_cuda.sh: no CUDA device to check (${probe##*$'\n'}): nothing run" >&2
+    exit 2
+fi
 out=${1:-${OUT:-results/device-cuda}}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NPUGRAPH_CACHE=${NPUGRAPH_CACHE:-/tmp/npugraph-cache}
 log="$out/device.log"
-python -c "import torch, transformers; print('torch', torch.__version__, torch.cuda.get_device_name(), 'transformers', transformers.__version__)" | tee "$log"
-status=0
-step() {  # step NAME COMMAND...: run it, its output appended to device.log; a failure fails the check, the rest still runs
+echo "$probe" | tee "$log"
+passed=()
+
+summary() {  # summary FAILED_STEP CODE: every step's outcome, then the verdict
+    local name verdict=PASSED
+    for name in "${STEPS[@]}"; do
+        if [[ " ${passed[*]} " == *" $name "* ]]; then echo "== $name: passed"
+        elif [ "$name" = "${1:-}" ]; then echo "== $name: FAILED (exit $2)"; verdict="FAILED at $name (see $log)"
+        else echo "== $name: not run"; fi
+    done
+    echo "== device check: $verdict"
+}
+
+step() {  # step NAME COMMAND...: run it, its output appended to device.log; the first failure ends the check
     local name=$1; shift
     echo "== $name: $*" | tee -a "$log"
-    "$@" 2>&1 | tee -a "$log" || { echo "== $name FAILED" | tee -a "$log"; status=1; }
+    "$@" 2>&1 | tee -a "$log"
+    local code=${PIPESTATUS[0]}
+    if [ "$code" != 0 ]; then
+        summary "$name" "$code" | tee -a "$log"
+        exit 1
+    fi
+    passed+=("$name")
 }
+
 step check python -m harness check --device cuda --modes eager,graph,compile,tree --model llama,qwen2_moe \
     --json "$out/check.json"
 step check-prefill python -m harness check --device cuda --modes graph,tree --prefill-graphs --model llama,qwen2_moe \
@@ -26,5 +52,4 @@ step suites python -m pytest -q -p no:cacheprovider --nightly --device cuda suit
 step bench python -m pytest -q -p no:cacheprovider --device cuda suites/bench/test_decode_throughput.py \
     -k "test_decode_step and llama" --benchmark-json "$out/bench.json"
 step report python -m harness report "$out/bench.json" --out "$out"
-echo "== device check: $([ $status = 0 ] && echo PASSED || echo FAILED)" | tee -a "$log"
-exit $status
+summary | tee -a "$log"

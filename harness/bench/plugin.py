@@ -18,7 +18,6 @@ from harness.bench.results import (
     machine_class,
     ratio_gate,
     results_from_benchmarks,
-    save_ratios,
     speedups,
 )
 from reference_runner.device import DeviceUnavailable, detect_device, device_name, resolve_device
@@ -32,12 +31,14 @@ def pytest_addoption(parser):
                     help="fail when a stored graph/eager or compile/eager speed-up drops by more than --ratio-tolerance")
     group.addoption("--ratio-tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="FRACTION",
                     help=f"largest allowed relative drop of a speed-up (default {DEFAULT_TOLERANCE})")
-    group.addoption("--ratio-save", type=Path, default=None, metavar="FILE", help="store this run's speed-ups here")
+    group.addoption("--plant-replay-slowdown", type=int, default=1, metavar="N",
+                    help="the gate's own check: every graph replay in suites/bench runs N times over, a planted N-fold "
+                         "slowdown that the ratio gate must fail (`npugraph-harness bench -- --plant-replay-slowdown 2`)")
 
 
 def _device(config) -> str | None:
     try:
-        name = config.getoption("device")
+        name = config.getoption("device", None)  # None outside this checkout (`-p harness.bench.plugin`)
         return resolve_device(name) if name else detect_device()
     except DeviceUnavailable:
         return None  # the root conftest reports it
@@ -63,6 +64,8 @@ def pytest_configure(config):
     runs = not opt.benchmark_skip or opt.benchmark_only
     if runs and opt.benchmark_compare is True and opt.benchmark_storage.startswith("file://"):
         _require_stored_baseline(Path(opt.benchmark_storage.removeprefix("file://")))
+    if opt.plant_replay_slowdown < 1:
+        raise pytest.UsageError(f"--plant-replay-slowdown must be >= 1 (replays per replay), got {opt.plant_replay_slowdown}")
     if opt.ratio_baseline and not opt.ratio_baseline.is_file():
         raise pytest.UsageError(f"--ratio-baseline {opt.ratio_baseline}: no such file; record one with "
                                 f"`npugraph-harness bench --record` (on {device})")
@@ -80,7 +83,24 @@ def _require_stored_baseline(storage: Path) -> None:
             "commit baselines/, then compare.")
 
 
+# What differs between two instances of the same hardware: host name, kernel build, the clock py-cpuinfo measures at
+# boot, py-cpuinfo's own version. pytest-benchmark warns (4 KB) on any difference from the compared baseline's
+# machine_info; without these fields it warns where the hardware or the software stack differs.
+PER_INSTANCE = ("node", "release")
+PER_INSTANCE_CPU = ("hz_actual", "hz_actual_friendly", "hz_advertised", "hz_advertised_friendly", "cpuinfo_version",
+                    "cpuinfo_version_string", "python_version")
+
+
+def stable_machine_info(machine_info: dict) -> dict:
+    """`machine_info` without the fields that differ between instances of the same hardware."""
+    cpu = {k: v for k, v in machine_info.get("cpu", {}).items() if k not in PER_INSTANCE_CPU}
+    return {**{k: v for k, v in machine_info.items() if k not in PER_INSTANCE}, "cpu": cpu}
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
+    stable = stable_machine_info(machine_info)
+    machine_info.clear()
+    machine_info.update(stable)
     device = _device(config) or "unknown"
     name = machine_info.get("cpu", {}).get("brand_raw") if device == "cpu" else None
     machine_info["npugraph"] = {
@@ -95,19 +115,34 @@ def pytest_sessionfinish(session):
     config = session.config
     opt = config.option
     bench_session = getattr(config, "_benchmarksession", None)
-    if bench_session is None or not (opt.ratio_baseline or opt.ratio_save):
+    if bench_session is None or not opt.ratio_baseline:
         return
-    results = results_from_benchmarks([b.as_dict(include_data=False) for b in bench_session.benchmarks if b])
-    measured = speedups(results)
-    if opt.ratio_save and measured:
-        save_ratios(opt.ratio_save, measured, bench_session.get_machine_info()["npugraph"])
-    if opt.ratio_baseline:
-        config._ratio_checks = ratio_gate(measured, load_ratios(opt.ratio_baseline), opt.ratio_tolerance)
-        if not all(check.passed for check in config._ratio_checks):
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    measured = speedups(results_from_benchmarks([b.as_dict(include_data=False) for b in bench_session.benchmarks if b]))
+    config._ratio_checks = ratio_gate(measured, load_ratios(opt.ratio_baseline), opt.ratio_tolerance)
+    if not all(check.passed for check in config._ratio_checks):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.hookimpl(wrapper=True, trylast=True)  # around pytest-benchmark's summary, and only it
 def pytest_terminal_summary(terminalreporter, config):
+    """The ratio gate's section, after pytest-benchmark's tables. pytest-benchmark raises out of its summary when
+    `--benchmark-compare-fail` finds a regression, which would end the run in a traceback: its log lines above
+    already name each regression, so the run fails with one line more."""
+    from pytest_benchmark.session import PerformanceRegression
+
+    try:
+        yield
+        regressed = False
+    except PerformanceRegression:
+        regressed = True
+    _ratio_gate_section(terminalreporter, config)
+    if regressed:
+        terminalreporter.write_line("absolute times regressed beyond --benchmark-compare-fail (listed above)",
+                                    red=True, bold=True)
+        terminalreporter._session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _ratio_gate_section(terminalreporter, config) -> None:
     checks = getattr(config, "_ratio_checks", None)
     if checks is None:
         return

@@ -292,7 +292,7 @@ def report(args: argparse.Namespace) -> int:
     folder = args.results if args.results.is_dir() else args.results.parent
     bench_json = args.results / "bench.json" if args.results.is_dir() else args.results
     if not bench_json.is_file():
-        raise UsageError(f"no benchmark results at {bench_json} (write them with --benchmark-json)")
+        raise UsageError(f"no benchmark results at {bench_json} (write them with `npugraph-harness bench --json {bench_json}`)")
     results, cost_ratios, machine_info = _load(bench_json, "pytest-benchmark results", load_results)
     if not results and not cost_ratios:
         raise UsageError(f"{bench_json} holds no suites/bench results")

@@ -20,11 +20,13 @@ GATED_MODES = ("graph", "compile")  # speed-ups the ratio gate holds; eager is t
 # Only the decode step's: a 32-token loop round (~50 ms) sees the load of a shared machine change
 # within it, and its speed-up swung 2x between runs here; loops are reported, not gated.
 GATED_KINDS = ("step",)
+# Over 8 full runs of one tree on the shared 2-core CPU runner under load, a gated speed-up fell at most 21% below the
+# stored one (a compile/eager one; graph/eager at most 6%); a planted 2x slowdown of graph replay halves them.
 DEFAULT_TOLERANCE = 0.3
 # Absolute times gate only on the dedicated accelerator hosts, at the fastest round (the median moves with
 # load). On the shared CPU runners here the fastest round itself moved up to +69% between two runs of an
-# unchanged tree, while every gated speed-up stayed within 2%: there the times are compared and shown,
-# and the ratio gate fails the run.
+# unchanged tree, much more than the speed-ups: there the times are compared and shown, and the ratio gate
+# fails the run.
 COMPARE_FAIL = "min:30%"
 GATED_TIMES_DEVICES = ("npu", "cuda")
 
@@ -102,14 +104,6 @@ def machine_class(device: str, arch: str | None = None) -> str:
 
 def ratios_path(device: str) -> Path:
     return BASELINES / f"ratios-{device}.json"
-
-
-def save_ratios(path: Path, ratios: dict[str, float], machine: dict) -> None:
-    """Store the gated speed-ups of one run (the stored keys are what the gate checks), with the machine."""
-    gated = {k: round(v, 3) for k, v in sorted(ratios.items())
-             if k.split("/")[1] in GATED_KINDS and k.split("/")[3] in GATED_MODES}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"machine": machine, "speedups": gated}, indent=2) + "\n")
 
 
 def load_ratios(path: Path) -> dict[str, float]:

@@ -83,6 +83,8 @@ class RankResult:
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     prefill_graph_steps: int = 0
     prefill_eager_steps: int = 0
+    graph_memory: dict[str, int] | None = None  # this rank's graphs (`Engine.graph_memory`); None in eager mode
+    capture_seconds: float = 0.0  # this rank's capturing (and compiling)
 
 
 def available_ranks(device: str) -> int:
@@ -243,7 +245,7 @@ def run_rank(job: RankJob, out: Path) -> None:
     stats = engine.stats
     result = RankResult(parallel.rank, parallel.tp_rank, parallel.dp_rank, generations, stats.graph_steps,
                         stats.eager_steps, dict(stats.fallback_reasons), stats.prefill_graph_steps,
-                        stats.prefill_eager_steps)
+                        stats.prefill_eager_steps, engine.graph_memory(), engine.capture_seconds)
     (out / f"rank{parallel.rank}.json").write_text(json.dumps(dataclasses.asdict(result)))
     destroy_parallel()
 

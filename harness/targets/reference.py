@@ -7,7 +7,7 @@ from pathlib import Path
 
 from harness.inputs.scenarios import Scenario
 from harness.targets.base import Target, TargetRun
-from harness.targets.launch import RankJob, launch, merge
+from harness.targets.launch import RankJob, RankResult, launch, merge
 from harness.targets.worker import RunRequests, WorkerJob
 from reference_runner import __version__
 from reference_runner.engine.args import EngineArgs
@@ -76,5 +76,14 @@ class ReferenceTarget(Target):
             prefill_graph_steps=sum(r.prefill_graph_steps for r in leaders),
             prefill_eager_steps=sum(r.prefill_eager_steps for r in leaders),
             fallback_reasons=dict(sum((Counter(r.fallback_reasons) for r in leaders), Counter())),
+            graph_memory=summed_graph_memory(results),
             engine_version=ENGINE_VERSION,
+            capture_seconds=max(r.capture_seconds for r in results),  # the ranks capture at the same time
         )
+
+
+def summed_graph_memory(results: list[RankResult]) -> dict[str, int] | None:
+    """Every rank holds its own graphs (on its own device): their bytes summed over the ranks, None in eager mode."""
+    if results[0].graph_memory is None:
+        return None
+    return {key: sum(r.graph_memory[key] for r in results) for key in results[0].graph_memory}

@@ -3,16 +3,17 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from harness.bench.record import gated_speedups, record, save_ratios
 from harness.bench.results import (
     GOALS,
     BenchResult,
     load_ratios,
     ratio_gate,
     results_from_benchmarks,
-    save_ratios,
     speedups,
 )
 from harness.cli import main
@@ -21,7 +22,8 @@ from harness.cli import main
 def bench(mode, bs, min_ms, speedup=1.0, kind="step", model="llama", median_ms=None):
     """One benchmark as pytest-benchmark's JSON writes it."""
     tokens = bs if kind == "step" else 32 * bs
-    return {"name": f"test_decode_{kind}[{model}-{bs}-{mode}]",
+    name = f"test_decode_{kind}[{model}-{bs}-{mode}]"
+    return {"name": name, "fullname": f"suites/bench/test_decode_throughput.py::{name}",
             "extra_info": {"model": model, "kind": kind, "mode": mode, "bs": bs, "tokens": tokens,
                            "speedup_vs_eager": speedup},
             "stats": {"min": min_ms / 1e3, "median": (median_ms or min_ms) / 1e3}}
@@ -51,7 +53,7 @@ def test_speedups_are_the_measured_ones_of_every_mode_but_eager():
 
 
 def test_saved_ratios_hold_the_gated_decode_step_speed_ups_only(tmp_path):
-    save_ratios(tmp_path / "ratios.json", speedups(results_from_benchmarks(RUN)), {"device": "cpu"})
+    save_ratios(tmp_path / "ratios.json", gated_speedups(RUN), {"device": "cpu"})
     assert load_ratios(tmp_path / "ratios.json") == {
         "llama/step/bs1/compile": 5.0, "llama/step/bs1/graph": 2.0,
         "llama/step/bs8/compile": 4.0, "llama/step/bs8/graph": 1.5,
@@ -174,7 +176,8 @@ def test_report_lists_each_time_to_verdict_ratio_against_its_limit(tmp_path, sto
 def test_report_without_results_exits_2_with_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"npugraph-harness: error: no benchmark results at {tmp_path / 'bench.json'} (write them with --benchmark-json)")
+        f"npugraph-harness: error: no benchmark results at {tmp_path / 'bench.json'} "
+        f"(write them with `npugraph-harness bench --json {tmp_path / 'bench.json'}`)")
 
 
 @pytest.mark.parametrize(("device", "fails_on_times"), [("cpu", False), ("cuda", True), ("npu", True)])
@@ -245,3 +248,145 @@ def test_bench_runs_from_any_directory(tmp_path):
     assert "INTERNALERROR" not in done.stdout + done.stderr
     assert (done.returncode, done.stderr.splitlines()[-1]) == (
         2, "npugraph-harness: error: bench: no benchmark was collected (pytest exit 5): nothing was measured")
+
+
+def stored_run(folder, benchmarks, name="0001_cpu.json"):
+    """A stored pytest-benchmark file of `benchmarks` in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps({"machine_info": MACHINE, "benchmarks": benchmarks}))
+    return folder / name
+
+
+def test_a_selection_is_merged_into_a_new_baseline_that_keeps_every_stored_benchmark(tmp_path):
+    first = stored_run(tmp_path / "machine", RUN)
+    before = first.read_bytes()
+    save_ratios(tmp_path / "ratios-cpu.json", gated_speedups(RUN), {"device": "cpu", "torch": "old"})
+    selection = [bench("eager", 1, 0.9), bench("graph", 1, 0.4, 2.2)]  # -k "bs1 and step and not compile"
+    recorded = record({"machine_info": MACHINE, "benchmarks": selection}, tmp_path / "machine", "cpu",
+                      tmp_path / "ratios-cpu.json")
+    assert recorded.lines() == [
+        f"recorded 9 benchmarks in {tmp_path / 'machine' / '0002_cpu.json'}: 2 measured, 7 kept from 0001_cpu.json "
+        "(not run this time)",
+        f"recorded 4 speed-ups in {tmp_path / 'ratios-cpu.json'}: 1 measured, 3 kept from before"]
+    merged = {b["name"]: b for b in json.loads(recorded.baseline.read_text())["benchmarks"]}
+    assert set(merged) == {b["name"] for b in RUN}
+    assert merged["test_decode_step[llama-1-graph]"] == selection[1]
+    assert merged["test_decode_step[llama-8-graph]"]["extra_info"]["measured_in"] == "0001_cpu.json"
+    assert first.read_bytes() == before  # older files stay as they were
+    assert load_ratios(tmp_path / "ratios-cpu.json") == {
+        "llama/step/bs1/compile": 5.0, "llama/step/bs1/graph": 2.2,
+        "llama/step/bs8/compile": 4.0, "llama/step/bs8/graph": 1.5,
+    }
+    assert json.loads((tmp_path / "ratios-cpu.json").read_text())["machine"] == MACHINE["npugraph"]
+
+
+def test_a_benchmark_kept_through_several_records_names_the_run_that_measured_it(tmp_path):
+    stored_run(tmp_path, RUN)
+    stored_run(tmp_path, [bench("eager", 1, 0.9)], name="0002_cpu.json")  # as a record before merging wrote it
+    recorded = record({"machine_info": MACHINE, "benchmarks": [bench("eager", 8, 1.1)]}, tmp_path, "cpu",
+                      tmp_path / "ratios-cpu.json")
+    assert recorded.baseline.name == "0003_cpu.json"
+    merged = {b["name"]: b["extra_info"].get("measured_in") for b in json.loads(recorded.baseline.read_text())["benchmarks"]}
+    assert merged == {"test_decode_step[llama-1-eager]": "0002_cpu.json", "test_decode_step[llama-8-eager]": None}
+    again = record({"machine_info": MACHINE, "benchmarks": [bench("eager", 8, 1.0)]}, tmp_path, "cpu",
+                   tmp_path / "ratios-cpu.json")
+    assert json.loads(again.baseline.read_text())["benchmarks"][0]["extra_info"]["measured_in"] == "0002_cpu.json"
+
+
+def test_the_first_record_of_a_machine_class_is_0001_and_keeps_nothing(tmp_path):
+    recorded = record({"machine_info": MACHINE, "benchmarks": RUN}, tmp_path / "new", "cpu", tmp_path / "ratios-cpu.json")
+    assert (recorded.baseline.name, recorded.kept, recorded.ratios_kept) == ("0001_cpu.json", 0, 0)
+    assert recorded.lines()[0] == f"recorded 9 benchmarks in {recorded.baseline}: 9 measured"
+
+
+def machine_folder(baselines):
+    """Where `bench` keeps this machine's absolute baselines under `baselines`."""
+    from pytest_benchmark.utils import get_machine_id
+
+    from harness.bench.results import machine_class
+
+    return baselines / machine_class("cpu") / get_machine_id()
+
+
+@pytest.fixture
+def bench_here(tmp_path, monkeypatch):
+    """`bench_here(status, benchmarks, *args)`: `main(["bench", "--device", "cpu", *args])` against baselines in
+    `tmp_path`, with a pytest that writes `benchmarks` as its JSON (when asked for one) and exits `status`; the exit
+    status and pytest's arguments (None if pytest did not run)."""
+    from harness.bench import run as bench_module
+
+    monkeypatch.setattr(bench_module, "BASELINES", tmp_path)
+    monkeypatch.setattr(bench_module, "ratios_path", lambda device: tmp_path / f"ratios-{device}.json")
+    run, ran = subprocess.run, []
+
+    def run_pytest(argv, *args, **kwargs):
+        if argv[1:3] != ["-m", "pytest"]:
+            return run(argv, *args, **kwargs)
+        ran.append(argv)
+        for out in [arg.split("=", 1)[1] for arg in argv if arg.startswith("--benchmark-json=")]:
+            Path(out).write_text(json.dumps({"machine_info": MACHINE, "benchmarks": ran_benchmarks}))
+        return subprocess.CompletedProcess(argv, pytest_status)
+
+    def bench_cpu(status, benchmarks, *args):
+        nonlocal pytest_status, ran_benchmarks
+        pytest_status, ran_benchmarks = status, benchmarks
+        return main(["bench", "--device", "cpu", *args]), ran[-1] if ran else None
+
+    pytest_status, ran_benchmarks = 0, []
+    monkeypatch.setattr(subprocess, "run", run_pytest)
+    return bench_cpu
+
+
+def test_bench_record_merges_a_passing_selection(bench_here, tmp_path, capsys):
+    folder = machine_folder(tmp_path)
+    stored_run(folder, RUN)
+    assert bench_here(0, [bench("graph", 1, 0.4, 2.2)], "--record", "--", "-k", "llama-1-graph")[0] == 0
+    assert capsys.readouterr().out.splitlines()[-2].startswith(
+        f"recorded 9 benchmarks in {folder / '0002_cpu.json'}: 1 measured, 8 kept from 0001_cpu.json")
+    assert len(json.loads((folder / "0002_cpu.json").read_text())["benchmarks"]) == 9
+
+
+@pytest.mark.parametrize(("pytest_status", "status"), [(1, 1), (2, 130)], ids=["a-benchmark-failed", "interrupted"])
+def test_bench_record_of_a_run_that_did_not_pass_records_nothing(bench_here, tmp_path, capsys, pytest_status, status):
+    folder = machine_folder(tmp_path)
+    stored_run(folder, RUN)
+    run_json = tmp_path / "run.json"
+    assert bench_here(pytest_status, [bench("graph", 1, 0.4, 2.2)], "--record", "--json", str(run_json))[0] == status
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"bench --record: nothing recorded, the run did not pass; {tmp_path} is unchanged (this run's results: "
+        f"{run_json})")
+    assert sorted(p.name for p in folder.iterdir()) == ["0001_cpu.json"]
+    assert not (tmp_path / "ratios-cpu.json").exists()
+
+
+def test_bench_record_refuses_a_planted_slowdown_before_running(bench_here, capsys):
+    assert bench_here(0, RUN, "--record", "--", "--plant-replay-slowdown=2") == (2, None)
+    assert capsys.readouterr().err.strip() == ("npugraph-harness: error: bench --record: a run with a planted replay "
+                                                "slowdown (--plant-replay-slowdown) is no baseline")
+
+
+def test_bench_with_nothing_stored_says_which_comparison_is_off_and_runs_ungated(bench_here, tmp_path, capsys):
+    status, argv = bench_here(0, RUN)
+    assert status == 0
+    assert not [arg for arg in argv if arg.startswith(("--benchmark-compare", "--ratio-baseline"))]
+    assert capsys.readouterr().out.splitlines() == [
+        f"bench: no absolute baseline for {machine_folder(tmp_path)}: times not compared "
+        "(`npugraph-harness bench --record` stores one)",
+        f"bench: no stored speed-ups {tmp_path / 'ratios-cpu.json'}: ratio gate off "
+        "(`npugraph-harness bench --record` stores them)"]
+
+
+def test_machine_info_keeps_the_hardware_and_drops_what_differs_between_instances_of_it():
+    from harness.bench.plugin import stable_machine_info
+
+    def instance(node, release, hz):
+        return {"node": node, "release": release, "machine": "x86_64", "python_version": "3.11.7",
+                "cpu": {"brand_raw": "AMD EPYC", "model": 1, "flags": ["avx2"], "hz_actual": [hz, 0],
+                        "hz_actual_friendly": f"{hz / 1e9:.4f} GHz", "hz_advertised": [hz, 0],
+                        "hz_advertised_friendly": f"{hz / 1e9:.4f} GHz", "cpuinfo_version": [9, 0, 0],
+                        "cpuinfo_version_string": "9.0.0", "python_version": "3.11.7.final.0 (64 bit)"}}
+
+    one, other = instance("vm", "6.18.44-fc-v669", 2596148000), instance("runner-7", "6.18.44-fc-v1272", 2445432000)
+    assert stable_machine_info(one) == stable_machine_info(other) == {
+        "machine": "x86_64", "python_version": "3.11.7", "cpu": {"brand_raw": "AMD EPYC", "model": 1, "flags": ["avx2"]}}
+    assert stable_machine_info(one) != stable_machine_info({**one, "cpu": {**one["cpu"], "flags": ["avx2", "avx512f"]}})

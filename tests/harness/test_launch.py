@@ -142,3 +142,20 @@ def test_torchrun_runs_the_worker_entry(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [(r["tp_rank"], len(r["generations"])) for r in ranks] == [(0, 8), (1, 8)]
     assert ranks[0]["generations"] == ranks[1]["generations"]  # TP ranks agree on every token
+
+
+@pytest.mark.multirank
+def test_a_multi_rank_run_reports_graph_memory_summed_over_ranks_and_the_longest_capture(monkeypatch):
+    from harness.inputs.scenarios import Scenario
+    from harness.targets import reference
+
+    ranks = []
+    monkeypatch.setattr(reference, "launch", lambda job: ranks.extend(launch(job)) or ranks)
+    scenario = Scenario(model="llama", baseline="eager", engine=EngineArgs(mode="graph", tp_size=2, max_bs=4),
+                        workload="mixed", max_new_tokens=4)
+    job = make_job(tp=2)
+    run = reference.ReferenceTarget("cpu").run(scenario, Path(job.checkpoint), job.requests)
+    assert all(r.graph_memory["all_buckets_bytes"] > 0 and r.capture_seconds > 0 for r in ranks)
+    assert run.graph_memory == {key: ranks[0].graph_memory[key] + ranks[1].graph_memory[key]
+                                for key in ("largest_bucket_bytes", "all_buckets_bytes")}
+    assert run.capture_seconds == max(r.capture_seconds for r in ranks)
