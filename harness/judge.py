@@ -148,7 +148,6 @@ class ScenarioResult:
         return cls(scenario, [], TargetRun([]), seconds, [f"internal error: {type(error).__name__}: {error}"])
 
 
-
 def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRun, min_coverage: float) -> list[str]:
     """Failed verdicts; else too little compared (below `min_coverage` of the generated tokens); and a
     graph scenario in which no step replayed a graph (silent fallback), where the target counts graph steps;
@@ -280,11 +279,17 @@ class Judge:
         sides = Sides(case.requests, lambda requests: self.rerun_test(case, requests, forced=True),
                       lambda requests: self.rerun_test(case, requests, forced=False),
                       lambda requests, tests: self.continue_baseline(case, requests, tests))
+        ties: dict[str, RoutingTie] = {}
+        searched: dict[str, Generation] = {}  # per rid, the baseline its router near-tie was searched along
         for _ in range(case.scenario.max_new_tokens + 1):  # each round carries a stopped request a step further at least
             baseline_now = _reached(baseline, segments, "baseline")
             test_now = _reached(run.generations, segments, "test")
+            # Only a baseline a continuation replaced is searched again: each search loads transformers' model.
+            fresh = [g for g in baseline_now.values() if searched.get(g.rid) is not g]
             with case.phases.timing("compare"):
-                ties = self.routing_ties(case, list(baseline_now.values()), run.generations)
+                ties = {**{rid: tie for rid, tie in ties.items() if searched[rid] is baseline_now[rid]},
+                        **self.routing_ties(case, fresh, run.generations)}
+                searched.update((g.rid, g) for g in fresh)
                 verdicts = compare_generations(baseline, run.generations, case.tolerance, segments=segments,
                                                routing_ties=ties)
             stops = [v for v in verdicts if v.resume_from is not None]
@@ -377,7 +382,8 @@ class Judge:
         baseline's tokens, past which the two sides may route differently (none where the routing is
         reported and compared, or cannot differ)."""
         checkpoint, tolerance = case.checkpoint, case.tolerance
-        if not tolerance.router_gap or not routing.has_experts(checkpoint) or any(g.routed_experts for g in test):
+        if (not baseline or not tolerance.router_gap or not routing.has_experts(checkpoint)
+                or any(g.routed_experts for g in test)):
             return {}
         if not routing.searchable(checkpoint):
             self.progress(f"{case.scenario.name}: router near-ties not searched (checkpoint above "

@@ -136,3 +136,21 @@ def test_an_engine_that_raises_in_a_continuation_fails_the_scenario_naming_it():
 
     result = Judge(Crashes("continuation", parts=ALL)).run(COMPILED)
     assert result.failures == ["the engine under test (scripted) raised RuntimeError: injected"]
+
+
+def test_router_near_ties_are_searched_once_along_each_baseline_however_many_rounds_continue(monkeypatch):
+    # A MoE test that does not report its routing: the judge searches the baseline's tokens for router near-ties, each
+    # search a transformers forward; a round of continuations replaces the baselines of the requests it continues only.
+    searched: list[list[int]] = []
+
+    def router_gaps(checkpoint, sequences):
+        searched.extend(sequences)
+        return [[10.0] * len(s) for s in sequences]  # no router near the tie
+
+    monkeypatch.setattr("harness.judge.routing.router_gaps", router_gaps)
+    target = ScriptedTarget("continuation", parts={"r0", "r2", "r5"})
+    result = Judge(target).run(Scenario(model="qwen2_moe", baseline="eager", engine=EngineArgs(mode="compile")))
+    continued = sum(len(requests) for mode, requests in target.runs[2:] if mode == "compile")
+    assert continued > 3  # more than one round
+    assert len(searched) == len(ALL) + continued
+    assert result.coverage == 1.0
