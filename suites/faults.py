@@ -491,10 +491,11 @@ def vllm_compiled_runner_up_lifted_after_first_near_tie(job) -> None:
     logprobs from, as a kernel miscompiled for long sequences would compute them. Every other mode is left alone."""
     if job.engine.mode != "compile":
         return
-    from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
+    from vllm.v1.sample.logits_processor import LogitsProcessor
     from vllm.v1.sample.sampler import Sampler
 
     from harness.targets import vllm as target
+    from harness.targets.vllm_forcing import follow_batch
 
     class Rows(LogitsProcessor):
         """Per row of the batch, whether its request has met its first near-tie (the logits are left alone here)."""
@@ -506,16 +507,7 @@ def vllm_compiled_runner_up_lifted_after_first_near_tie(job) -> None:
             return True
 
         def update_state(self, batch_update) -> None:
-            for index in batch_update.removed if batch_update else ():
-                self.tied.pop(index, None)
-            for index, *_ in batch_update.added if batch_update else ():
-                self.tied[index] = [False]
-            for a, b, direction in batch_update.moved if batch_update else ():
-                moving, replaced = self.tied.pop(a, None), self.tied.pop(b, None)
-                if moving is not None:
-                    self.tied[b] = moving
-                if direction == MoveDirectionality.SWAP and replaced is not None:
-                    self.tied[a] = replaced
+            follow_batch(self.tied, batch_update, lambda params, output: [False])
 
         def apply(self, logits):
             return logits

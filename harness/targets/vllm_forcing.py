@@ -10,13 +10,17 @@ choose from there (`ids`).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from harness.targets.vllm import FORCED
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,28 @@ class Forcing:
         return self.ids[step - self.start] if self.start <= step < self.start + len(self.ids) else None
 
 
+def follow_batch(rows: dict[int, T], batch_update: BatchUpdate | None,
+                 state: Callable[[SamplingParams | None, Sequence[int]], T | None]) -> None:
+    """Keep per-row state of vLLM's persistent batch in step with its changes: a removed row's dropped, an added row's
+    made by `state(params, output)` (None: none), a moved row's moved with it."""
+    if batch_update is None:
+        return
+    for index in batch_update.removed:
+        rows.pop(index, None)
+    for index, params, _, output in batch_update.added:
+        value = state(params, output)
+        if value is None:
+            rows.pop(index, None)
+        else:
+            rows[index] = value
+    for a, b, direction in batch_update.moved:  # a one-way move replaces b's entry; a swap exchanges them
+        moving, replaced = rows.pop(a, None), rows.pop(b, None)
+        if moving is not None:
+            rows[b] = moving
+        if direction == MoveDirectionality.SWAP and replaced is not None:
+            rows[a] = replaced
+
+
 class ForceTokens(LogitsProcessor):
     """Each forced request's row of logits becomes -inf but at its forced token, on the steps it is forced."""
 
@@ -42,22 +68,11 @@ class ForceTokens(LogitsProcessor):
         return False  # it decides the greedy choice: vLLM must apply it on the greedy path too
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
-        for index in batch_update.removed:
-            self.forcings.pop(index, None)
-        for index, params, _, output in batch_update.added:
+        def forcing(params: SamplingParams | None, output: Sequence[int]) -> Forcing | None:
             forced = (params.extra_args or {}).get(FORCED) if params is not None else None
-            if forced:
-                self.forcings[index] = Forcing(forced["from"], list(forced["ids"]), output)
-            else:
-                self.forcings.pop(index, None)
-        for a, b, direction in batch_update.moved:  # a one-way move replaces b's entry; a swap exchanges them
-            moving, replaced = self.forcings.pop(a, None), self.forcings.pop(b, None)
-            if moving is not None:
-                self.forcings[b] = moving
-            if direction == MoveDirectionality.SWAP and replaced is not None:
-                self.forcings[a] = replaced
+            return Forcing(forced["from"], list(forced["ids"]), output) if forced else None
+
+        follow_batch(self.forcings, batch_update, forcing)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         for index, forcing in self.forcings.items():
