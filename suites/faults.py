@@ -532,7 +532,6 @@ def sglang_runner_up_lifted_after_first_near_tie(job) -> None:
     through a custom logit processor on every request, whose changes SGLang's logprobs show."""
     from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
 
-    from harness.targets import sglang as target
 
     class AfterFirstNearTie(CustomLogitProcessor):
         tied: ClassVar[dict[str, list[bool]]] = {}  # by SGLang's own request id
@@ -542,16 +541,7 @@ def sglang_runner_up_lifted_after_first_near_tie(job) -> None:
                 _lift_after_first_near_tie(logits[row], AfterFirstNearTie.tied.setdefault(params["__req__"].rid, [False]))
             return logits
 
-    engine_args, generate_args = target.engine_args, target.generate_args
-
-    def with_processor(requests, top_k):
-        args = generate_args(requests, top_k)
-        args["sampling_params"] = [{**params, "custom_params": {}} for params in args["sampling_params"]]
-        args["custom_logit_processor"] = [AfterFirstNearTie.to_str()] * len(requests)
-        return args
-
-    target.engine_args = lambda *args: {**engine_args(*args), "enable_custom_logit_processor": True}
-    target.generate_args = with_processor
+    _with_sglang_processor(AfterFirstNearTie, lambda request: True)
 
 
 def sglang_logits_perturbed(job) -> None:
@@ -588,7 +578,6 @@ def _at_sglang_step(step: int, fault) -> None:
     (SGLang's public hook, `enable_custom_logit_processor`) given to r1 alone."""
     from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
 
-    from harness.targets import sglang as target
 
     class AtStep(CustomLogitProcessor):
         # Per request, the steps sampled so far: called once per step, the prefill's first. (Its output_ids cannot
@@ -604,14 +593,22 @@ def _at_sglang_step(step: int, fault) -> None:
                     fault(logits[row])
             return logits
 
+    _with_sglang_processor(AtStep, lambda request: request.rid == PERTURBED_REQUEST)
+
+
+def _with_sglang_processor(processor, chosen) -> None:
+    """SGLang's engine started with custom logit processors enabled, and `processor` (a CustomLogitProcessor class)
+    given to the requests `chosen(request)` picks, each with a dict of custom params (SGLang then adds the request)."""
+    from harness.targets import sglang as target
+
     engine_args, generate_args = target.engine_args, target.generate_args
 
     def with_processor(requests, top_k):
         args = generate_args(requests, top_k)
-        chosen = [request.rid == PERTURBED_REQUEST for request in requests]
+        picked = [chosen(request) for request in requests]
         args["sampling_params"] = [{**params, "custom_params": {}} if pick else params
-                                   for params, pick in zip(args["sampling_params"], chosen)]
-        args["custom_logit_processor"] = [AtStep.to_str() if pick else None for pick in chosen]
+                                   for params, pick in zip(args["sampling_params"], picked)]
+        args["custom_logit_processor"] = [processor.to_str() if pick else None for pick in picked]
         return args
 
     target.engine_args = lambda *args: {**engine_args(*args), "enable_custom_logit_processor": True}
