@@ -129,11 +129,12 @@ def test_a_signal_during_an_sglang_run_stops_the_check_and_leaves_no_process(tmp
                              env={**os.environ, TAG: tag, "TMPDIR": str(tmp_path)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + START_WITHIN_S
-        while not SGLANG_PROCESSES.issubset(tagged_processes(tag).values()):
-            if check.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"SGLang's processes never started: {check.communicate()[1][-3000:]}")
-            time.sleep(0.1)
+        with watching(tag) as seen:
+            deadline = time.monotonic() + START_WITHIN_S
+            while not SGLANG_PROCESSES.issubset(seen):
+                if check.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"SGLang's processes never started: {check.communicate()[1][-3000:]}")
+                time.sleep(0.1)
         check.send_signal(sig)
         _, err = check.communicate(timeout=STOP_WITHIN_S)
     finally:
