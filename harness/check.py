@@ -80,7 +80,8 @@ class CheckPlan:
     @property
     def scenarios(self) -> list[Scenario]:
         return default_matrix([m.name for m in self.models], self.modes, self.engine, [t.name for t in self.against],
-                              workload=self.workload, max_new_tokens=self.max_new_tokens)
+                              self.target.twins(self.engine), workload=self.workload,
+                              max_new_tokens=self.max_new_tokens)
 
     @property
     def identity(self) -> dict:
@@ -478,23 +479,24 @@ def check_memory(plan: CheckPlan, model: ModelPlan) -> None:
                 f"{available / 2**20:,.0f} MiB are available ({source}): lower --max-bs, --num-blocks or --max-context")
 
 
-def check_graph_trees(plan: CheckPlan, model: ModelPlan) -> None:
-    """Mode tree where the device has graph trees that can run the step: none on the CPU; on npu only a torch_npu
-    whose trees update FIA's host list."""
-    if "tree" not in plan.modes:
-        return
-    from reference_runner.errors import GraphTreesUnsupported
+def check_device_modes(plan: CheckPlan, model: ModelPlan) -> None:
+    """Modes tree and compile_nograph where the device runs them: no graph trees on the CPU, nor on npu without a
+    torch_npu whose trees update FIA's host list; no compiled step without graphs on npu."""
+    from reference_runner.errors import ModeUnsupported
     from reference_runner.graphs import get_graph_backend
 
-    try:
-        get_graph_backend(plan.device, "tree")
-    except GraphTreesUnsupported as error:
-        raise UsageError(f"--modes tree: {error}") from None
+    for mode in ("tree", "compile_nograph"):
+        if mode not in plan.modes:
+            continue
+        try:
+            get_graph_backend(plan.device, mode)
+        except ModeUnsupported as error:
+            raise UsageError(f"--modes {mode}: {error}") from None
 
 
 MODEL_CHECKS: tuple[Callable[[CheckPlan, ModelPlan], None], ...] = (
     check_context, check_decode_steps, check_top_k, check_layout, check_target, check_memory,
-    check_graph_trees)
+    check_device_modes)
 
 
 def available_memory(device: str) -> tuple[int, str]:

@@ -21,7 +21,7 @@ import torch
 
 from harness.forcing import Sides, next_segments
 from harness.inputs.checkpoints import ensure_checkpoint
-from harness.inputs.scenarios import Scenario
+from harness.inputs.scenarios import TWINS, Scenario
 from harness.inputs.workloads import make_requests
 from harness.targets.base import MIN_COVERAGE, Target, TargetRun, TargetUnavailable
 from harness.verdicts import routing
@@ -32,10 +32,11 @@ from harness.verdicts.noise import judge_drift, noise_profile, profile_key
 from harness.verdicts.routing import RoutingTie, first_routing_tie
 from harness.verdicts.tolerances import KernelPair, Tolerance
 from reference_runner.device import DeviceUnavailable
+from reference_runner.engine.args import GRAPH_MODES, EngineArgs
 from reference_runner.errors import (
     CheckpointError,
-    GraphTreesUnsupported,
     LayoutError,
+    ModeUnsupported,
     TaskGroupMismatch,
     UnsupportedModel,
 )
@@ -44,7 +45,7 @@ from reference_runner.records import Generation, Request
 
 # Problems of the setup, not of the engine under test: the check stops with exit status 2.
 SETUP_ERRORS = (CheckpointError, UnsupportedModel, DeviceUnavailable, TargetUnavailable, LayoutError, TaskGroupMismatch,
-                GraphTreesUnsupported)
+                ModeUnsupported)
 
 
 @dataclass
@@ -160,20 +161,27 @@ def scenario_failures(scenario: Scenario, verdicts: list[Verdict], run: TargetRu
         failures.append(f"too little compared: {compared} of {generated} generated tokens "
                         f"({compared / max(generated, 1):.0%}), below the minimum coverage {min_coverage:.0%} "
                         "(--min-coverage)")
-    if scenario.mode != "eager" and run.counts_graph_steps and run.graph_steps == 0:
+    if scenario.mode in GRAPH_MODES and run.counts_graph_steps and run.graph_steps == 0:
         failures.append(f"no decode step replayed a graph in mode {scenario.mode!r} (silent eager fallback)")
-    if (scenario.mode != "eager" and scenario.engine.prefill_graphs and run.counts_graph_steps
+    if (scenario.mode in GRAPH_MODES and scenario.engine.prefill_graphs and run.counts_graph_steps
             and run.prefill_graph_steps == 0):
         failures.append(f"no prefill replayed a graph in mode {scenario.mode!r} with prefill graphs on (silent eager "
                         "fallback)")
     return failures
 
 
+# The modes whose decode steps run a compiler's kernels (inductor's, torchair's): against eager, other kernels.
+COMPILED_MODES = ("compile", "tree", "compile_nograph")
+
+
 def kernel_pair(scenario: Scenario) -> KernelPair:
-    """Whether the scenario's two sides run other kernels: transformers', another target's, inductor's (modes compile
-    and tree), or the other reduction order of several ranks."""
+    """Whether the scenario's two sides run other kernels: transformers', another target's, a compiler's on one side
+    only (modes compile and tree against eager, the twin against eager), or the other reduction order of several
+    ranks. A graph mode against its twin runs the same kernels."""
     engine = scenario.engine
-    across = scenario.baseline != "eager" or engine.mode in ("compile", "tree") or engine.world_size > 1
+    same_target = scenario.baseline == "eager" or scenario.baseline in TWINS.values()
+    compiled = (engine.mode in COMPILED_MODES) != (scenario.baseline_engine().mode in COMPILED_MODES)
+    across = not same_target or compiled or engine.world_size > 1
     return "across_kernels" if across else "same_kernels"
 
 
@@ -216,7 +224,7 @@ class Judge:
         self.progress = progress
         self.min_coverage = MIN_COVERAGE if min_coverage is None else min_coverage
         self.drift_baseline = drift_baseline
-        self._eager_runs: dict[tuple, TargetRun] = {}
+        self._shared_runs: dict[tuple, TargetRun] = {}  # eager and twin runs on one rank, each made once
 
     def run(self, scenario: Scenario) -> ScenarioResult:
         """Judge `scenario`: the baseline, the run under test, transformers' score where it is the baseline, the
@@ -246,20 +254,21 @@ class Judge:
             getattr(torch, scenario.engine.dtype), self.target.device, pair == "across_kernels"))
 
     def baseline(self, case: _Case) -> list[Generation] | None:
-        """The baseline target's eager run (made once, shared by scenarios); None where transformers is the baseline."""
+        """The baseline target's eager (or twin) run, made once and shared by scenarios; None where transformers is the
+        baseline."""
         target = self.baseline_target(case.scenario)
         if target is None:
             return None
-        run = self.eager_run(case, "baseline", target)
+        run = self.shared_run(case, "baseline", target, case.scenario.baseline_engine())
         case.baseline_version = run.engine_version
         return run.generations
 
     def run_test(self, case: _Case) -> TargetRun:
-        """The run under test (the shared eager run where the scenario is eager on one rank)."""
+        """The run under test (the shared run where the scenario is eager, or a twin mode, on one rank)."""
         scenario = case.scenario
         self.progress(f"{scenario.name}: running {scenario.mode} on {self.target.name}")
-        if scenario.engine == scenario.baseline_engine() and not scenario.dp_ranks:
-            return self.eager_run(case, "run", self.target)
+        if (scenario.engine == scenario.baseline_engine() and not scenario.dp_ranks) or _one_rank_twin(scenario):
+            return self.shared_run(case, "run", self.target, scenario.engine)
         return self._timed_run(case, self.target, scenario, case.requests, "run")
 
     def score(self, case: _Case, generations: list[Generation]) -> list[Generation]:
@@ -331,8 +340,8 @@ class Judge:
 
             with case.phases.timing("forced_rerun"):
                 return oracle_score(case.checkpoint, requests, tests, top_k=case.scenario.engine.top_k, dtype=case.dtype)
-        eager = replace(case.scenario, engine=case.scenario.baseline_engine(), dp_ranks=None)
-        return self._timed_run(case, target, eager, requests, "forced_rerun").generations
+        baseline = replace(case.scenario, engine=case.scenario.baseline_engine(), dp_ranks=None)
+        return self._timed_run(case, target, baseline, requests, "forced_rerun").generations
 
     def _timed_run(self, case: _Case, target: Target, scenario: Scenario, requests: list[Request],
                    phase: str) -> TargetRun:
@@ -355,27 +364,29 @@ class Judge:
 
     def baseline_target(self, scenario: Scenario) -> Target | None:
         """The target whose eager run is `scenario`'s baseline: this one, the one judged against, or none (the oracle)."""
-        if scenario.baseline in ("oracle", "eager"):
-            return None if scenario.baseline == "oracle" else self.target
+        if scenario.baseline == "oracle":
+            return None
+        if scenario.baseline == "eager" or scenario.baseline in TWINS.values():
+            return self.target
         if scenario.baseline not in self.against:
             raise ValueError(f"scenario {scenario.name}: baseline {scenario.baseline!r} is no target judged against")
         return self.against[scenario.baseline]
 
-    def eager_run(self, case: _Case, phase: str, target: Target) -> TargetRun:
-        """`target`'s eager run on one rank of the case's requests, made once and reused by later scenarios."""
+    def shared_run(self, case: _Case, phase: str, target: Target, engine: EngineArgs) -> TargetRun:
+        """`target`'s run of the case's requests with `engine` on one rank (eager, or a twin mode), made once and
+        reused by later scenarios."""
         scenario = case.scenario
-        baseline = replace(scenario, engine=scenario.baseline_engine(), dp_ranks=None)
-        key = (target.name, str(case.checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed,
-               baseline.engine)
-        if key in self._eager_runs:
+        shared = replace(scenario, engine=engine, dp_ranks=None)
+        key = (target.name, str(case.checkpoint), scenario.workload, scenario.max_new_tokens, scenario.seed, engine)
+        if key in self._shared_runs:
             case.phases.reused.append(phase)
-            return self._eager_runs[key]
+            return self._shared_runs[key]
         if phase == "baseline":
-            self.progress(f"{scenario.name}: baseline eager on {target.name}")
+            self.progress(f"{scenario.name}: baseline {engine.mode} on {target.name}")
         if target is not self.target:
-            target.validate(baseline, case.checkpoint)
-        self._eager_runs[key] = self._timed_run(case, target, baseline, case.requests, phase)
-        return self._eager_runs[key]
+            target.validate(shared, case.checkpoint)
+        self._shared_runs[key] = self._timed_run(case, target, shared, case.requests, phase)
+        return self._shared_runs[key]
 
     def routing_ties(self, case: _Case, baseline: list[Generation], test: list[Generation]) -> dict[str, RoutingTie]:
         """For a test that does not report its MoE routing, per rid the first router near-tie along the
@@ -395,6 +406,11 @@ class Judge:
         ties = {r.rid: first_routing_tie(gaps, len(r.prompt_ids), tolerance.router_gap)
                 for r, gaps in zip(judged, routing.router_gaps(checkpoint, sequences))}
         return {rid: tie for rid, tie in ties.items() if tie is not None}
+
+
+def _one_rank_twin(scenario: Scenario) -> bool:
+    """A twin mode on one rank: its run is the baseline of the graph mode judged against it."""
+    return scenario.mode in TWINS.values() and scenario.engine.world_size == 1 and not scenario.dp_ranks
 
 
 def _reached(generations: list[Generation], segments: dict[str, list[Segment]], side: str) -> dict[str, Generation]:

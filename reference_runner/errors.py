@@ -28,6 +28,10 @@ class ReplayHang(RuntimeError):
     `update()` records, and each replay consumes one (docs/npu.md)."""
 
 
-class GraphTreesUnsupported(RuntimeError):
+class ModeUnsupported(RuntimeError):
+    """A decode mode the device cannot run (mode `compile_nograph` on npu, mode `tree` without graph trees)."""
+
+
+class GraphTreesUnsupported(ModeUnsupported):
     """Mode `tree` where torch's graph trees cannot run the step: no trees on the device (the CPU), or trees that
     refuse the updatable attention ops (torch_npu without ACLGraph update plans)."""

@@ -3,11 +3,12 @@
 # and the decode step's speed-ups against eager (the device graph must beat eager); about 6 minutes on one H200.
 #   bash scripts/device_check_cuda.sh [OUT_DIR]      (from the repository root; default: $OUT, else results/device-cuda)
 # Needs torch with CUDA, transformers, pytest, hypothesis, pytest-benchmark and matplotlib; the project need not be
-# installed. Writes device.log, check.json, check-prefill.json, bench.json and the report (summary.md, bench.png)
+# installed. Writes device.log, check.json, check-prefill.json, bench.json, check-twin.json (compile against its
+# twin, the compiled step without CUDA graphs: last, never yet run on a GPU) and the report (summary.md, bench.png)
 # into OUT_DIR. Without a CUDA device it refuses in one line (exit 2); otherwise it stops at the first step that
 # fails and ends with a summary of every step (exit 1), or exits 0 when all passed.
 set -uo pipefail
-STEPS=(check check-prefill suites bench report)
+STEPS=(check check-prefill suites bench check-twin report)
 if ! probe=$(python -c "import torch, transformers
 assert torch.cuda.is_available(), f'torch {torch.__version__}: torch.cuda.is_available() is False'
 print('torch', torch.__version__, torch.cuda.get_device_name(), 'transformers', transformers.__version__)" 2>&1); then
@@ -51,5 +52,7 @@ step suites python -m pytest -q -p no:cacheprovider --nightly --device cuda suit
     suites/test_faults.py -k "families or prefill or family or lazy or all_sizes or random_order or late"
 step bench python -m pytest -q -p no:cacheprovider --device cuda suites/bench/test_decode_throughput.py \
     -k "test_decode_step and llama" --benchmark-json "$out/bench.json"
+step check-twin python -m harness check --device cuda --dtype bfloat16 --modes compile,compile_nograph \
+    --model llama,qwen2_moe --json "$out/check-twin.json"
 step report python -m harness report "$out/bench.json" --out "$out"
 summary | tee -a "$log"

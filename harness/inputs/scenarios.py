@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from reference_runner.engine.args import EngineArgs
 
-BASELINES = ("oracle", "eager")  # or the name of another target: its eager run (`check --against TARGETS`)
+# The same-kernel twin of a graph mode: its compiled step without graphs. Where a target runs it and `--modes` names it
+# (`--modes compile,compile_nograph`), the graph mode is judged against the twin as tightly as graph against eager,
+# and the twin against eager across kernels: the graph's own faults are judged exactly, the compiler's noise apart.
+# Named, not implied: on the CPU the twin records every step anew, which costs about twice compile mode's run.
+TWINS = {"compile": "compile_nograph"}
 
 
 @dataclass(frozen=True)
 class Scenario:
     """`engine` (its mode above all) is judged against `baseline`: the transformers `oracle`, the same target run
-    `eager` on one rank, or another target (named: `vllm`, `reference`...) run eager on one rank."""
+    `eager` on one rank, or in its mode's twin (`compile_nograph`) on one rank, or another target (named: `vllm`,
+    `reference`...) run eager on one rank."""
 
     model: str
     baseline: str
@@ -35,8 +41,9 @@ class Scenario:
         return f"{self.model}-{self.mode}{prefill}{layout}-vs-{self.baseline}-{self.workload}"
 
     def baseline_engine(self) -> EngineArgs:
-        """The engine the `eager` baseline runs: this one, eager, on one rank."""
-        return dataclasses.replace(self.engine, mode="eager", tp_size=1, dp_size=1)
+        """The engine the baseline runs on one rank: this one in the twin mode the baseline names, else eager."""
+        mode = self.baseline if self.baseline in TWINS.values() else "eager"
+        return dataclasses.replace(self.engine, mode=mode, tp_size=1, dp_size=1)
 
     def as_dict(self) -> dict:
         """Flat: the scenario's fields, then its engine's."""
@@ -53,9 +60,18 @@ class Scenario:
 
 
 def default_matrix(models: list[str], modes: list[str], engine: EngineArgs, against: Sequence[str] = (),
-                   **options) -> list[Scenario]:
-    """`eager` against the oracle; every other mode against eager on the same target. With `against` (targets'
-    names), every mode against each of those targets' eager runs instead."""
-    return [Scenario(model=model, baseline=baseline or ("oracle" if mode == "eager" else "eager"),
-                     engine=dataclasses.replace(engine, mode=mode), **options)
-            for model in models for baseline in (against or [None]) for mode in modes]
+                   twins: Mapping[str, str] = MappingProxyType({}), **options) -> list[Scenario]:
+    """`eager` against the oracle; every other mode against eager on the same target, but a mode whose twin the target
+    runs (`twins`, of `TWINS`) and `modes` name too: that mode against its twin, after the twin against eager. With
+    `against` (targets' names), every mode against each of those targets' eager runs instead."""
+    if against:
+        return [Scenario(model, baseline, dataclasses.replace(engine, mode=mode), **options)
+                for model in models for baseline in against for mode in modes]
+    pairs: dict[tuple[str, str], None] = {}  # (mode, baseline), in order, once each
+    for mode in modes:
+        twin = twins.get(mode) if twins.get(mode) in modes else None
+        if twin is not None:
+            pairs[twin, "eager"] = None
+        pairs[mode, twin or ("oracle" if mode == "eager" else "eager")] = None
+    return [Scenario(model, baseline, dataclasses.replace(engine, mode=mode), **options)
+            for model in models for mode, baseline in pairs]

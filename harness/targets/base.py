@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from harness.inputs.scenarios import Scenario
+from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
 
 
@@ -58,6 +59,11 @@ class Target(Protocol):
 
     def close(self) -> None:
         """End what the target keeps between runs (its engines' workers). By default there is nothing."""
+
+    def twins(self, engine: EngineArgs) -> dict[str, str]:
+        """Per graph mode, the twin mode (`scenarios.TWINS`) this target runs with `engine`'s options, which that graph
+        mode is judged against. By default none: every graph mode is judged against eager."""
+        return {}
 
 
 # The share of generated tokens a scenario must compare to pass, unless --min-coverage says otherwise: every target

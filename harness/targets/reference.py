@@ -1,17 +1,20 @@
 """The reference runner in this repository as a target: in process, or on tp * dp launched ranks."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
 from pathlib import Path
 
-from harness.inputs.scenarios import Scenario
+from harness.inputs.scenarios import TWINS, Scenario
 from harness.targets.base import Target, TargetRun
 from harness.targets.launch import RankJob, RankResult, launch, merge
 from harness.targets.worker import RunRequests, WorkerJob
 from reference_runner import __version__
 from reference_runner.engine.args import EngineArgs
 from reference_runner.engine.engine import Engine
+from reference_runner.errors import ModeUnsupported
+from reference_runner.graphs import get_graph_backend
 from reference_runner.models.loader import drop_kept_model
 from reference_runner.parallel.state import DIST_TIMEOUT_S
 from reference_runner.records import Request
@@ -56,6 +59,18 @@ class ReferenceTarget(Target):
 
     def close(self) -> None:
         drop_kept_model()
+
+    def twins(self, engine: EngineArgs) -> dict[str, str]:
+        """Compile's twin where the device runs it; not with prefill graphs, which compile mode compiles too and the
+        twin, compiling decode steps only, would not."""
+        if engine.prefill_graphs:
+            return {}
+        twins = {}
+        for mode, twin in TWINS.items():
+            with contextlib.suppress(ModeUnsupported):
+                get_graph_backend(self.device, twin)
+                twins[mode] = twin
+        return twins
 
     def run(self, scenario: Scenario, checkpoint: Path, requests: list[Request]) -> TargetRun:
         if scenario.engine.world_size > 1:

@@ -38,7 +38,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.inputs.scenarios import Scenario
+from harness.inputs.scenarios import TWINS, Scenario
 from harness.targets.base import TargetRun, TargetUnavailable
 from harness.targets.worker import WORKER_TIMEOUT_S, RunRequests, WorkerJob, WorkerTarget
 from reference_runner.engine.args import EngineArgs
@@ -47,10 +47,13 @@ from reference_runner.records import Generation, Request
 # Graphs of whole decode steps (FULL_DECODE_ONLY); on cuda without torch.compile (mode 0, NONE): only
 # piecewise graphs need vLLM's compilation (vllm/config/vllm.py, the final check of cudagraph_mode).
 # vLLM-Ascend compiles full graphs with npugraph_ex before capture (its graph mode guide).
+# compile_nograph, compile's twin on cuda: the same compilation with no graph captured (cudagraph_mode NONE). Not on npu,
+# where vLLM-Ascend's compiled path without ACL graphs is not read yet; nor on the CPU, where compile captures none.
 MODE_ARGS: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {"eager": {"enforce_eager": True}, "compile": {}},
     "cuda": {"eager": {"enforce_eager": True}, "compile": {},
-             "graph": {"compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}}},
+             "graph": {"compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}},
+             "compile_nograph": {"compilation_config": {"cudagraph_mode": "NONE"}}},
     "npu": {"eager": {"enforce_eager": True}, "compile": {},
             "graph": {"compilation_config": {"cudagraph_mode": "FULL_DECODE_ONLY"}}},
 }
@@ -228,3 +231,6 @@ class VLLMTarget(WorkerTarget):
 
     def validate(self, scenario: Scenario, checkpoint: Path) -> None:
         check_supported(self.device, scenario, checkpoint)
+
+    def twins(self, engine: EngineArgs) -> dict[str, str]:
+        return {mode: twin for mode, twin in TWINS.items() if twin in MODE_ARGS[self.device]}

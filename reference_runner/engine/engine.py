@@ -33,8 +33,9 @@ from reference_runner.engine.forward_batch import ExpertRouting, ForwardBatch, F
 from reference_runner.engine.model_runner import ModelRunner
 from reference_runner.engine.scheduler import Running, ScheduledBatch, Scheduler
 from reference_runner.errors import InvalidRequest, LayoutError
+from reference_runner.graphs import get_graph_backend
 from reference_runner.graphs.prefill import PrefillGraphs
-from reference_runner.graphs.runner import GraphRunner, GraphStats, make_graph_runner
+from reference_runner.graphs.runner import GraphRunner, GraphStats, get_capture_bs, make_graph_runner
 from reference_runner.models.loader import keep_model
 from reference_runner.parallel.state import ParallelState
 from reference_runner.records import Generation, Request
@@ -75,7 +76,11 @@ class Engine:
         if args.prefill_graphs:
             self.model_runner.prefill_graphs = PrefillGraphs(self.model_runner, args.max_context)
         self.capture_seconds = 0.0  # capturing (and in compile mode compiling) every graph family
-        if args.mode != "eager":
+        if args.mode == "compile_nograph":  # compiled at its first decode step: no capture
+            self.model_runner.compiled_step = get_graph_backend(self.device, args.mode).compiled_step(
+                self.model_runner.forward_eager)
+            self.model_runner.compiled_max_bs = get_capture_bs(args.max_bs, args.graph_bs)[-1]
+        elif args.mode != "eager":
             start = time.perf_counter()
             self._capture_graphs()
             self.capture_seconds = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """ModelRunner: owns the model, its paged KV cache and attention backend; runs one forward.
 
-Decode steps go to `graph_runner` when one is plugged in and can take the batch; prefill steps go to
+Decode steps go to `graph_runner` when one is plugged in and can take the batch, or in mode compile_nograph to
+`compiled_step` (the compiled forward, no graph); prefill steps go to
 `prefill_graphs` when prefill graphs are on (as token rows, replayed or eager); everything else, and the
 graph runners' own capture, goes through `forward_eager`.
 """
@@ -41,6 +42,8 @@ class ModelRunner:
         # (MoE layers, top-k, experts) of the routing each forward records and may replay; None for a dense model.
         self.routing_shape = (len(moe_blocks), moe_blocks[0].top_k, moe_blocks[0].num_experts) if moe_blocks else None
         self.graph_runner = None  # set by the engine in graph modes
+        self.compiled_step = None  # set by the engine in mode compile_nograph: the decode step compiled, no graph
+        self.compiled_max_bs = 0  # the largest batch it takes: compile mode's largest graph (larger ones run eager there)
         self.prefill_graphs = None  # set by the engine with prefill graphs on (graphs/prefill.py)
 
     def own_routing(self, num_tokens: int) -> ExpertRouting | None:
@@ -58,6 +61,9 @@ class ModelRunner:
                 and self.graph_runner.can_run(forward_batch)):
             logits = self.graph_runner.replay(forward_batch)
             return logits, self.graph_runner.replay_fallback is None
+        if (self.compiled_step is not None and forward_batch.forward_mode is ForwardMode.DECODE
+                and forward_batch.batch_size > 0 and dp_buffer_len(forward_batch) <= self.compiled_max_bs):
+            return self.compiled_step(forward_batch), False  # (an idle DP rank's empty batch has no row to read)
         return self.forward_eager(forward_batch), False
 
     def forward_eager(self, forward_batch: ForwardBatch) -> torch.Tensor:

@@ -38,6 +38,9 @@ class GraphBackend:
     runner_cls: type[GraphRunner]  # NPUGraphRunner where graphs take update(cpu_update_input), else GraphRunner
     # Compile-then-capture: warmup and capture run this wrapping of the forward (None: run it as is).
     compile_forward: Callable[[Callable], Callable] | None = None
+    # Mode compile_nograph: the compiled step of compile mode, run on each batch as it comes, without a device graph
+    # (compiled_step(forward) -> forward); None where the device cannot.
+    compiled_step: Callable[[Callable], Callable] | None = None
     # Compiled mode: the runner marks the batch dim of its static inputs dynamic, so that one compile serves every
     # captured size (`compiled.mark_dynamic_batch`).
     dynamic_batch: bool = False

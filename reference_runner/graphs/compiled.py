@@ -8,6 +8,10 @@ warmup and the runner's own device graph captures the compiled code, so replay, 
 those of plain graph mode. On the CPU the captured SimNPUGraph is compiled piece by piece (`sim/piecewise.py`),
 which reads the same marks.
 
+Mode `compile_nograph` runs the same compiled step without graphs (`compiled_step`): each batch as it comes, at its
+own size, from its own tensors. Compile mode is judged against it with the tolerance of graph against eager, and it
+against eager across kernels: the graph's own faults are then judged exactly, inductor's noise apart.
+
 What the symbolic batch cannot cover compiles apart, as dynamo decides: batch size 1 (0/1 specialisation), and on
 npu every size, since FIA's host list `actual_seq_lengths_kv` holds one length per row and dynamo specialises the
 length of a list it reads. Changing lengths never recompile: they are tensor contents, or host lists refreshed by
@@ -63,5 +67,17 @@ def compile_forward(forward: Callable, backend: CompilerBackend) -> Callable:
         # the same code: lift dynamo's limits (8 per code, 256 in all), past which it would run eager unnoticed.
         with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=65536):
             return compiled(forward_batch)
+
+    return run
+
+
+def compiled_step(forward: Callable, backend: CompilerBackend) -> Callable:
+    """`forward` compiled as compile mode compiles it, called on each batch as it comes (no device graph, no
+    padding): mode compile_nograph on cuda."""
+    compiled = compile_forward(forward, backend)
+
+    def run(forward_batch):
+        mark_dynamic_batch(forward_batch)  # as the graph runner marks its static batch: the same compiled code
+        return compiled(forward_batch)
 
     return run

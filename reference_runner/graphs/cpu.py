@@ -17,14 +17,18 @@ EMULATED_RELEASE = TORCH_NPU_FLOOR
 def sim_backend(mode: str = "graph") -> GraphBackend:
     """Capture with auto dispatch, as on an NPU; mode `compile` then compiles the captured step piece by piece, once
     for every captured size (the runner marks the batch dim dynamic).
+    Mode `compile_nograph` runs the same compiled pieces without a kept graph: each step recorded from its own batch and
+    run once (`sim/piecewise.py`, `CompiledStep`).
     Mode `tree` is refused: the CPU has no graph trees (SimNPUGraph emulates plain NPUGraphs only)."""
     if mode == "tree":
         raise GraphTreesUnsupported("the CPU has no graph trees (mode 'tree' runs the step through torch's CUDA graph trees "
                                     "or torch_npu's NPU graph trees): use --device cuda or npu")
-    if mode == "compile":
-        from reference_runner.sim.piecewise import piecewise_graph
+    compiled_step = None
+    if mode in ("compile", "compile_nograph"):
+        from reference_runner.sim.piecewise import CompiledStep, piecewise_graph
 
         capture = piecewise_graph
+        compiled_step = CompiledStep if mode == "compile_nograph" else None
     else:
         capture = lambda g, pool: graph(g, pool=pool, auto_dispatch_capture=True)  # noqa: E731
     return GraphBackend(
@@ -38,4 +42,5 @@ def sim_backend(mode: str = "graph") -> GraphBackend:
         task_groups=lambda g: g.num_task_groups,
         release=f"{EMULATED_RELEASE} (emulated by SimNPUGraph)",
         dynamic_batch=mode == "compile",
+        compiled_step=compiled_step,
     )

@@ -6,7 +6,7 @@ import functools
 import torch
 
 from reference_runner.graphs.base import GraphBackend, allocator_pool_bytes
-from reference_runner.graphs.compiled import compile_forward
+from reference_runner.graphs.compiled import compile_forward, compiled_step
 from reference_runner.graphs.runner import GraphRunner
 from reference_runner.graphs.tree import GraphTreeRunner, cuda_graph_trees
 
@@ -15,8 +15,9 @@ def cuda_backend(mode: str = "graph") -> GraphBackend:
     """Plain capture: `CudaAttnBackend` reads `seq_lens` on the device, so replay needs no update.
     Mode `compile`: inductor compiles the forward during warmup, once for every size the marked batch dim covers,
     and our pool captures it at each size.
-    Mode `tree`: inductor's reduce-overhead mode, whose CUDA graph trees capture and replay (`tree.py`)."""
-    compile = mode == "compile"
+    Mode `tree`: inductor's reduce-overhead mode, whose CUDA graph trees capture and replay (`tree.py`).
+    Mode `compile_nograph`: compile mode's compiled forward, called on each batch without a CUDA graph."""
+    compile = mode in ("compile", "compile_nograph")
     tree = mode == "tree"
     return GraphBackend(
         device="cuda",
@@ -28,6 +29,7 @@ def cuda_backend(mode: str = "graph") -> GraphBackend:
         compile_forward=functools.partial(compile_forward, backend=inductor) if compile else None,
         dynamic_batch=compile,
         trees=cuda_graph_trees() if tree else None,
+        compiled_step=functools.partial(compiled_step, backend=inductor) if mode == "compile_nograph" else None,
     )
 
 

@@ -15,7 +15,7 @@ from typing import ContextManager
 import torch
 import torch_npu  # registers torch.npu
 
-from reference_runner.errors import GraphTreesUnsupported
+from reference_runner.errors import GraphTreesUnsupported, ModeUnsupported
 from reference_runner.graphs.base import GraphBackend, allocator_pool_bytes
 from reference_runner.graphs.compiled import compile_forward
 from reference_runner.graphs.releases import release_of
@@ -31,7 +31,13 @@ def npu_backend(mode: str = "graph") -> GraphBackend:
     every device, but FIA's host list has one entry per row and dynamo specialises a list's length: each size
     compiles its own graph (`compiled.py`).
     Mode `tree`: inductor's reduce-overhead mode on torch_npu's NPU graph trees, where they can update FIA.
+    Mode `compile_nograph` is refused: the compiled step reads FIA's host list as Python ints, which dynamo
+    (`dynamic=False`) specialises, so without a graph's `update()` every step's lengths would compile anew.
     """
+    if mode == "compile_nograph":
+        raise ModeUnsupported("mode 'compile_nograph' on npu: the compiled step reads FIA's host list "
+                              "actual_seq_lengths_kv as Python ints, which dynamo specialises, so every step's lengths "
+                              "would compile anew without an NPUGraph's update(); compile is judged against eager there")
     compile = mode == "compile"
     if mode == "tree":
         return dataclasses.replace(npu_backend(), runner_cls=GraphTreeRunner, trees=npu_graph_trees())

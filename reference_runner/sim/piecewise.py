@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from reference_runner.graphs.compiled import dynamic_dims
+from reference_runner.graphs.compiled import dynamic_dims, mark_dynamic_batch
 from reference_runner.graphs.markers import layer_boundary
 from reference_runner.graphs.updatable import updatable_op
 from reference_runner.sim.graph import SimNPUGraph, graph
@@ -225,11 +225,11 @@ class CompiledPiece:
 @dataclass
 class PoolPieces:
     """What the graphs of one pool (one engine: all its families and sizes) share: the compiled pieces by key, and
-    per program signature the compiler that traced it, whose symbolic fake values serve the same step at another
+    per program signature the compilers that traced it, whose symbolic fake values serve the same step at another
     batch size (tracing a 30-layer step symbolically costs as much as compiling a piece)."""
 
     pieces: dict[Hashable, list[CompiledPiece]] = field(default_factory=dict)
-    traced: dict[Hashable, PiecewiseCompiler] = field(default_factory=dict)
+    traced: dict[Hashable, list[PiecewiseCompiler]] = field(default_factory=dict)
 
 
 _SHARED: weakref.WeakKeyDictionary[SimGraphPool, PoolPieces] = weakref.WeakKeyDictionary()
@@ -263,24 +263,25 @@ class PiecewiseCompiler:
                               if op.args and isinstance(op.args[0], Ref) and op.args[0].kind is Kind.OUTPUT}
         self.shared = PoolPieces() if shared is None else shared
         self.compiled: dict[Hashable, Ref] = {}  # piece key -> the CONST ref of its compiled function in this program
+        self.storages: dict[int, int] = {}  # data_ptr -> the number of the storage, in order of first use
         signature = self.signature() if self.symbolic else None
-        traced = self.shared.traced.get(signature)
-        sizes = None if traced is None else self.sizes(traced.fakes)
-        if traced is not None and traced.admits(sizes):
-            self.fake_mode, self.fakes = traced.fake_mode, dict(traced.fakes)  # the same step, traced symbolically
-            self.symbol_values = sizes
+        traced = self.shared.traced.setdefault(signature, []) if signature is not None else []
+        same_step = next(((t, sizes) for t in traced if t.admits(sizes := self.sizes(t.fakes))), None)
+        if same_step is not None:
+            (step, self.symbol_values) = same_step
+            self.fake_mode, self.fakes = step.fake_mode, dict(step.fakes)  # the same step, traced symbolically
         else:
             self.fake_mode = FakeTensorMode(shape_env=ShapeEnv())  # a shape env lets inductor's FX graph cache serve
             self.fakes: dict[Ref, torch.Tensor] = {}
             self._propagate_fakes()
             self.symbol_values = dict(self.fake_mode.shape_env.backed_var_to_val)  # traced at this graph's sizes
-            if signature is not None:
-                self.shared.traced.setdefault(signature, self)
+            traced.append(self)
 
     def signature(self) -> Hashable:
-        """The program with its batch size left out: per op its callable and constants (by `const_key`), the storage,
-        offset, dtype, strides and unmarked sizes of each tensor from before capture, and the host arguments of each
-        task group but its lists. Two captures of one step at other batch sizes have equal signatures."""
+        """The program with its batch size left out: per op its callable and constants (by `const_key`), the storage
+        (numbered: which tensors share one), offset, dtype, strides and unmarked sizes of each tensor from before
+        capture, and the host arguments of each task group but its lists. Two captures of one step at other batch
+        sizes, or from other tensors of the same layout (`CompiledStep`), have equal signatures."""
 
         def arg(a: Any) -> Hashable:
             if isinstance(a, Ref):
@@ -300,7 +301,8 @@ class PiecewiseCompiler:
             return ref, const_key(value)
         if ref.kind is Kind.EXTERNAL:
             dims = self.batch_inputs.get(ref, ())
-            return (ref, value.untyped_storage().data_ptr(), value.storage_offset(), value.dtype, value.stride(),
+            storage = self.storages.setdefault(value.untyped_storage().data_ptr(), len(self.storages))
+            return (ref, storage, value.storage_offset(), value.dtype, value.stride(),
                     tuple(size for d, size in enumerate(value.shape) if d not in dims))
         if ref.kind is Kind.TASK:  # its lists are the host lists update() replaces, one entry per row
             return ref, tuple((k, "list" if isinstance(v, list) else const_key(v)) for k, v in value.items())
@@ -477,3 +479,23 @@ def piecewise_graph(npu_graph: SimNPUGraph, pool: SimGraphPool | None = None) ->
         yield npu_graph
     shared = _SHARED.setdefault(npu_graph.pool(), PoolPieces())
     npu_graph.recompile(functools.partial(compile_pieces, shared=shared))
+
+
+class CompiledStep:
+    """Mode compile_nograph on the CPU: compile mode's compiled pieces without a kept graph. Each step is recorded from
+    its own batch at its own size (no padding, no static buffers, its host lists as they are) and its program run once
+    by the pieces compiled for its key: nothing but compiled code outlives a step, so no graph fault can."""
+
+    def __init__(self, forward: Callable) -> None:
+        self.forward = forward
+        self.shared = PoolPieces()
+
+    def __call__(self, forward_batch: Any) -> torch.Tensor:
+        mark_dynamic_batch(forward_batch)  # as the graph runner marks its static batch: the same symbolic pieces
+        step = SimNPUGraph("compiled step")
+        with graph(step, auto_dispatch_capture=True):
+            output = self.forward(forward_batch)
+        run = compile_pieces(step.program, self.shared)
+        with torch.inference_mode():
+            run()  # the program's task groups read the host arguments they were recorded with: this step's
+        return output

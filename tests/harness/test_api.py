@@ -38,7 +38,7 @@ def test_check_returns_the_result_the_command_line_reports(tmp_path):
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"max_bs": 0}, "--max-bs must be >= 1, got 0"),
-    ({"modes": ["eager", "warp"]}, "--modes: unknown mode 'warp'; choose from eager, graph, compile, tree"),
+    ({"modes": ["eager", "warp"]}, "--modes: unknown mode 'warp'; choose from eager, graph, compile, tree, compile_nograph"),
     ({"graph_batch_sizes": [1, 2]}, "npugraph_harness.check got an unknown option 'graph_batch_sizes'; it takes model, "),
     ({"prefill_graphs": "yes"}, "prefill_graphs='yes': a switch (--prefill-graphs) takes True or False"),
 ])

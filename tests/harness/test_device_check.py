@@ -44,15 +44,16 @@ def test_it_stops_at_the_first_failing_step_with_a_summary(tmp_path):
     done = run_script(tmp_path / "out", stand_in_python(tmp_path / "bin", fail="--prefill-graphs"))
     assert done.returncode == 1
     assert "== suites: python" not in done.stdout  # never started
-    assert done.stdout.splitlines()[-6:] == [
+    assert done.stdout.splitlines()[-7:] == [
         "== check: passed", "== check-prefill: FAILED (exit 3)", "== suites: not run", "== bench: not run",
-        "== report: not run", f"== device check: FAILED at check-prefill (see {tmp_path / 'out' / 'device.log'})"]
+        "== check-twin: not run", "== report: not run",
+        f"== device check: FAILED at check-prefill (see {tmp_path / 'out' / 'device.log'})"]
     assert (tmp_path / "out" / "device.log").read_text() == done.stdout
 
 
 def test_it_passes_when_every_step_passes(tmp_path):
     done = run_script(tmp_path / "out", stand_in_python(tmp_path / "bin", fail="--no-step-has-this"))
     assert done.returncode == 0
-    assert done.stdout.splitlines()[-6:] == [
-        "== check: passed", "== check-prefill: passed", "== suites: passed", "== bench: passed", "== report: passed",
-        "== device check: PASSED"]
+    assert done.stdout.splitlines()[-7:] == [
+        "== check: passed", "== check-prefill: passed", "== suites: passed", "== bench: passed", "== check-twin: passed",
+        "== report: passed", "== device check: PASSED"]

@@ -12,7 +12,7 @@ def test_a_json_round_trip_gives_the_same_args():
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("mode", "turbo", "mode 'turbo' is not one of eager, graph, compile, tree"),
+    ("mode", "turbo", "mode 'turbo' is not one of eager, graph, compile, tree, compile_nograph"),
     ("dtype", "int8", "dtype 'int8' is not one of float32, bfloat16, float16"),
 ])
 def test_unknown_mode_or_dtype_is_refused(field, value, message):
