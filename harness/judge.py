@@ -366,6 +366,10 @@ class Judge:
         """The target whose eager run is `scenario`'s baseline: this one, the one judged against, or none (the oracle)."""
         if scenario.baseline == "oracle":
             return None
+        if scenario.baseline in TWINS.values() and self.target.twins(scenario.engine).get(scenario.mode) != scenario.baseline:
+            raise TargetUnavailable(f"scenario {scenario.name}: the {self.target.name} target on {self.target.device} runs "
+                                    f"no {scenario.baseline} twin of mode {scenario.mode} with these options, so it "
+                                    "cannot be judged as the same kernels")
         if scenario.baseline == "eager" or scenario.baseline in TWINS.values():
             return self.target
         if scenario.baseline not in self.against:

@@ -5,7 +5,7 @@ import pytest
 
 from harness.inputs.scenarios import Scenario, default_matrix
 from harness.judge import Judge, kernel_pair
-from harness.targets.base import Target, TargetRun
+from harness.targets.base import Target, TargetRun, TargetUnavailable
 from harness.targets.reference import ReferenceTarget
 from reference_runner.engine.args import EngineArgs
 from reference_runner.records import Generation, Request
@@ -60,6 +60,9 @@ class CountingTarget(Target):
     def __init__(self) -> None:
         self.modes: list[str] = []
 
+    def twins(self, engine: EngineArgs) -> dict[str, str]:
+        return TWINS
+
     def run(self, scenario: Scenario, checkpoint, requests: list[Request]) -> TargetRun:
         self.modes.append(scenario.mode)
         generations = []
@@ -80,6 +83,12 @@ def test_the_twins_run_is_made_once_and_is_the_baseline_of_the_mode_judged_again
     assert (twin.passed, compile_.passed) == (True, True)
     assert compile_.phases.reused == ["baseline"]
     assert compile_.coverage == 1.0
+
+
+def test_a_mode_judged_against_a_twin_its_target_does_not_run_is_refused_as_a_setup_problem():
+    scenario = Scenario("llama", "compile_nograph", EngineArgs(mode="compile", prefill_graphs=True))
+    with pytest.raises(TargetUnavailable, match="runs no compile_nograph twin of mode compile with these options"):
+        Judge(ReferenceTarget("cpu")).run(scenario)
 
 
 @pytest.mark.parametrize(("engine", "twins"), [
