@@ -16,11 +16,13 @@ from harness.bench.results import (
     DEFAULT_TOLERANCE,
     load_ratios,
     machine_class,
+    processor_name,
     ratio_gate,
     results_from_benchmarks,
     speedups,
+    stored_names,
 )
-from reference_runner.device import DeviceUnavailable, detect_device, device_name, resolve_device
+from reference_runner.device import DeviceUnavailable, detect_device, resolve_device
 
 DEFAULT_STORAGE = "file://./.benchmarks"  # pytest-benchmark's own default
 
@@ -60,7 +62,7 @@ def pytest_configure(config):
     if device is None:
         return
     if opt.benchmark_storage == DEFAULT_STORAGE:
-        opt.benchmark_storage = f"file://{BASELINES / machine_class(device)}"
+        opt.benchmark_storage = f"file://{BASELINES / machine_class(device, processor_name(device))}"
     runs = not opt.benchmark_skip or opt.benchmark_only
     if runs and opt.benchmark_compare is True and opt.benchmark_storage.startswith("file://"):
         _require_stored_baseline(Path(opt.benchmark_storage.removeprefix("file://")))
@@ -68,6 +70,10 @@ def pytest_configure(config):
         raise pytest.UsageError(f"--plant-replay-slowdown must be >= 1 (replays per replay), got {opt.plant_replay_slowdown}")
     if opt.ratio_baseline and not opt.ratio_baseline.is_file():
         raise pytest.UsageError(f"--ratio-baseline {opt.ratio_baseline}: no such file; record one with "
+                                f"`npugraph-harness bench --record` (on {device})")
+    if opt.ratio_baseline and load_ratios(opt.ratio_baseline, processor_name(device)) is None:
+        raise pytest.UsageError(f"--ratio-baseline {opt.ratio_baseline}: no speed-ups stored for {processor_name(device)} "
+                                f"(it holds {', '.join(stored_names(opt.ratio_baseline)) or 'none'}); record them with "
                                 f"`npugraph-harness bench --record` (on {device})")
 
 
@@ -102,11 +108,10 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info.clear()
     machine_info.update(stable)
     device = _device(config) or "unknown"
-    name = machine_info.get("cpu", {}).get("brand_raw") if device == "cpu" else None
     machine_info["npugraph"] = {
         "torch": torch.__version__,
         "device": device,
-        "device_name": name or (device_name(device) if device != "unknown" else "?"),
+        "device_name": processor_name(device) if device != "unknown" else "?",
         "threads": torch.get_num_threads(),
     }
 
@@ -118,7 +123,8 @@ def pytest_sessionfinish(session):
     if bench_session is None or not opt.ratio_baseline:
         return
     measured = speedups(results_from_benchmarks([b.as_dict(include_data=False) for b in bench_session.benchmarks if b]))
-    config._ratio_checks = ratio_gate(measured, load_ratios(opt.ratio_baseline), opt.ratio_tolerance)
+    stored = load_ratios(opt.ratio_baseline, processor_name(_device(config)))
+    config._ratio_checks = ratio_gate(measured, stored, opt.ratio_tolerance)
     if not all(check.passed for check in config._ratio_checks):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.bench.results import GATED_KINDS, GATED_MODES, load_ratios, results_from_benchmarks, speedups
+from harness.bench.results import GATED_KINDS, GATED_MODES, results_from_benchmarks, speedups
 
 BASELINE_FILES = "[0-9][0-9][0-9][0-9]_*.json"  # pytest-benchmark's numbered files; the newest sorts last
 
@@ -48,12 +48,14 @@ def gated_speedups(benchmarks: list[dict]) -> dict[str, float]:
 
 
 def save_ratios(path: Path, ratios: dict[str, float], machine: dict) -> int:
-    """Merge `ratios` into the stored speed-ups at `path` (created if missing), with this run's machine; how many
-    stored ones it kept."""
-    stored = load_ratios(path) if path.is_file() else {}
+    """Merge `ratios` into the speed-ups `path` stores for this run's `machine` (its `device_name`; the file is
+    created if missing, other devices' speed-ups are kept); how many stored ones of this device it kept."""
+    machines = json.loads(path.read_text())["machines"] if path.is_file() else {}
+    stored = machines.get(machine["device_name"], {}).get("speedups", {})
     kept = {key: value for key, value in stored.items() if key not in ratios}
+    machines[machine["device_name"]] = {"machine": machine, "speedups": dict(sorted({**kept, **ratios}.items()))}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine, "speedups": dict(sorted({**kept, **ratios}.items()))}, indent=2) + "\n")
+    path.write_text(json.dumps({"machines": dict(sorted(machines.items()))}, indent=2) + "\n")
     return len(kept)
 
 

@@ -37,10 +37,11 @@ KINDS = {"step": "one decode step", "loop": "32-token generate"}
 
 def stored_baseline(machine_info: dict) -> Path | None:
     """The newest stored pytest-benchmark file of the machine class that produced `machine_info`."""
-    device, arch = machine_info.get("npugraph", {}).get("device"), machine_info.get("machine")
+    info, arch = machine_info.get("npugraph", {}), machine_info.get("machine")
     version = ".".join(machine_info.get("python_version", "").split(".")[:2])
     machine_id = f"{machine_info.get('system')}-{machine_info.get('python_implementation')}-{version}-*"
-    files = sorted((BASELINES / machine_class(device, arch)).glob(f"{machine_id}/[0-9][0-9][0-9][0-9]_*.json"))
+    folder = BASELINES / machine_class(info.get("device"), info.get("device_name", "?"), arch)
+    files = sorted(folder.glob(f"{machine_id}/[0-9][0-9][0-9][0-9]_*.json"))
     return files[-1] if files else None
 
 
@@ -302,7 +303,9 @@ def report(args: argparse.Namespace) -> int:
     if baseline_file:
         sources["baseline"] = str(baseline_file)
     ratios_file = args.ratios or ratios_path(machine_info.get("npugraph", {}).get("device", "cpu"))
-    stored = _load(ratios_file, "stored speed-ups", load_ratios) if ratios_file.is_file() else {}
+    name = machine_info.get("npugraph", {}).get("device_name", "?")
+    stored = (_load(ratios_file, "stored speed-ups", lambda path: load_ratios(path, name)) if ratios_file.is_file()
+              else None) or {}
     if stored:
         sources["stored speed-ups"] = str(ratios_file)
     check_file = args.check or folder / "check.json"

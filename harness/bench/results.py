@@ -1,15 +1,19 @@
 """Benchmark results: speed-ups over eager, the ratio gate and the performance goals.
 
-Absolute times do not carry across machines, ratios measured in one run do: the ratio gate compares
-each mode's speed-up over eager (same model, kind and batch size, same session) with a stored one.
-Each speed-up is measured by its benchmark, against eager rounds interleaved with its own (see
+Absolute times hold on the machine class that stored them. Ratios measured in one run hold on any machine with
+the same processor or accelerator, but not across them (llama's compile/eager at batch 1: 5.2x on an AMD EPYC,
+3.5x on an Intel Xeon with AVX-512), so both are stored per processor or accelerator. The ratio gate compares
+each mode's speed-up over eager (same model, kind and batch size, same session) with the stored one. Each
+speed-up is measured by its benchmark, against eager rounds interleaved with its own (see
 `suites/bench/conftest.py`), and stored in its `extra_info`; throughput is reported at the median.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,18 +100,39 @@ def speedups(results: list[BenchResult]) -> dict[str, float]:
     return {r.key: r.speedup for r in results if r.mode != "eager" and r.speedup is not None}
 
 
-def machine_class(device: str, arch: str | None = None) -> str:
-    """Where a device's absolute baselines live under `baselines/` (this host's architecture by default):
-    pytest-benchmark's machine id (`Linux-CPython-3.11-64bit`) names neither, so this folder does."""
-    return f"{device}-{arch or platform.machine()}"
+@functools.cache
+def processor_name(device: str) -> str:
+    """What baselines are stored under: the accelerator's name, or on the CPU the processor's brand as
+    pytest-benchmark's machine_info records it (py-cpuinfo's `brand_raw`, `AMD EPYC`)."""
+    if device != "cpu":
+        from reference_runner.device import device_name
+
+        return device_name(device)
+    import cpuinfo  # pytest-benchmark's dependency
+
+    return cpuinfo.get_cpu_info().get("brand_raw") or platform.machine()
+
+
+def machine_class(device: str, name: str, arch: str | None = None) -> str:
+    """Where the absolute baselines of a device named `name` live under `baselines/` (`cpu-x86_64-amd-epyc`; this
+    host's architecture by default): pytest-benchmark's machine id (`Linux-CPython-3.11-64bit`) names none of them."""
+    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", name.lower())).strip("-")
+    return f"{device}-{arch or platform.machine()}-{slug}"
 
 
 def ratios_path(device: str) -> Path:
     return BASELINES / f"ratios-{device}.json"
 
 
-def load_ratios(path: Path) -> dict[str, float]:
-    return json.loads(Path(path).read_text())["speedups"]
+def load_ratios(path: Path, name: str) -> dict[str, float] | None:
+    """The speed-ups `path` stores for the device named `name`, or None where it stores none for it."""
+    machine = json.loads(Path(path).read_text())["machines"].get(name)
+    return None if machine is None else machine["speedups"]
+
+
+def stored_names(path: Path) -> list[str]:
+    """The devices `path` stores speed-ups for."""
+    return sorted(json.loads(Path(path).read_text())["machines"])
 
 
 @dataclass(frozen=True)

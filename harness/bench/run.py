@@ -20,7 +20,9 @@ from harness.bench.results import (
     COMPARE_FAIL,
     GATED_TIMES_DEVICES,
     ROOT,
+    load_ratios,
     machine_class,
+    processor_name,
     ratios_path,
 )
 from harness.exits import EXIT_FAIL, EXIT_PASS, EXIT_SIGINT, UsageError
@@ -44,11 +46,12 @@ def bench(args: argparse.Namespace) -> int:
     if args.record and any(arg.startswith("--plant-replay-slowdown") for arg in args.pytest_args):
         raise UsageError("bench --record: a run with a planted replay slowdown (--plant-replay-slowdown) is no baseline")
     device = resolve_device(args.device) if args.device else detect_device()
-    storage, ratios = BASELINES / machine_class(device), ratios_path(device)
+    name = processor_name(device)
+    storage, ratios = BASELINES / machine_class(device, name), ratios_path(device)
     argv = [sys.executable, "-m", "pytest", str(BENCH_DIR), f"--ignore={BENCH_DIR / 'test_moe_formulations.py'}",
             "--benchmark-only", f"--device={device}", f"--benchmark-storage=file://{storage}"]
     if not args.record:
-        # Absolute times hold on the machine class that stored them; speed-ups on any machine of the device.
+        # Absolute times hold on the machine class that stored them; speed-ups on any machine of the same processor.
         if stored_baselines(storage / get_machine_id()):
             argv.append("--benchmark-compare")
             if device in GATED_TIMES_DEVICES:
@@ -56,10 +59,11 @@ def bench(args: argparse.Namespace) -> int:
         else:
             print(f"bench: no absolute baseline for {storage / get_machine_id()}: times not compared "
                   f"(`npugraph-harness bench --record` stores one)")
-        if ratios.is_file():
+        if ratios.is_file() and load_ratios(ratios, name) is not None:
             argv.append(f"--ratio-baseline={ratios}")
         else:
-            print(f"bench: no stored speed-ups {ratios}: ratio gate off (`npugraph-harness bench --record` stores them)")
+            print(f"bench: no stored speed-ups for {name} in {ratios}: ratio gate off "
+                  "(`npugraph-harness bench --record` stores them)")
     with tempfile.TemporaryDirectory(prefix="npugraph-bench-") as scratch:
         results = args.json or (Path(scratch) / "bench.json" if args.record else None)
         if results:

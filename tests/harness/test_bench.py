@@ -53,12 +53,29 @@ def test_speedups_are_the_measured_ones_of_every_mode_but_eager():
 
 
 def test_saved_ratios_hold_the_gated_decode_step_speed_ups_only(tmp_path):
-    save_ratios(tmp_path / "ratios.json", gated_speedups(RUN), {"device": "cpu"})
-    assert load_ratios(tmp_path / "ratios.json") == {
+    save_ratios(tmp_path / "ratios.json", gated_speedups(RUN), {"device": "cpu", "device_name": "Test CPU"})
+    assert load_ratios(tmp_path / "ratios.json", "Test CPU") == {
         "llama/step/bs1/compile": 5.0, "llama/step/bs1/graph": 2.0,
         "llama/step/bs8/compile": 4.0, "llama/step/bs8/graph": 1.5,
     }
-    assert json.loads((tmp_path / "ratios.json").read_text())["machine"] == {"device": "cpu"}
+    assert json.loads((tmp_path / "ratios.json").read_text())["machines"]["Test CPU"]["machine"] == {
+        "device": "cpu", "device_name": "Test CPU"}
+
+
+def test_speed_ups_are_stored_per_processor_and_a_record_keeps_the_other_processors(tmp_path):
+    save_ratios(tmp_path / "ratios.json", {"llama/step/bs1/compile": 5.2}, {"device": "cpu", "device_name": "AMD EPYC"})
+    save_ratios(tmp_path / "ratios.json", {"llama/step/bs1/compile": 3.5}, {"device": "cpu", "device_name": "Intel Xeon"})
+    assert load_ratios(tmp_path / "ratios.json", "AMD EPYC") == {"llama/step/bs1/compile": 5.2}
+    assert load_ratios(tmp_path / "ratios.json", "Intel Xeon") == {"llama/step/bs1/compile": 3.5}
+    assert load_ratios(tmp_path / "ratios.json", "Test CPU") is None
+
+
+def test_baselines_of_each_processor_have_a_folder_of_their_own():
+    from harness.bench.results import machine_class
+
+    assert machine_class("cpu", "AMD EPYC", "x86_64") == "cpu-x86_64-amd-epyc"
+    assert machine_class("cpu", "Intel(R) Xeon(R) Processor", "x86_64") == "cpu-x86_64-intel-xeon-processor"
+    assert machine_class("cuda", "NVIDIA H200", "x86_64") == "cuda-x86_64-nvidia-h200"
 
 
 STORED = {"llama/step/bs1/graph": 2.0, "llama/step/bs1/compile": 5.0, "llama/step/bs32/graph": 3.0}
@@ -118,7 +135,7 @@ def stored(tmp_path):
     baseline = tmp_path / "0001_cpu.json"
     baseline.write_text(json.dumps({"machine_info": MACHINE, "benchmarks": [bench("eager", 1, 0.8), *RUN[1:]]}))
     ratios = tmp_path / "ratios-cpu.json"
-    save_ratios(ratios, {"llama/step/bs1/graph": 2.0, "llama/step/bs1/compile": 5.0}, {})
+    save_ratios(ratios, {"llama/step/bs1/graph": 2.0, "llama/step/bs1/compile": 5.0}, MACHINE["npugraph"])
     return ["--baseline", str(baseline), "--ratios", str(ratios)]
 
 
@@ -198,7 +215,8 @@ def test_bench_fails_on_absolute_times_only_on_accelerator_hosts(tmp_path, monke
         return subprocess.CompletedProcess(argv, 0)
 
     monkeypatch.setattr(bench_module, "BASELINES", tmp_path)
-    monkeypatch.setattr(bench_module, "machine_class", lambda device: f"{device}-x86_64")
+    monkeypatch.setattr(bench_module, "machine_class", lambda device, name: f"{device}-x86_64")
+    monkeypatch.setattr(bench_module, "processor_name", lambda device: "Test device")
     monkeypatch.setattr("reference_runner.device.resolve_device", lambda name: name)
     monkeypatch.setattr(subprocess, "run", run_pytest)
     assert main(["bench", "--device", device]) == 0
@@ -260,7 +278,7 @@ def stored_run(folder, benchmarks, name="0001_cpu.json"):
 def test_a_selection_is_merged_into_a_new_baseline_that_keeps_every_stored_benchmark(tmp_path):
     first = stored_run(tmp_path / "machine", RUN)
     before = first.read_bytes()
-    save_ratios(tmp_path / "ratios-cpu.json", gated_speedups(RUN), {"device": "cpu", "torch": "old"})
+    save_ratios(tmp_path / "ratios-cpu.json", gated_speedups(RUN), {**MACHINE["npugraph"], "torch": "old"})
     selection = [bench("eager", 1, 0.9), bench("graph", 1, 0.4, 2.2)]  # -k "bs1 and step and not compile"
     recorded = record({"machine_info": MACHINE, "benchmarks": selection}, tmp_path / "machine", "cpu",
                       tmp_path / "ratios-cpu.json")
@@ -273,11 +291,11 @@ def test_a_selection_is_merged_into_a_new_baseline_that_keeps_every_stored_bench
     assert merged["test_decode_step[llama-1-graph]"] == selection[1]
     assert merged["test_decode_step[llama-8-graph]"]["extra_info"]["measured_in"] == "0001_cpu.json"
     assert first.read_bytes() == before  # older files stay as they were
-    assert load_ratios(tmp_path / "ratios-cpu.json") == {
+    assert load_ratios(tmp_path / "ratios-cpu.json", "Test CPU") == {
         "llama/step/bs1/compile": 5.0, "llama/step/bs1/graph": 2.2,
         "llama/step/bs8/compile": 4.0, "llama/step/bs8/graph": 1.5,
     }
-    assert json.loads((tmp_path / "ratios-cpu.json").read_text())["machine"] == MACHINE["npugraph"]
+    assert json.loads((tmp_path / "ratios-cpu.json").read_text())["machines"]["Test CPU"]["machine"] == MACHINE["npugraph"]
 
 
 def test_a_benchmark_kept_through_several_records_names_the_run_that_measured_it(tmp_path):
@@ -305,7 +323,7 @@ def machine_folder(baselines):
 
     from harness.bench.results import machine_class
 
-    return baselines / machine_class("cpu") / get_machine_id()
+    return baselines / machine_class("cpu", "Test CPU") / get_machine_id()
 
 
 @pytest.fixture
@@ -317,6 +335,7 @@ def bench_here(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_module, "BASELINES", tmp_path)
     monkeypatch.setattr(bench_module, "ratios_path", lambda device: tmp_path / f"ratios-{device}.json")
+    monkeypatch.setattr(bench_module, "processor_name", lambda device: "Test CPU")
     run, ran = subprocess.run, []
 
     def run_pytest(argv, *args, **kwargs):
@@ -365,14 +384,18 @@ def test_bench_record_refuses_a_planted_slowdown_before_running(bench_here, caps
                                                 "slowdown (--plant-replay-slowdown) is no baseline")
 
 
-def test_bench_with_nothing_stored_says_which_comparison_is_off_and_runs_ungated(bench_here, tmp_path, capsys):
+@pytest.mark.parametrize("stored_for", [None, "AMD EPYC"], ids=["no-file", "another-processor"])
+def test_bench_with_nothing_stored_says_which_comparison_is_off_and_runs_ungated(bench_here, tmp_path, capsys,
+                                                                                stored_for):
+    if stored_for:  # speed-ups of another processor do not gate this one's
+        save_ratios(tmp_path / "ratios-cpu.json", gated_speedups(RUN), {"device": "cpu", "device_name": stored_for})
     status, argv = bench_here(0, RUN)
     assert status == 0
     assert not [arg for arg in argv if arg.startswith(("--benchmark-compare", "--ratio-baseline"))]
     assert capsys.readouterr().out.splitlines() == [
         f"bench: no absolute baseline for {machine_folder(tmp_path)}: times not compared "
         "(`npugraph-harness bench --record` stores one)",
-        f"bench: no stored speed-ups {tmp_path / 'ratios-cpu.json'}: ratio gate off "
+        f"bench: no stored speed-ups for Test CPU in {tmp_path / 'ratios-cpu.json'}: ratio gate off "
         "(`npugraph-harness bench --record` stores them)"]
 
 

@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from harness.bench.record import record
-from harness.bench.results import BENCH_DIR, ROOT, load_ratios
+from harness.bench.record import record, save_ratios
+from harness.bench.results import BENCH_DIR, ROOT, load_ratios, processor_name
 
 STEPS = [f"{BENCH_DIR / 'test_decode_throughput.py'}::test_decode_step[llama-1-{mode}]" for mode in ("eager", "graph")]
 
@@ -39,7 +39,7 @@ def recorded(tmp_path_factory):
     assert status == pytest.ExitCode.OK, output.str()
     ratios = folder / "ratios-cpu.json"
     record(json.loads((folder / "run.json").read_text()), folder / "baselines" / get_machine_id(), "cpu", ratios)
-    assert list(load_ratios(ratios)) == ["llama/step/bs1/graph"]
+    assert list(load_ratios(ratios, processor_name("cpu"))) == ["llama/step/bs1/graph"]
     return folder / "baselines", ratios
 
 
@@ -89,3 +89,13 @@ def test_compare_without_a_stored_baseline_says_how_to_record(tmp_path):
     output.fnmatch_lines(["*--benchmark-compare: no stored baseline for this machine class*"
                           "`npugraph-harness bench --record`*"])
     output.no_fnmatch_line("*passed*")  # it stops before any benchmark runs
+
+
+def test_speed_ups_stored_for_another_processor_stop_the_run_before_it_starts(tmp_path):
+    ratios = tmp_path / "ratios-cpu.json"
+    save_ratios(ratios, {"llama/step/bs1/graph": 1.2}, {"device": "cpu", "device_name": "Another CPU"})
+    status, output = run_steps(tmp_path / "baselines", f"--ratio-baseline={ratios}")
+    assert status == pytest.ExitCode.USAGE_ERROR, output.str()
+    output.fnmatch_lines([f"*--ratio-baseline {ratios}: no speed-ups stored for {processor_name('cpu')} (it holds "
+                          "Another CPU); record them with `npugraph-harness bench --record` (on cpu)"])
+    output.no_fnmatch_line("*test_decode_step*PASSED*")
