@@ -61,9 +61,10 @@ def pytest_configure(config):
     device = _device(config)
     if device is None:
         return
-    if opt.benchmark_storage == DEFAULT_STORAGE:
-        opt.benchmark_storage = f"file://{BASELINES / machine_class(device, processor_name(device))}"
     runs = not opt.benchmark_skip or opt.benchmark_only
+    # Only where benchmarks run: the processor's name costs a second on the CPU (py-cpuinfo) and starts CUDA on cuda.
+    if runs and opt.benchmark_storage == DEFAULT_STORAGE:
+        opt.benchmark_storage = f"file://{BASELINES / machine_class(device, processor_name(device))}"
     if runs and opt.benchmark_compare is True and opt.benchmark_storage.startswith("file://"):
         _require_stored_baseline(Path(opt.benchmark_storage.removeprefix("file://")))
     if opt.plant_replay_slowdown < 1:
