@@ -481,11 +481,12 @@ def check_memory(plan: CheckPlan, model: ModelPlan) -> None:
 
 def check_device_modes(plan: CheckPlan, model: ModelPlan) -> None:
     """Modes tree and compile_nograph where the device runs them: no graph trees on the CPU, nor on npu without a
-    torch_npu whose trees update FIA's host list; no compiled step without graphs on npu."""
+    torch_npu whose trees update FIA's host list; no compiled step without graphs on npu. Compile's backend is made
+    here too: on the CPU it starts its compiler's probe of the machine, which then runs beside the eager baseline."""
     from reference_runner.errors import ModeUnsupported
     from reference_runner.graphs import get_graph_backend
 
-    for mode in ("tree", "compile_nograph"):
+    for mode in ("tree", "compile", "compile_nograph"):
         if mode not in plan.modes:
             continue
         try:

@@ -69,15 +69,20 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     batch, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     span = block_table.shape[1] * key_cache.shape[1]
+    # The batch split off the gathered blocks before their tokens are merged: one view merging it with them would make
+    # a symbolic compile (`sim/piecewise.py`) assume a batch above 1.
     blocks = block_table.flatten()
-    key = key_cache.index_select(0, blocks).view(batch, span, num_kv_heads, head_dim).float()
-    value = value_cache.index_select(0, blocks).view(batch, span, num_kv_heads, head_dim).float()
+    key = key_cache.index_select(0, blocks).unflatten(0, (batch, -1)).flatten(1, 2).float()  # [B, S, kv_heads, head_dim]
+    value = value_cache.index_select(0, blocks).unflatten(0, (batch, -1)).flatten(1, 2).float()
     beyond = (torch.arange(span, device=query.device) >= seq_lens[:, None])[:, None, :, None]  # [B, 1, S, 1]
     # Zero the values too: slots past a row's length (block 0, the dummy slot) may hold anything, even NaN.
     value = value.transpose(1, 2).masked_fill(beyond, 0.0)  # [B, kv_heads, S, head_dim]
     beyond = beyond.transpose(-1, -2)  # [B, 1, 1, S]
-    q = query.float().reshape(batch, num_kv_heads, -1, head_dim)  # query heads grouped by kv head
-    scores = torch.matmul(q, key.permute(0, 2, 3, 1)).mul_(scale).masked_fill_(beyond, float("-inf"))
+    # Operands copied contiguous by clone (the copies matmul would make), never by contiguous() or reshape: those ask
+    # whether the batch is 1, and a symbolic trace (`sim/piecewise.py`) would then need a compile of its own for 1.
+    q = query.float().unflatten(1, (num_kv_heads, -1)).clone(memory_format=torch.contiguous_format)
+    key = key.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format)  # [B, kv_heads, head_dim, S]
+    scores = torch.matmul(q, key).mul_(scale).masked_fill_(beyond, float("-inf"))
     probs = scores.softmax(-1).masked_fill_(beyond, 0.0)  # rows of length 0 are all-masked: NaN -> 0
     return torch.matmul(probs, value).reshape(batch, num_heads, head_dim).to(query.dtype)
 

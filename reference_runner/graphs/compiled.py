@@ -12,9 +12,10 @@ Mode `compile_nograph` runs the same compiled step without graphs (`compiled_ste
 own size, from its own tensors. Compile mode is judged against it with the tolerance of graph against eager, and it
 against eager across kernels: the graph's own faults are then judged exactly, inductor's noise apart.
 
-What the symbolic batch cannot cover compiles apart, as dynamo decides: batch size 1 (0/1 specialisation), and on
-npu every size, since FIA's host list `actual_seq_lengths_kv` holds one length per row and dynamo specialises the
-length of a list it reads. Changing lengths never recompile: they are tensor contents, or host lists refreshed by
+What the symbolic batch cannot cover compiles apart, as dynamo decides: batch size 1 on cuda and npu (0/1
+specialisation; the CPU's piecewise compile traces size-obliviously and serves size 1 too), and on npu every size,
+since FIA's host list `actual_seq_lengths_kv` holds one length per row and dynamo specialises the length of a list
+it reads. Changing lengths never recompile: they are tensor contents, or host lists refreshed by
 `update()` after capture.
 """
 from __future__ import annotations

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
@@ -49,6 +50,20 @@ from reference_runner.sim.recording import Kind, Op, Program, Ref, render
 _INDUCTOR_CONFIG = {"cpp_wrapper": True}
 
 compilations = 0  # inductor compiles of pieces in this process
+_isa_probe: threading.Thread | None = None  # `probe_cpu_isa`'s, once per process
+
+
+def probe_cpu_isa() -> None:
+    """Start inductor's probe of this CPU's vector ISAs in the background, once per process. From an empty inductor
+    cache it builds and loads a test program per ISA the CPU reports (about 10 s of gcc on a 2-core Xeon), which would
+    otherwise open the first compile; started when compile mode is planned, it runs beside the eager baseline."""
+    global _isa_probe
+    if _isa_probe is None:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        # A daemon: a stopped run does not wait for it (its gcc, if one is running, ends on its own).
+        _isa_probe = threading.Thread(target=pick_vec_isa, name="inductor ISA probe", daemon=True)
+        _isa_probe.start()
 
 
 @dataclass
@@ -211,7 +226,7 @@ class CompiledPiece:
 
     function: Callable
     symbols: list[Any]  # sympy symbols of the compile's shape env
-    ranges: list[Any]  # the values it assumed each can take (a size of 0 or 1 is specialised: the range starts at 2)
+    ranges: list[Any]  # the values it assumed each can take (from 0: sizes 0 and 1 are not specialised)
     guards: list[Any]  # sympy booleans over them
 
     def holds_for(self, sizes: list[int]) -> bool:
@@ -318,7 +333,7 @@ class PiecewiseCompiler:
                 size, real = fakes[ref].shape[d], self.program.value(ref).shape[d]
                 expr = size.node.expr if isinstance(size, torch.SymInt) else size
                 if not isinstance(size, torch.SymInt) or len(expr.free_symbols) != 1 or expr != next(iter(expr.free_symbols)):
-                    if expr != real:  # specialised (a size of 1), or not a lone symbol: must be this very size
+                    if expr != real:  # specialised, or not a lone symbol: must be this very size
                         return None
                     continue
                 if values.setdefault(expr, real) != real:
@@ -445,6 +460,8 @@ class PiecewiseCompiler:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         global compilations
+        if _isa_probe is not None:
+            _isa_probe.join()  # its result is cached without a lock: a second probe would build everything again
         args = [self.fake(r) for r in code.params]
         with torch.inference_mode():
             gm = make_fx(code.function(), _DECOMPOSITIONS, tracing_mode="fake")(*args)
@@ -468,7 +485,13 @@ class PiecewiseCompiler:
 def compile_pieces(program: Program, shared: PoolPieces | None = None) -> Callable[[], None]:
     """A replay function running inductor-compiled pieces (reusing those of `shared` where they hold) and the task
     groups between them."""
-    return PiecewiseCompiler(program, shared).replay()
+    import torch.fx.experimental._config as shape_config
+
+    # Sizes 0 and 1 not specialised (torch.export's size-oblivious tracing): one trace and compile serve a batch of 1
+    # too. Where torch's code asks whether a size is 1 without guarding, it takes the branch valid for every size; a
+    # guard or a runtime assert of the trace is kept, and a size it excludes compiles apart.
+    with shape_config.patch(backed_size_oblivious=True):
+        return PiecewiseCompiler(program, shared).replay()
 
 
 @contextlib.contextmanager

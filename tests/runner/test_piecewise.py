@@ -1,7 +1,7 @@
 """Piecewise compilation of a SimNPUGraph: cuts at updatable ops without a static form, lifts the
 host list of those with one, and keeps `update()` driving both after compilation; cuts between
 decoder layers where identical layers repeat, and compiles each distinct piece once for every captured
-size of a pool (the batch dim marked dynamic), sizes its guards leave out (1) apart."""
+size of a pool (the batch dim marked dynamic, size 1 included), sizes its guards leave out apart."""
 import copy
 import functools
 
@@ -15,6 +15,7 @@ from harness.verdicts.tolerances import Tolerance
 from reference_runner.engine.args import EngineArgs
 from reference_runner.engine.engine import Engine
 from reference_runner.graphs.compiled import mark_dynamic_batch
+from reference_runner.graphs.cpu import sim_backend
 from reference_runner.graphs.updatable import register_updatable_op
 from reference_runner.sim import piecewise
 from reference_runner.sim.graph import SimNPUGraph, graph, graph_pool_handle
@@ -99,36 +100,50 @@ def test_compiled_replay_follows_update_and_writes_the_cache_in_place(lengths):
 
 class Rows:
     """A static buffer of 4 rows, of which the graph of size n reads the first n (its batch dim marked dynamic, as
-    the graph runner marks it in compiled mode), and a host list of one length per row."""
+    the graph runner marks it in compiled mode), and a host list of one length per row. With `asks_for_1`, the graph
+    first copies its rows through a transpose: `reshape` of the transposed rows asks whether there is one row."""
 
-    def __init__(self) -> None:
+    def __init__(self, asks_for_1: bool = False) -> None:
         self.buffer = torch.arange(-8.0, 8.0).view(4, 4)
+        self.asks_for_1 = asks_for_1
 
     def capture(self, n: int, pool) -> tuple[SimNPUGraph, torch.Tensor]:
         rows = self.buffer[:n]
         torch._dynamo.maybe_mark_dynamic(rows, 0)
         g = SimNPUGraph(f"rows={n}")
         with piecewise_graph(g, pool):
-            out = torch.ops.pwtest.scaled(rows.relu() * 2, lengths=[0] * n).sum(-1)
+            x = rows.t().reshape(-1).unflatten(0, (4, -1)).t() if self.asks_for_1 else rows
+            out = torch.ops.pwtest.scaled(x.relu() * 2, lengths=[0] * n).sum(-1)
         return g, out
 
     def expected(self, n: int, lengths: list[int]) -> torch.Tensor:
         return (self.buffer[:n].relu() * 2 * sum(lengths)).sum(-1)
 
 
-def test_one_trace_and_compile_serve_every_size_of_a_pool_but_size_1(monkeypatch):
+@pytest.mark.parametrize(("asks_for_1", "compiles"), [(False, 1), (True, 2)])
+def test_one_trace_and_compile_serve_every_size_of_a_pool_but_a_size_its_trace_guards_against(monkeypatch, asks_for_1,
+                                                                                              compiles):
     traced = []
     propagate = PiecewiseCompiler._propagate_fakes
     monkeypatch.setattr(PiecewiseCompiler, "_propagate_fakes", lambda self: traced.append(self) or propagate(self))
-    rows, pool, before = Rows(), graph_pool_handle(), piecewise.compilations
+    rows, pool, before = Rows(asks_for_1), graph_pool_handle(), piecewise.compilations
     graphs = {n: rows.capture(n, pool) for n in (4, 3, 2, 1)}
-    # sizes 4, 3 and 2 share one symbolic trace and compile; a size of 1 is specialised
-    assert (piecewise.compilations - before, len(traced)) == (2, 2)
+    # Traced at 4 with sizes 0 and 1 not specialised (size-oblivious): 1 is admitted like 3 and 2, unless the trace
+    # guarded that the batch is not 1; then 1 traces and compiles apart.
+    assert (piecewise.compilations - before, len(traced)) == (compiles, compiles)
     for n, (g, out) in graphs.items():
         lengths = list(range(1, n + 1))
         g.update(cpu_update_input=[{"lengths": lengths}])
         g.replay()
         torch.testing.assert_close(out, rows.expected(n, lengths))
+
+
+def test_compile_mode_starts_the_probe_of_the_cpu_once_per_process():
+    sim_backend("compile"), sim_backend("compile_nograph")
+    probe = piecewise._isa_probe
+    assert probe is not None and probe.name == "inductor ISA probe" and probe.ident is not None  # started
+    sim_backend("compile")
+    assert piecewise._isa_probe is probe
 
 
 def test_the_graphs_of_another_pool_compile_their_own():
@@ -208,8 +223,8 @@ def test_identical_layers_and_captured_sizes_compile_once_and_replay_as_eager():
     checkpoint = ensure_checkpoint("llama", num_hidden_layers=5)
     before = piecewise.compilations
     engine = Engine(checkpoint, EngineArgs(mode="compile", graph_bs=(1, 2, 4), max_bs=4))
-    # embedding + layer 0, a layer, LM head: once for sizes 4 and 2, once for size 1
-    assert piecewise.compilations - before == 3 * 2
+    # embedding + layer 0, a layer, LM head: once for sizes 4, 2 and 1
+    assert piecewise.compilations - before == 3
     requests = make_requests("batch3", engine.model_runner.vocab_size, 16)
     verdicts = compare_generations(Engine(checkpoint).generate(requests), engine.generate(requests),
                                    Tolerance.for_pair(torch.float32, "cpu", across_kernels=True))
