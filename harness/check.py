@@ -481,8 +481,8 @@ def check_memory(plan: CheckPlan, model: ModelPlan) -> None:
 
 def check_device_modes(plan: CheckPlan, model: ModelPlan) -> None:
     """Modes tree and compile_nograph where the device runs them: no graph trees on the CPU, nor on npu without a
-    torch_npu whose trees update FIA's host list; no compiled step without graphs on npu. Compile's backend is made
-    here too: on the CPU it starts its compiler's probe of the machine, which then runs beside the eager baseline."""
+    torch_npu whose trees update FIA's host list; no compiled step without graphs on npu. A mode whose backend warms up
+    (compile on the CPU: inductor's probe of the machine) starts it here, so that it runs beside the eager baseline."""
     from reference_runner.errors import ModeUnsupported
     from reference_runner.graphs import get_graph_backend
 
@@ -490,9 +490,11 @@ def check_device_modes(plan: CheckPlan, model: ModelPlan) -> None:
         if mode not in plan.modes:
             continue
         try:
-            get_graph_backend(plan.device, mode)
+            backend = get_graph_backend(plan.device, mode)
         except ModeUnsupported as error:
             raise UsageError(f"--modes {mode}: {error}") from None
+        if backend.warm_up is not None and plan.target.name == "reference":
+            backend.warm_up()
 
 
 MODEL_CHECKS: tuple[Callable[[CheckPlan, ModelPlan], None], ...] = (

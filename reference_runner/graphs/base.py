@@ -52,6 +52,9 @@ class GraphBackend:
     unblock: Callable[[DeviceGraph], None] | None = None
     # Mode "tree": the device's graph trees, which capture and replay instead (GraphTreeRunner).
     trees: GraphTrees | None = None
+    # Start, in the background and once per process, the one-time work of the mode's first compile, for a caller that
+    # knows a run in this mode is coming (None: there is none).
+    warm_up: Callable[[], None] | None = None
 
 
 def allocator_pool_bytes(device: str, pool: Any) -> int:

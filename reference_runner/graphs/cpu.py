@@ -18,16 +18,16 @@ def sim_backend(mode: str = "graph") -> GraphBackend:
     """Capture with auto dispatch, as on an NPU; mode `compile` then compiles the captured step piece by piece, once
     for every captured size (the runner marks the batch dim dynamic).
     Mode `compile_nograph` runs the same compiled pieces without a kept graph: each step recorded from its own batch and
-    run once (`sim/piecewise.py`, `CompiledStep`). Both start inductor's probe of the CPU in the background.
+    run once (`sim/piecewise.py`, `CompiledStep`). Both warm up by starting inductor's probe of the CPU.
     Mode `tree` is refused: the CPU has no graph trees (SimNPUGraph emulates plain NPUGraphs only)."""
     if mode == "tree":
         raise GraphTreesUnsupported("the CPU has no graph trees (mode 'tree' runs the step through torch's CUDA graph trees "
                                     "or torch_npu's NPU graph trees): use --device cuda or npu")
-    compiled_step = None
+    compiled_step = warm_up = None
     if mode in ("compile", "compile_nograph"):
         from reference_runner.sim.piecewise import CompiledStep, piecewise_graph, probe_cpu_isa
 
-        probe_cpu_isa()
+        warm_up = probe_cpu_isa
         capture = piecewise_graph
         compiled_step = CompiledStep if mode == "compile_nograph" else None
     else:
@@ -44,4 +44,5 @@ def sim_backend(mode: str = "graph") -> GraphBackend:
         release=f"{EMULATED_RELEASE} (emulated by SimNPUGraph)",
         dynamic_batch=mode == "compile",
         compiled_step=compiled_step,
+        warm_up=warm_up,
     )

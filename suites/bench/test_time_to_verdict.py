@@ -31,10 +31,12 @@ from reference_runner.models.loader import read_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2"
-# Regression limits, about 1.4x what one run measured on the shared 2-core machine at load 4.3-4.9 on 2026-12-07:
-# check_vs_transformers 2.15 (34.6 s against 16.1 s), compile_vs_graph 3.08 (92.7 s against 30.1 s). Issue #27's
-# goals for an idle machine, 1.5 and 2.0, are not met yet: a benchmark that fails on every run gates nothing.
-LIMITS = {"check_vs_transformers": 3.0, "compile_vs_graph": 4.5}
+# Regression limits, about 1.4x what runs measured on a 2-core machine on 2026-12-07: check_vs_transformers 2.15 at
+# load 4.3-4.9 (34.6 s against 16.1 s) and 2.04 idle (18.9 s against 9.3 s); compile_vs_graph 1.86 idle (28.9 s
+# against 15.5 s, one trace for every size and inductor's CPU probe beside the baseline; 2.84-3.10 before). Issue
+# #27's goal for check_vs_transformers on an idle machine, 1.5, is not met: a benchmark that fails every run gates
+# nothing. Its goal for compile_vs_graph, 2.0, is.
+LIMITS = {"check_vs_transformers": 3.0, "compile_vs_graph": 2.5}
 
 THREADS = {"OMP_NUM_THREADS": "1"}
 ROUNDS = 3

@@ -138,11 +138,12 @@ def test_one_trace_and_compile_serve_every_size_of_a_pool_but_a_size_its_trace_g
         torch.testing.assert_close(out, rows.expected(n, lengths))
 
 
-def test_compile_mode_starts_the_probe_of_the_cpu_once_per_process():
-    sim_backend("compile"), sim_backend("compile_nograph")
+def test_compiled_modes_warm_up_by_starting_the_probe_of_the_cpu_once_per_process():
+    assert sim_backend("graph").warm_up is None
+    sim_backend("compile").warm_up()
     probe = piecewise._isa_probe
     assert probe is not None and probe.name == "inductor ISA probe" and probe.ident is not None  # started
-    sim_backend("compile")
+    sim_backend("compile_nograph").warm_up()
     assert piecewise._isa_probe is probe
 
 
