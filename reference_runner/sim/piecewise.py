@@ -463,9 +463,13 @@ class PiecewiseCompiler:
         if _isa_probe is not None:
             _isa_probe.join()  # its result is cached without a lock: a second probe would build everything again
         args = [self.fake(r) for r in code.params]
+        # Traced at a batch of 0 or 1, inductor may guard that size (qwen2_moe at 1 does). A compile its FX graph cache
+        # serves does not put those guards back, and the piece would then be offered to other sizes: made every time.
+        special = any(int(value) < 2 for value in self.symbol_values.values())
+        patches = {**_INDUCTOR_CONFIG, "fx_graph_cache": False} if special else _INDUCTOR_CONFIG
         with torch.inference_mode():
             gm = make_fx(code.function(), _DECOMPOSITIONS, tracing_mode="fake")(*args)
-            compiled = compile_fx(gm, args, config_patches=_INDUCTOR_CONFIG)
+            compiled = compile_fx(gm, args, config_patches=patches)
         compilations += 1
         return compiled
 

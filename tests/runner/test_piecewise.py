@@ -138,6 +138,26 @@ def test_one_trace_and_compile_serve_every_size_of_a_pool_but_a_size_its_trace_g
         torch.testing.assert_close(out, rows.expected(n, lengths))
 
 
+@pytest.mark.parametrize(("sizes", "cached"), [((4, 1), True), ((1,), False)])
+def test_a_compile_traced_at_size_1_is_never_served_from_inductors_cache(monkeypatch, sizes, cached):
+    import torch._inductor.compile_fx as inductor
+
+    patches = []
+    compile_fx = inductor.compile_fx
+
+    def recording_compile(gm, args, **kwargs):
+        if "config_patches" in kwargs:  # the piece's compile, not inductor's calls of itself
+            patches.append(kwargs["config_patches"])
+        return compile_fx(gm, args, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_fx", recording_compile)
+    rows, pool = Rows(), graph_pool_handle()
+    for n in sizes:  # size 1 after 4 shares the compile made at 4
+        rows.capture(n, pool)
+    # a guard inductor adds is recorded only by a compile it makes: at size 1 it may guard that size
+    assert [p.get("fx_graph_cache", True) for p in patches] == [cached]
+
+
 def test_compiled_modes_warm_up_by_starting_the_probe_of_the_cpu_once_per_process():
     assert sim_backend("graph").warm_up is None
     sim_backend("compile").warm_up()
