@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.bench.results import GATED_KINDS, GATED_MODES, results_from_benchmarks, speedups
+from harness.bench.results import GATED_KINDS, GATED_MODES, results_from_benchmarks, speedups, stored_machines
 
 BASELINE_FILES = "[0-9][0-9][0-9][0-9]_*.json"  # pytest-benchmark's numbered files; the newest sorts last
 
@@ -50,7 +50,7 @@ def gated_speedups(benchmarks: list[dict]) -> dict[str, float]:
 def save_ratios(path: Path, ratios: dict[str, float], machine: dict) -> int:
     """Merge `ratios` into the speed-ups `path` stores for this run's `machine` (its `device_name`; the file is
     created if missing, other devices' speed-ups are kept); how many stored ones of this device it kept."""
-    machines = json.loads(path.read_text())["machines"] if path.is_file() else {}
+    machines = stored_machines(path) if path.is_file() else {}
     stored = machines.get(machine["device_name"], {}).get("speedups", {})
     kept = {key: value for key, value in stored.items() if key not in ratios}
     machines[machine["device_name"]] = {"machine": machine, "speedups": dict(sorted({**kept, **ratios}.items()))}

@@ -125,15 +125,20 @@ def ratios_path(device: str) -> Path:
     return BASELINES / f"ratios-{device}.json"
 
 
+def stored_machines(path: Path) -> dict[str, dict]:
+    """Per device name, what `path` stores: its `machine` and its `speedups`."""
+    return json.loads(Path(path).read_text())["machines"]
+
+
 def load_ratios(path: Path, name: str) -> dict[str, float] | None:
     """The speed-ups `path` stores for the device named `name`, or None where it stores none for it."""
-    machine = json.loads(Path(path).read_text())["machines"].get(name)
+    machine = stored_machines(path).get(name)
     return None if machine is None else machine["speedups"]
 
 
 def stored_names(path: Path) -> list[str]:
     """The devices `path` stores speed-ups for."""
-    return sorted(json.loads(Path(path).read_text())["machines"])
+    return sorted(stored_machines(path))
 
 
 @dataclass(frozen=True)
