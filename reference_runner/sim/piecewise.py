@@ -465,7 +465,8 @@ class PiecewiseCompiler:
         args = [self.fake(r) for r in code.params]
         # Traced at a batch of 0 or 1, inductor may guard that size (qwen2_moe at 1 does). A compile its FX graph cache
         # serves does not put those guards back, and the piece would then be offered to other sizes: made every time.
-        special = any(int(value) < 2 for value in self.symbol_values.values())
+        # The sizes the trace was made at, which inductor compiles for; not this graph's, where it reuses a trace.
+        special = any(int(value) < 2 for value in self.fake_mode.shape_env.backed_var_to_val.values())
         patches = {**_INDUCTOR_CONFIG, "fx_graph_cache": False} if special else _INDUCTOR_CONFIG
         with torch.inference_mode():
             gm = make_fx(code.function(), _DECOMPOSITIONS, tracing_mode="fake")(*args)
