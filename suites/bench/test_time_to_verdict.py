@@ -34,8 +34,9 @@ MODEL = "smollm2"
 # Regression limits, about 1.4x what runs measured on a 2-core machine on 2026-12-07: check_vs_transformers 2.15 at
 # load 4.3-4.9 (34.6 s against 16.1 s) and 2.04 idle (18.9 s against 9.3 s); compile_vs_graph 1.86 idle (28.9 s
 # against 15.5 s, one trace for every size and inductor's CPU probe beside the baseline; 2.84-3.10 before). Issue
-# #27's goal for check_vs_transformers on an idle machine, 1.5, is not met: a benchmark that fails every run gates
-# nothing. Its goal for compile_vs_graph, 2.0, is.
+# #27's goal for check_vs_transformers on an idle machine, 1.5, is below the check's floor of about 2x (two runs of
+# an engine as fast as transformers' generate, and the scoring: docs/benchmarks.md); a benchmark that fails every run
+# gates nothing. Its goal for compile_vs_graph, 2.0, is met.
 LIMITS = {"check_vs_transformers": 3.0, "compile_vs_graph": 2.5}
 
 THREADS = {"OMP_NUM_THREADS": "1"}
