@@ -139,6 +139,7 @@ def run_check(plan: CheckPlan, result: CheckResult, progress: Callable[[str], No
     for warning in environment.get("warnings", []):
         print(f"npugraph-harness: warning: {warning}", file=sys.stderr)
     reports = CheckReports(plan.json, plan.junit, plan.drift_record)
+    plan.target.warm_up([s.mode for s in scenarios if s.name not in plan.resumed])
     try:
         try:
             reports.write(result)
@@ -481,20 +482,17 @@ def check_memory(plan: CheckPlan, model: ModelPlan) -> None:
 
 def check_device_modes(plan: CheckPlan, model: ModelPlan) -> None:
     """Modes tree and compile_nograph where the device runs them: no graph trees on the CPU, nor on npu without a
-    torch_npu whose trees update FIA's host list; no compiled step without graphs on npu. A mode whose backend warms up
-    (compile on the CPU: inductor's probe of the machine) starts it here, so that it runs beside the eager baseline."""
+    torch_npu whose trees update FIA's host list; no compiled step without graphs on npu."""
     from reference_runner.errors import ModeUnsupported
     from reference_runner.graphs import get_graph_backend
 
-    for mode in ("tree", "compile", "compile_nograph"):
+    for mode in ("tree", "compile_nograph"):
         if mode not in plan.modes:
             continue
         try:
-            backend = get_graph_backend(plan.device, mode)
+            get_graph_backend(plan.device, mode)
         except ModeUnsupported as error:
             raise UsageError(f"--modes {mode}: {error}") from None
-        if backend.warm_up is not None and plan.target.name == "reference":
-            backend.warm_up()
 
 
 MODEL_CHECKS: tuple[Callable[[CheckPlan, ModelPlan], None], ...] = (

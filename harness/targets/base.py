@@ -1,6 +1,7 @@
 """The target contract: an engine under test runs one scenario's requests and returns records."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +60,10 @@ class Target(Protocol):
 
     def close(self) -> None:
         """End what the target keeps between runs (its engines' workers). By default there is nothing."""
+
+    def warm_up(self, modes: Sequence[str]) -> None:
+        """Start in the background what runs of `modes` would otherwise wait for, so that it runs beside the first
+        scenario. By default there is nothing."""
 
     def twins(self, engine: EngineArgs) -> dict[str, str]:
         """Per graph mode, the twin mode (`scenarios.TWINS`) this target runs with `engine`'s options, which that graph

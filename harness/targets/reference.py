@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness.inputs.scenarios import TWINS, Scenario
@@ -59,6 +60,14 @@ class ReferenceTarget(Target):
 
     def close(self) -> None:
         drop_kept_model()
+
+    def warm_up(self, modes: Sequence[str]) -> None:
+        """Start the warm-up of the graph backend of each mode but eager (the compiled modes on the CPU: inductor's probe
+        of the machine)."""
+        for mode in set(modes) - {"eager"}:
+            backend = get_graph_backend(self.device, mode)
+            if backend.warm_up is not None:
+                backend.warm_up()
 
     def twins(self, engine: EngineArgs) -> dict[str, str]:
         """Compile's twin where the device runs it; not with prefill graphs, which compile mode compiles too and the
