@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.exits import EXIT_FAIL, EXIT_PASS, UsageError, stop_reason
+from harness.inputs.builtin_models import names_a_checkpoint, not_a_model
 from harness.inputs.scenarios import Scenario, default_matrix
 from harness.inputs.workloads import WORKLOADS, make_requests
 from harness.stops import raise_if_stopped
@@ -313,7 +314,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def check_names(args: argparse.Namespace) -> None:
-    """A known device (also in NPUGRAPH_DEVICE), target and workload."""
+    """A known device (also in NPUGRAPH_DEVICE), target and workload; each model a builtin or real model's name or a
+    directory (what it holds is checked once torch is imported)."""
     forced = os.environ.get("NPUGRAPH_DEVICE") or None  # empty means unset
     for where, device in (("--device ", args.device), ("NPUGRAPH_DEVICE=", forced)):
         if device is not None and device not in DEVICES:
@@ -328,6 +330,9 @@ def check_names(args: argparse.Namespace) -> None:
     if args.workload not in WORKLOADS:
         raise UsageError(f"--workload {args.workload}: unknown workload {args.workload!r}; choose one of "
                          f"{', '.join(WORKLOADS)}")
+    for name in args.model:
+        if not names_a_checkpoint(name):
+            raise UsageError(f"--model {name}: {not_a_model(name)}")
 
 
 def check_outputs(args: argparse.Namespace) -> None:

@@ -1,7 +1,7 @@
 """Checkpoints built locally and never downloaded: deterministic tiny ones, and real trained ones.
 
 A builtin name (`llama`, `qwen2`, `qwen2_moe`, `mixtral`, `llama_kv1`, `qwen3`, `qwen3_moe`) is built
-from a small config with seeded weights and saved with `save_pretrained`. A real model's name
+from its small config (`builtin_models.py`) with seeded weights and saved with `save_pretrained`. A real model's name
 (`smollm2`) is converted from the GGUF file an installed package ships (`real_models.py`). Any local
 checkpoint directory works the same way. Builds are cached under `<cache_dir>/<name>-<recipe hash>`:
 built in a staging directory (removed on any exit; a dead process's by the next build), given a manifest
@@ -28,85 +28,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from harness.inputs import real_models, validation
+from harness.inputs.builtin_models import BUILTIN_MODELS, not_a_model
 from harness.scratch import make_scratch, scratch
 from reference_runner.errors import CheckpointError
 from reference_runner.models.loader import weight_files
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-# Every size divides by tp=2 and tp=4: attention heads, KV heads (except llama_kv1, whose single KV
-# head is replicated across TP ranks), vocab and all intermediates.
-_DENSE: dict[str, Any] = dict(
-    num_hidden_layers=2,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=512,
-    max_position_embeddings=1024,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-# Each model's transformers config class, by name (imported only to build it), and its fields.
-BUILTIN_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama": ("LlamaConfig", {**_DENSE, "tie_word_embeddings": False}),
-    "llama_kv1": ("LlamaConfig", {**_DENSE, "num_key_value_heads": 1, "tie_word_embeddings": False}),
-    # head_dim 32, the smallest that vLLM's CPU attention takes (the target vllm on CPU hosts). Measured as in
-    # build_model: median top-2 margin 1.28, 3.3% of steps below 0.05, 53+ distinct tokens out of 64.
-    "llama_hd32": ("LlamaConfig", {**_DENSE, "hidden_size": 128, "head_dim": 32, "intermediate_size": 256,
-                                 "tie_word_embeddings": False}),
-    # Qwen2 always has q/k/v biases; tied embeddings as in the small Qwen2 checkpoints.
-    "qwen2": ("Qwen2Config", {**_DENSE, "tie_word_embeddings": True}),
-    # Shaped like Qwen1.5-MoE: shared expert behind a sigmoid gate, top-k weights not renormalised.
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        {
-            **_DENSE,
-            "num_experts": 4,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 64,
-            "shared_expert_intermediate_size": 128,
-            "norm_topk_prob": False,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "tie_word_embeddings": False,
-        },
-    ),
-    # Qwen3 and Qwen3-MoE: head_dim 32 (wider than hidden_size / heads, as in the real ones), so that
-    # engines whose CPU attention needs head_dim >= 32 run them too. Tied embeddings as the small Qwen3.
-    "qwen3": ("Qwen3Config", {**_DENSE, "head_dim": 32, "tie_word_embeddings": True}),
-    # Shaped like Qwen3-30B-A3B: no shared expert, top-k weights renormalised.
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        {
-            **_DENSE,
-            "head_dim": 32,
-            "num_experts": 4,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 64,
-            "norm_topk_prob": True,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "tie_word_embeddings": False,
-        },
-    ),
-    # Mixtral's experts are sized by `intermediate_size`.
-    "mixtral": (
-        "MixtralConfig",
-        {
-            **_DENSE,
-            "intermediate_size": 64,
-            "num_local_experts": 4,
-            "num_experts_per_tok": 2,
-            "tie_word_embeddings": False,
-        },
-    ),
-}
 
 CACHE_ENV = "NPUGRAPH_CACHE"
 MANIFEST = "manifest.json"
@@ -147,10 +75,7 @@ def ensure_checkpoint(name_or_path: str | Path, cache_dir: Path | None = None, *
         return _convert_cached(name_or_path, cache_dir or default_cache_dir())
     path = Path(name_or_path)
     if not path.is_dir():
-        raise CheckpointError(
-            f"{str(name_or_path)!r} is neither a checkpoint directory nor a builtin model "
-            f"({', '.join([*BUILTIN_MODELS, *real_models.REAL_MODELS])})"
-        )
+        raise CheckpointError(not_a_model(str(name_or_path)))
     if not (path / "config.json").is_file():
         raise CheckpointError(f"checkpoint directory {path} lacks config.json")
     weight_files(path)

@@ -17,11 +17,12 @@ import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from reference_runner.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ _LAYER_NAMES = {
 def convert_gguf(path: Path, out: Path) -> None:
     """Write the Llama checkpoint of GGUF file `path` into directory `out`: config.json and float32
     model.safetensors (no lm_head tensor when the embeddings are tied, as transformers saves it)."""
+    import numpy as np
+    import torch
     from gguf import GGUFReader
     from gguf.quants import dequantize
     from safetensors.torch import save_file

@@ -121,8 +121,9 @@ def test_an_unknown_npugraph_device_is_named(capsys, monkeypatch):
     assert refused(FAST, capsys) == error("NPUGRAPH_DEVICE=tpu: unknown device 'tpu'; choose one of cpu, cuda, npu")
 
 
-@pytest.mark.parametrize("argv", [["--modes", ","], ["--max-bs", "100000"], ["--workload", "nope"], ["--device", "tpu"]],
-                         ids=["empty-list", "number", "workload", "device"])
+@pytest.mark.parametrize("argv", [["--modes", ","], ["--max-bs", "100000"], ["--workload", "nope"], ["--device", "tpu"],
+                                  ["--model", "gpt2"]],
+                         ids=["empty-list", "number", "workload", "device", "model"])
 def test_options_are_refused_before_torch_is_imported(argv):
     code = (f"import sys; from harness.cli import main; status = main(['check', *{argv!r}]); "
             "sys.exit(status if 'torch' not in sys.modules else 99)")
